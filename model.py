@@ -1,0 +1,413 @@
+"""
+model.py: the LLaDA transformer, loading and saving the official Hugging Face checkpoint layout.
+
+Paper map (shared/PAPER.md section 1). LLaDA-8B is a Llama-style transformer without a causal
+mask; a block computes
+
+    h = x + attn_out(Attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))      n = attn_norm(x)
+    y = h + ff_out(silu(ff_proj(m)) * up_proj(m))                                 m = ff_norm(h)
+
+with RMSNorm, rotate-half RoPE (rope.py) and bidirectional attention (masks.py). Module names
+are chosen so that state_dict() keys are the official tensor names
+(`model.transformer.blocks.{i}.q_proj.weight`, ...): the official checkpoint loads with no
+renaming, and what we save loads in the official code. The arithmetic follows the reference
+(float32 RoPE tables and rotation, RMSNorm in float32 cast back before the weight multiply).
+
+The model returns hidden states; `head` turns any subset of them into logits, because a 64K
+sequence with LLaDA's 126464-token vocabulary would need 33 GB of float32 logits.
+
+Run `python model.py --preset llada-8b` for the parameter count and memory, allocating nothing.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from masks import attention, attention_plan
+from rope import apply_rope, rope_tables
+
+
+@dataclass
+class LLaDAConfig:
+    """The fields of LLaDA's config.json that this implementation uses, under the same names."""
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    mlp_hidden_size: int = 12288
+    vocab_size: int = 126464
+    embedding_size: int = 126464
+    rope_theta: float = 500000.0
+    max_sequence_length: int = 4096
+    rms_norm_eps: float = 1e-5
+    include_bias: bool = False
+    weight_tying: bool = False
+    mask_token_id: int = 126336
+    eos_token_id: int = 126081
+    pad_token_id: int = 126081
+    init_std: float = 0.02
+    # Ours: how rope_theta was scaled for context extension (rope.scale_rope), None if it wasn't.
+    rope_scaling: dict | None = None
+    # Every other config.json key, kept verbatim so a saved config still loads in the official code.
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def position_scale(self) -> float:
+        return (self.rope_scaling or {}).get("position_scale", 1.0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LLaDAConfig":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    def to_dict(self) -> dict:
+        d = {**OFFICIAL_CONFIG, **self.extra, **asdict(self)}
+        d.pop("extra")
+        if d["rope_scaling"] is None:
+            d.pop("rope_scaling")
+        return dict(sorted(d.items()))
+
+
+# Keys the official code reads beyond the ones above, with LLaDA-8B's values (all dropouts 0).
+OFFICIAL_CONFIG = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                 "AutoModel": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+    "embedding_dropout": 0.0, "flash_attention": False, "include_qkv_bias": False,
+    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+    "precision": "amp_bf16", "residual_dropout": 0.0, "rope": True, "rope_full_precision": True,
+    "scale_logits": False, "use_cache": False,
+}
+
+# Small presets use tiktoken cl100k_base (100277 ids); EOS and [MASK] are reserved ids after it.
+TIKTOKEN_VOCAB = 100277
+SMALL_VOCAB = dict(vocab_size=TIKTOKEN_VOCAB + 2, embedding_size=100352,
+                   eos_token_id=TIKTOKEN_VOCAB, pad_token_id=TIKTOKEN_VOCAB,
+                   mask_token_id=TIKTOKEN_VOCAB + 1)
+PRESETS = {
+    "llada-8b": LLaDAConfig(),
+    # Two layers of width 128 and a 512-token window: trains in minutes on a laptop CPU.
+    "tiny": LLaDAConfig(d_model=128, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden_size=384,
+                        max_sequence_length=512, **SMALL_VOCAB),
+    # About 58M parameters (51M of them the two 100K-token embeddings), for benchmarks.
+    "small": LLaDAConfig(d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, mlp_hidden_size=768,
+                         max_sequence_length=1024, **SMALL_VOCAB),
+}
+
+
+def preset(name: str, **overrides) -> LLaDAConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return LLaDAConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+# ---------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in float32 and cast back before the weight multiply, as the reference does
+        # (so under bf16 the multiply itself is a bf16 product).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class PrefixCache:
+    """Keys and values of the first `length` positions, one (k, v) pair per layer.
+
+    Approximate prompt caching for the sampler (Fast-dLLM's prefix cache): a bidirectional
+    model's prompt keys depend on the tokens being decoded, so reusing them while a block is
+    denoised is an approximation that trades a little agreement for a lot of speed.
+    """
+
+    def __init__(self, length: int):
+        self.length = length
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def filled(self, n_layers: int) -> bool:
+        return len(self.kv) == n_layers
+
+
+class Block(nn.Module):
+    def __init__(self, c: LLaDAConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = c.n_heads, c.head_dim
+        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.attn_out = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)  # SiLU-gated branch
+        self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=False)  # linear branch
+        self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=False)
+
+    def forward(self, x, cos, sin, plan=None, cache=None, layer=0):
+        B, L, _ = x.shape
+        n = self.attn_norm(x)
+        q, k, v = (proj(n).view(B, L, self.n_heads, self.head_dim)  # (B, L, H, D)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            if cache.filled(layer + 1):  # decoding: prepend the prompt's stored keys and values
+                pk, pv = cache.kv[layer]
+                k, v = torch.cat((pk, k), 1), torch.cat((pv, v), 1)
+            else:  # first pass of a block: remember the prefix
+                cache.kv.append((k[:, :cache.length], v[:, :cache.length]))
+        a = attention(q, k, v, plan).reshape(B, L, -1)
+        h = x + self.attn_out(a)
+        m = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class LLaDA(nn.Module):
+    def __init__(self, config: LLaDAConfig):
+        super().__init__()
+        if config.include_bias or config.weight_tying:
+            raise ValueError("this implementation supports LLaDA's layout only: "
+                             "include_bias=false and weight_tying=false")
+        if config.n_kv_heads != config.n_heads:
+            raise ValueError(f"n_kv_heads ({config.n_kv_heads}) must equal n_heads "
+                             f"({config.n_heads}): LLaDA uses plain multi-head attention")
+        self.config = config
+        # Two plain containers, only so that state_dict() keys read "model.transformer.*".
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.embedding_size, config.d_model),
+            blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+            ff_out=nn.Linear(config.d_model, config.embedding_size, bias=False),
+        ))
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @property
+    def transformer(self):
+        return self.model.transformer
+
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, init_std); the projections that write into the residual stream are scaled
+        down by sqrt(2 * n_layers) so its variance does not grow with depth (from scratch only)."""
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                nn.init.ones_(p)
+                continue
+            std = self.config.init_std
+            if name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
+                std /= math.sqrt(2 * self.config.n_layers)
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_lens: list[list[int]] | None = None,
+                cache: PrefixCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, L, d_model), after ln_f.
+
+        positions (B or 1, L) integer positions, default 0..L-1. doc_lens: the documents of each
+        sequence (masks.py); None is full attention. With a filled `cache`, input_ids are the
+        positions after the cached prefix, and doc_lens describes the whole sequence.
+        """
+        B, L = input_ids.shape
+        if positions is None:
+            start = cache.length if cache is not None and cache.filled(self.config.n_layers) else 0
+            positions = torch.arange(start, start + L, device=input_ids.device)[None]
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta,
+                               self.config.position_scale)
+        key_len = L + (cache.length if cache is not None and cache.filled(self.config.n_layers) else 0)
+        plan = attention_plan(doc_lens, B, key_len, input_ids.device, query_len=L)
+        x = self.transformer.wte(input_ids)  # (B, L, d)
+        for i, block in enumerate(self.transformer.blocks):
+            x = block(x, cos, sin, plan, cache, i)
+        return self.transformer.ln_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits for hidden states of any shape (..., d_model) -> (..., embedding_size)."""
+        return self.transformer.ff_out(h)
+
+    def logits(self, input_ids, **kw) -> torch.Tensor:
+        """Full logits, (B, L, embedding_size): convenient for short inputs and tests only."""
+        return self.head(self(input_ids, **kw))
+
+
+def num_params(config: LLaDAConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LLaDA(config).parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hugging Face checkpoint layout: config.json, and model.safetensors or shards with an index.
+
+CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message says what is wrong."""
+
+
+def read_config(path: str) -> LLaDAConfig:
+    cfg_path = os.path.join(path, CONFIG)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path} has no {CONFIG}: not a LLaDA checkpoint directory")
+    with open(cfg_path) as f:
+        return LLaDAConfig.from_dict(json.load(f))
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory, checked to exist."""
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, SINGLE)):
+        names = [SINGLE]
+    else:
+        raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: missing {', '.join(missing)}")
+    return [os.path.join(path, n) for n in names]
+
+
+def from_pretrained(path: str, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> LLaDA:
+    """Load an official-layout checkpoint. The model is built on the meta device and the
+    tensors are read memory-mapped and assigned, so the weights never exist twice in memory."""
+    from safetensors import safe_open
+
+    config = read_config(path)
+    with torch.device("meta"):
+        model = LLaDA(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, wrong = {}, []
+    for file in checkpoint_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in expected:
+                    state[name] = None  # reported below as unexpected
+                    continue
+                t = f.get_tensor(name)
+                if t.shape != expected[name]:
+                    wrong.append(f"{name} is {tuple(t.shape)}, expected {tuple(expected[name])}")
+                    continue
+                state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(k for k, v in state.items() if v is None)
+    problems = ([f"wrong shape: {w}" for w in wrong] + [f"missing tensor: {m}" for m in missing[:5]]
+                + [f"unexpected tensor: {u}" for u in unexpected[:5]])
+    if problems:
+        more = len(missing) + len(unexpected) - len(missing[:5]) - len(unexpected[:5])
+        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems)
+                              + (f" (and {more} more)" if more > 0 else ""))
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
+                    max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
+    """Write the official layout atomically: a crash mid-save never leaves a complete-looking
+    directory. `extra_files` maps names to files copied alongside (e.g. tokenizer.json)."""
+    from safetensors.torch import save_file
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        shards, current, size = [], {}, 0
+        for name, t in state_dict.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name] = t.detach().to("cpu").contiguous()
+            size += nbytes
+        shards.append(current)
+        names = ([SINGLE] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                    for t in state_dict.values())},
+                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump(index, f, indent=2)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        dtype = next(iter(state_dict.values())).dtype
+        cfg = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: it marks completeness
+            json.dump(cfg, f, indent=2)
+        replace_dir(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move a finished directory into place; an old one is removed only after the swap."""
+    old = None
+    if os.path.exists(dst):
+        old = dst + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old:
+        shutil.rmtree(old)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def describe(config: LLaDAConfig) -> str:
+    n = num_params(config)
+    emb = config.embedding_size * config.d_model
+    lines = [
+        f"parameters: {n:,} ({n / 1e9:.2f}B; embeddings {2 * emb:,}, blocks {n - 2 * emb - config.d_model:,})",
+        f"weights in bf16: {2 * n / 2**30:.2f} GiB, in fp32: {4 * n / 2**30:.2f} GiB",
+        f"shape: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads of "
+        f"{config.head_dim}, SwiGLU hidden {config.mlp_hidden_size}, vocabulary {config.vocab_size}",
+        f"rope base {config.rope_theta:,.0f}, trained context {config.max_sequence_length} tokens",
+        f"full float32 logits for 65536 tokens would take "
+        f"{65536 * config.embedding_size * 4 / 1e9:.1f} GB: the loss computes them only where masked",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Describe a LLaDA model preset without allocating it.")
+    p.add_argument("--preset", default="llada-8b", help=f"one of {', '.join(PRESETS)} (default llada-8b)")
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    print(f"preset {args.preset}")
+    print(describe(PRESETS[args.preset]))
+
+
+if __name__ == "__main__":
+    main()

@@ -112,14 +112,17 @@ def scale_rope(method: str, target_len: int, train_len: int, head_dim: int, base
 # The rotation itself, matching LLaDA's arithmetic: tables in float32 from integer positions,
 # rotate-half (GPT-NeoX) layout, q and k upcast to float32 for the rotation.
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float,
-                pos_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every angle, (..., L, head_dim) float32, for integer positions (..., L)."""
+def rope_tables(positions: torch.Tensor, head_dim: int, base: float, pos_scale: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every angle, (..., L, head_dim), for integer positions (..., L).
+
+    float32 whatever the model's dtype, like the reference (float64 only for exactness tests).
+    """
     # inv_freq written as 1 / b^(2i/d), the way the reference computes it, so the float32
     # rounding is the same and logits match the official model bit for bit.
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=dtype,
                                              device=positions.device) / head_dim))
-    pos = positions.to(torch.float32)
+    pos = positions.to(dtype)
     if pos_scale != 1.0:
         pos = pos * pos_scale
     angles = pos[..., None] * inv_freq  # (..., L, D/2)
@@ -135,12 +138,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k, (B, L, H, D), by tables (B or 1, L, D); rotation in float32."""
+    """Rotate q and k, (B, L, H, D), by tables (B or 1, L, D); rotation in float32 at least."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (B, L, 1, D): same angle for every head
 
     def rotate(t):
-        t32 = t.float()
-        return ((t32 * cos) + (rotate_half(t32) * sin)).to(t.dtype)
+        # bf16 has 8 bits of mantissa: rotating in it would blur positions that differ by
+        # less than 1/256 of the angle, so the reference upcasts.
+        wide = t.to(torch.promote_types(t.dtype, cos.dtype))
+        return ((wide * cos) + (rotate_half(wide) * sin)).to(t.dtype)
 
     return rotate(q), rotate(k)
 

@@ -1,0 +1,205 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masks import (STRATEGIES, allowed, attention, attention_plan, check_strategy,
+                   doc_ids, document_positions, main, num_packed_sequences, pack_sequence)
+from model import LLaDA, preset
+
+EOD = 999
+
+
+def make_corpus(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, 500, n) for n in lengths]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return np.concatenate(docs), offsets, docs
+
+
+def unpack_all(tokens, offsets, seq_len, strategy):
+    n = num_packed_sequences(offsets, seq_len, strategy)
+    seqs = [pack_sequence(tokens, offsets, i, seq_len, strategy, EOD) for i in range(n)]
+    return seqs
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_packing_is_the_document_stream_cut_every_seq_len(strategy):
+    lengths = [5, 70, 3, 200, 1, 40, 33]  # short ones share sequences, 200 is cut
+    tokens, offsets, docs = make_corpus(lengths)
+    sep = strategy == "eod"
+    stream = np.concatenate([np.concatenate([d, [EOD]]) if sep else d for d in docs])
+    seqs = unpack_all(tokens, offsets, 32, strategy)
+    assert len(seqs) == len(stream) // 32
+    packed = np.concatenate([s for s, _ in seqs])
+    assert np.array_equal(packed, stream[: len(packed)])  # every token once, in order
+    for s, lens in seqs:
+        assert sum(lens) == 32 and all(n > 0 for n in lens)
+    # the pieces, glued back, are the documents (plus separators)
+    pieces = [n for _, lens in seqs for n in lens]
+    doc_stream_lens = [n + sep for n in lengths]
+    glued, acc = [], 0
+    for n in pieces:
+        acc += n
+        if acc in np.cumsum(doc_stream_lens):
+            glued.append(acc)
+    ends = list(np.cumsum(doc_stream_lens))
+    assert glued == [e for e in ends if e <= len(packed)]
+
+
+def test_long_document_is_cut_into_full_chunks():
+    tokens, offsets, _ = make_corpus([100])
+    seqs = unpack_all(tokens, offsets, 32, "concat")
+    assert [lens for _, lens in seqs] == [[32], [32], [32]]
+    assert np.array_equal(seqs[1][0], tokens[32:64])
+
+
+def test_eod_separator_exactly_at_document_ends():
+    lengths = [4, 9, 2, 30, 6]
+    tokens, offsets, _ = make_corpus(lengths)  # tokens < 500, never EOD
+    seqs = unpack_all(tokens, offsets, 8, "eod")
+    packed = np.concatenate([s for s, _ in seqs])
+    ends = np.cumsum([n + 1 for n in lengths]) - 1
+    expected = sorted(e for e in ends if e < len(packed))
+    assert list(np.flatnonzero(packed == EOD)) == expected
+
+
+def test_pack_sequence_errors():
+    tokens, offsets, _ = make_corpus([10, 10])
+    with pytest.raises(IndexError, match="out of range"):
+        pack_sequence(tokens, offsets, 3, 8, "concat")
+    with pytest.raises(ValueError, match="needs eod_id"):
+        pack_sequence(tokens, offsets, 0, 8, "eod")
+    with pytest.raises(ValueError, match="unknown mask strategy 'causal'"):
+        check_strategy("causal")
+
+
+def test_layout_conversions():
+    assert doc_ids([[2, 3]]).tolist() == [[0, 0, 1, 1, 1]]
+    assert document_positions([[2, 3], [5]]).tolist() == [[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]]
+    a = allowed([2, 1], "adaptive")
+    assert a.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    assert allowed([2, 1], "eod").all() and allowed([2, 1], "concat").all()
+
+
+@pytest.mark.parametrize("doc_lens,msg", [([[3, 4]], "sum to 7, not the sequence length 8"),
+                                          ([[8, 0]], "length <= 0"),
+                                          ([[8], [8]], "describes 2 sequences")])
+def test_bad_layouts_are_one_line_errors(doc_lens, msg):
+    with pytest.raises(ValueError, match=msg):
+        attention_plan(doc_lens, 1, 8, torch.device("cpu"))
+
+
+def dense_reference(q, k, v, doc_lens):
+    """Attention with an explicit (L, L) mask: fine for tiny L, forbidden in the real code."""
+    outs = []
+    for b, lens in enumerate(doc_lens):
+        mask = allowed(lens, "adaptive")
+        o = F.scaled_dot_product_attention(q[b].transpose(0, 1), k[b].transpose(0, 1),
+                                           v[b].transpose(0, 1), attn_mask=mask)
+        outs.append(o.transpose(0, 1))
+    return torch.stack(outs)
+
+
+def test_bucketed_attention_equals_dense_masked_attention_with_gradients():
+    g = torch.Generator().manual_seed(0)
+    doc_lens = [[7, 1, 30, 9, 9, 8, 1, 1], [66], [12, 20, 14, 20]]  # many bucket shapes
+    B, L, H, D = 3, 66, 2, 16
+    qkv = [torch.randn(B, L, H, D, generator=g, requires_grad=True) for _ in range(3)]
+    plan = attention_plan(doc_lens, B, L, torch.device("cpu"))
+    out = attention(*qkv, plan)
+    ref = dense_reference(*qkv, doc_lens)
+    assert torch.allclose(out, ref, atol=1e-5)
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), qkv)
+    grads_ref = torch.autograd.grad((ref * w).sum(), qkv)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_suffix_plan_matches_full_attention_for_the_last_document():
+    g = torch.Generator().manual_seed(1)
+    B, L, H, D, Lq = 2, 20, 2, 8, 6
+    q, k, v = (torch.randn(B, L, H, D, generator=g) for _ in range(3))
+    doc_lens = [[5, 15], [20]]  # row 0 has 5 padding tokens in front
+    full = attention(q, k, v, attention_plan(doc_lens, B, L, torch.device("cpu")))
+    plan = attention_plan(doc_lens, B, L, torch.device("cpu"), query_len=Lq)
+    part = attention(q[:, -Lq:], k, v, plan)
+    assert torch.allclose(part, full[:, -Lq:], atol=1e-6)
+    with pytest.raises(ValueError, match="inside the last document"):
+        attention_plan([[10, 10]], 1, 20, torch.device("cpu"), query_len=12)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return LLaDA(preset("tiny"))
+
+
+def packed_input(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    doc_lens = [[11, 25, 4, 24], [30, 34]]
+    return torch.randint(0, 5000, (2, 64), generator=g), doc_lens
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_cross_document_leak(tiny, strategy):
+    ids, doc_lens = packed_input()
+    changed = ids.clone()
+    changed[0, 11:36] = torch.randint(5000, 6000, (25,))  # every token of document 1
+    layout = doc_lens if strategy == "adaptive" else None
+    with torch.no_grad():
+        a = tiny(ids, doc_lens=layout)
+        b = tiny(changed, doc_lens=layout)
+    others = torch.ones(64, dtype=torch.bool)
+    others[11:36] = False
+    diff = (a[0, others] - b[0, others]).abs().max()
+    if strategy == "adaptive":
+        assert diff < 1e-5
+    else:
+        assert diff > 1e-2  # full attention: the change reaches every other document
+    assert torch.equal(a[1], b[1])  # the other sequence is never affected
+
+
+def test_adaptive_equals_each_document_alone_forward_and_gradients(tiny):
+    ids, doc_lens = packed_input(1)
+    tiny.zero_grad()
+    packed = tiny(ids, doc_lens=doc_lens)
+    w = torch.randn(packed.shape, generator=torch.Generator().manual_seed(2))
+    (packed * w).sum().backward()
+    g_packed = {n: p.grad.clone() for n, p in tiny.named_parameters() if p.grad is not None}
+    assert len(g_packed) == len(list(tiny.parameters())) - 1  # all but the unused LM head
+    tiny.zero_grad()
+    total, start = 0.0, 0
+    for b, lens in enumerate(doc_lens):
+        start = 0
+        for n in lens:
+            pos = torch.arange(start, start + n)[None]  # same positions as in the pack
+            alone = tiny(ids[b:b + 1, start:start + n], positions=pos)
+            assert torch.allclose(alone[0], packed[b, start:start + n].detach(), atol=2e-5)
+            total = total + (alone[0] * w[b, start:start + n]).sum()
+            start += n
+    total.backward()
+    for n, p in tiny.named_parameters():
+        if n in g_packed:
+            assert torch.allclose(p.grad, g_packed[n], atol=1e-4, rtol=1e-4), n
+
+
+def test_positions_restarting_per_document_change_nothing_under_adaptive(tiny):
+    ids, doc_lens = packed_input(3)
+    with torch.no_grad():
+        continuous = tiny(ids, doc_lens=doc_lens)
+        restarted = tiny(ids, doc_lens=doc_lens, positions=document_positions(doc_lens))
+        full_cont = tiny(ids)
+        full_restart = tiny(ids, positions=document_positions(doc_lens))
+    assert torch.allclose(continuous, restarted, atol=2e-5)
+    assert not torch.allclose(full_cont, full_restart, atol=1e-3)  # under full attention they differ
+
+
+def test_plot_draws_a_picture(tmp_path):
+    out = tmp_path / "masks.png"
+    main(["--plot", "--out", str(out)])
+    import matplotlib.image
+    img = matplotlib.image.imread(out)
+    assert img.shape[0] > 300 and img.shape[1] > 900
+    assert not list(tmp_path.glob("*.tmp*"))

@@ -1,0 +1,346 @@
+"""
+diffusion.py: the masked-diffusion objective, LLaDA's sampler, and likelihood estimates.
+
+Paper map (shared/PAPER.md section 4). The forward process masks a clean sequence x_0; for
+sequence b of a batch
+
+    t_b ~ U(0, 1),   p_b = (1 - eps) t_b + eps   (eps = 1e-3),   x_t[i] = [MASK] w.p. p_b
+
+and the model predicts the original token at every masked position. The training loss is
+
+    loss = 1 / (B * L) * sum_b sum_{i masked} CE(x_0[i] | x_t) / p_b
+
+Sampling is LLaDA's generate.py: the answer starts as gen_length masks and is decoded in blocks
+of block_length, left to right; each step of a block unmasks a scheduled number of tokens, the
+most confident predictions ("low_confidence") or random ones, optionally with Gumbel noise and
+classifier-free guidance  logits = un + (cfg + 1) * (cond - un).
+Likelihood is LLaDA's get_log_likelihood.py: the same loss, with the answer masked and the
+prompt clean, averaged over Monte Carlo draws; minus it bounds log p(answer | prompt) from below.
+Long-document perplexity is LongLLaDA's: that estimate for each 64-token chunk given all the
+text before it, accumulated into a running geometric mean.
+
+Logits are only ever computed where they are needed (masked positions, the block being
+decoded): with LLaDA's 126464-token vocabulary the logits of a 64K sequence are 33 GB in float32.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from model import PrefixCache
+
+
+def rng_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Random numbers are drawn where the generator lives (so a CPU generator also serves a
+    CUDA model), then moved to `device`."""
+    return generator.device if generator is not None else device
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+def forward_process(input_ids: torch.Tensor, mask_id: int, generator: torch.Generator | None = None,
+                    eps: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask every token of sequence b with probability p_b = (1 - eps) t_b + eps, t_b ~ U(0, 1).
+
+    Returns the noisy tokens (B, L), where they were masked (B, L) bool, and p (B,). Draws t
+    first, then one coin per token, in the order of LLaDA's pre-training code.
+    """
+    B, L = input_ids.shape
+    dev = rng_device(generator, input_ids.device)
+    t = torch.rand(B, generator=generator, device=dev).to(input_ids.device)  # (B,)
+    p = (1 - eps) * t + eps
+    coins = torch.rand((B, L), generator=generator, device=dev).to(input_ids.device)  # (B, L)
+    masked = coins < p[:, None]
+    return torch.where(masked, mask_id, input_ids), masked, p
+
+
+def masked_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                         chunk_size: int = 4096) -> torch.Tensor:
+    """sum_n weights[n] * CE(head(hidden[n]), targets[n]) as a float32 scalar.
+
+    hidden (N, ..., d) holds only the positions that need a prediction; `head` maps it to
+    logits (N, V). The rows go through the head chunk_size at a time, and each chunk is
+    checkpointed: its logits are freed after the forward and recomputed in backward, so no more
+    than chunk_size x V logits ever exist (4096 x 126464 is 2 GB in float32; all 65536 positions
+    of a 64K sequence would be 33 GB).
+    """
+    def chunk_loss(h, t, w):
+        logits = head(h).float()  # (n, V): cross-entropy in float32, one chunk upcast at a time
+        return (F.cross_entropy(logits, t, reduction="none") * w).sum()
+
+    # max(N, 1): with nothing to predict the head still runs once, on an empty chunk, so the
+    # gradient graph (and every rank of a sharded head) looks the same on every step.
+    return sum(checkpoint(chunk_loss, hidden[s:s + chunk_size], targets[s:s + chunk_size],
+                          weights[s:s + chunk_size], use_reentrant=False)
+               for s in range(0, max(len(hidden), 1), chunk_size))
+
+
+def diffusion_loss(model, input_ids: torch.Tensor, generator: torch.Generator | None = None,
+                   doc_lens: list[list[int]] | None = None, positions: torch.Tensor | None = None,
+                   eps: float = 1e-3, chunk_size: int = 4096) -> torch.Tensor:
+    """The masked-diffusion loss of a batch (B, L): sum over masked tokens of CE / p, over B * L.
+
+    doc_lens and positions only shape the model's attention (masks.py); the loss itself counts
+    every token alike, whichever document it belongs to.
+    """
+    noisy, masked, p = forward_process(input_ids, model.config.mask_token_id, generator, eps)
+    hidden = model(noisy, positions=positions, doc_lens=doc_lens)  # (B, L, d)
+    weights = (1 / p)[:, None].expand_as(masked)[masked]  # (N,): 1/p_b for each masked token
+    total = masked_cross_entropy(model.head, hidden[masked], input_ids[masked], weights, chunk_size)
+    return total / input_ids.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: LLaDA's generate.py, computing logits for the current block only.
+
+def guided(cond: torch.Tensor, un: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance: move from the unconditional towards the conditional logits."""
+    return un + (cfg_scale + 1) * (cond - un)
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-max in LLaDA's form: argmax exp(l) / (-log u)^T samples from softmax(l / T).
+
+    In float64, as the official code does: low-precision Gumbel-max lowers perplexity but hurts
+    generation quality (arXiv:2409.02908).
+    """
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64,
+                       device=rng_device(generator, logits.device)).to(logits.device)
+    return logits.exp() / (-torch.log(noise)) ** temperature
+
+
+def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, steps) tokens to unmask at each step: equal shares, the remainder on the first steps."""
+    mask_num = block_mask_index.sum(dim=1, keepdim=True)  # (B, 1)
+    step = torch.arange(steps, device=block_mask_index.device)[None]  # (1, steps)
+    return mask_num // steps + (step < mask_num % steps).long()
+
+
+def low_confidence(logits, x0, seq_len, block, generator):
+    """Probability of each predicted token, in the logits' dtype, as the official code has it."""
+    p = F.softmax(logits, dim=-1)  # (B, n, V)
+    return torch.gather(p, -1, x0[..., None]).squeeze(-1)  # (B, n)
+
+
+def random_confidence(logits, x0, seq_len, block, generator):
+    """A random order. Drawn for the whole sequence, as the official code does, so that the same
+    generator state picks the same positions."""
+    u = torch.rand((x0.shape[0], seq_len), generator=generator,
+                   device=rng_device(generator, x0.device)).to(x0.device)  # (B, L)
+    return u[:, block]
+
+
+REMASKING = {"low_confidence": low_confidence, "random": random_confidence}
+# Exact decoding recomputes the whole sequence every step; "prefix" is Fast-dLLM's approximate
+# cache of the prompt and finished blocks (model.PrefixCache), refreshed once per block.
+CACHES = {None: lambda prefix_len: None, "prefix": PrefixCache}
+
+
+def left_pad(prompts: list, pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Prompts of different lengths -> (B, Lp) token ids padded on the left, and their lengths."""
+    lens = [len(p) for p in prompts]
+    batch = torch.full((len(prompts), max(lens)), pad_id, dtype=torch.long)  # (B, Lp)
+    for b, p in enumerate(prompts):
+        batch[b, batch.shape[1] - lens[b]:] = torch.as_tensor(p)
+    return batch, lens
+
+
+def padding_doc_lens(prompt_lens: list[int] | None, prompt_width: int,
+                     gen_length: int) -> list[list[int]] | None:
+    """Left padding as a document of its own, so that no real token ever attends to it."""
+    if prompt_lens is None or all(n == prompt_width for n in prompt_lens):
+        return None
+    total = prompt_width + gen_length
+    return [[total] if n == prompt_width else [prompt_width - n, n + gen_length]
+            for n in prompt_lens]
+
+
+def block_logits(model, x, block: slice, prompt_len: int, cfg_scale: float, mask_id: int,
+                 doc_lens, cache) -> torch.Tensor:
+    """Logits (B, block_length, V) of the current block. One forward over x, or over what
+    follows the prefix once the cache holds it; the head runs on the block only."""
+    if cfg_scale > 0:  # the unconditional pass sees the same sequence with the prompt masked
+        un_x = x.clone()
+        un_x[:, :prompt_len] = mask_id
+        x = torch.cat([x, un_x])  # (2B, L)
+    start = cache.length if cache is not None and cache.filled(model.config.n_layers) else 0
+    hidden = model(x[:, start:], doc_lens=doc_lens, cache=cache)  # (B or 2B, L - start, d)
+    logits = model.head(hidden[:, block.start - start:block.stop - start])  # (B or 2B, n, V)
+    return guided(*logits.chunk(2), cfg_scale) if cfg_scale > 0 else logits
+
+
+@torch.no_grad()
+def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 128,
+             block_length: int = 128, temperature: float = 0., cfg_scale: float = 0.,
+             remasking: str = "low_confidence", mask_id: int | None = None,
+             prompt_lens: list[int] | None = None, cache: str | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """LLaDA's sampler: prompt (B, Lp) -> (B, Lp + gen_length) with the answer filled in.
+
+    Prompts of different lengths are left-padded (left_pad) and prompt_lens[b] says how many
+    tokens of row b are real; padding is kept out of attention and positions stay 0..L-1, as in
+    the official code. cache="prefix" reuses the prompt's keys and values within a block
+    (approximate, faster on long prompts). At temperature 0 and cache=None the result is token
+    for token the official generate.py's; with temperature > 0 the Gumbel noise is drawn for the
+    current block only, so the random stream differs from the official one.
+    """
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    check_generate_args(prompt, steps, gen_length, block_length, remasking, mask_id,
+                        prompt_lens, cache)
+    B, Lp = prompt.shape
+    x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)  # (B, L)
+    x[:, :Lp] = prompt
+    doc_lens = padding_doc_lens(prompt_lens, Lp, gen_length)
+    if doc_lens is not None and cfg_scale > 0:
+        doc_lens = doc_lens + doc_lens  # the unconditional copies are padded alike
+    num_blocks = gen_length // block_length
+    steps = steps // num_blocks  # per block
+    for nb in range(num_blocks):
+        block = slice(Lp + nb * block_length, Lp + (nb + 1) * block_length)
+        num_transfer = get_num_transfer_tokens(x[:, block] == mask_id, steps)  # (B, steps)
+        block_cache = CACHES[cache](block.start)  # the prompt and the finished blocks
+        for i in range(steps):
+            logits = block_logits(model, x, block, Lp, cfg_scale, mask_id, doc_lens, block_cache)
+            x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, n)
+            x0_p = REMASKING[remasking](logits, x0, x.shape[1], block, generator)  # (B, n)
+            # Only still-masked positions of this block compete. The scores span the whole
+            # sequence, as in the official code, so that topk breaks ties the same way.
+            confidence = torch.full(x.shape, -math.inf, dtype=x0_p.dtype, device=x.device)  # (B, L)
+            confidence[:, block] = torch.where(x[:, block] == mask_id, x0_p, -math.inf)
+            transfer = torch.zeros_like(x, dtype=torch.bool)  # (B, L)
+            for j in range(B):
+                transfer[j, confidence[j].topk(int(num_transfer[j, i])).indices] = True
+            x[:, block] = torch.where(transfer[:, block], x0, x[:, block])
+    return x
+
+
+def check_generate_args(prompt, steps, gen_length, block_length, remasking, mask_id,
+                        prompt_lens, cache) -> None:
+    """One-line errors for sampler arguments the official code would assert on (or misuse)."""
+    if prompt.dim() != 2:
+        raise ValueError(f"prompt must be (batch, length) token ids, got shape {tuple(prompt.shape)}; "
+                         "pass prompt[None] for a single prompt")
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} must be a positive multiple of block_length "
+                         f"{block_length}")
+    if steps <= 0 or steps % (gen_length // block_length):
+        raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks "
+                         f"{gen_length // block_length} (gen_length / block_length)")
+    if remasking not in REMASKING:
+        raise ValueError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
+    if cache not in CACHES:
+        raise ValueError(f"unknown cache {cache!r}; pass None (exact) or 'prefix' (approximate)")
+    if bool((prompt == mask_id).any()):
+        raise ValueError(f"the prompt contains the mask token {mask_id}; infilling is not "
+                         "supported, remove masks from the prompt")
+    if prompt_lens is not None and (len(prompt_lens) != len(prompt) or
+                                    not all(0 <= n <= prompt.shape[1] for n in prompt_lens)):
+        raise ValueError(f"prompt_lens must give one length in 0..{prompt.shape[1]} per row of the "
+                         f"prompt ({len(prompt)} rows), got {list(prompt_lens)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihood: LLaDA's get_log_likelihood.py, and LongLLaDA's chunked perplexity.
+
+def stratified_forward_process(seq: torch.Tensor, prompt_len: int, mask_id: int,
+                               generator: torch.Generator | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """get_log_likelihood.py's forward process over b copies of one sequence (b, L).
+
+    Row i masks exactly n_i of the A answer tokens; the counts are evenly spaced over 1..A from a
+    random start (stratified, so one batch covers every noise level). The prompt is never
+    masked. Returns the noisy rows (b, L), where they were masked (b, L), and p = n / A (b,).
+    """
+    b, L = seq.shape
+    A = L - prompt_len  # answer length
+    dev = rng_device(generator, seq.device)
+    k = int(torch.randint(1, A + 1, (1,), generator=generator, device=dev))
+    counts = torch.round(torch.linspace(float(k), k + (b - 1) * (A / b), steps=b)).long()
+    counts = (counts - 1) % A + 1  # (b,) in 1..A
+    is_mask = torch.arange(A)[None] < counts[:, None]  # (b, A): the first n_i, then shuffled
+    for i in range(b):
+        is_mask[i] = is_mask[i][torch.randperm(A, generator=generator, device=dev).cpu()]
+    is_mask = torch.cat([torch.zeros(b, prompt_len, dtype=torch.bool), is_mask], 1).to(seq.device)
+    return torch.where(is_mask, mask_id, seq), is_mask, (counts / A).to(seq.device)
+
+
+@torch.no_grad()
+def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: int = 128,
+                   batch_size: int = 16, cfg_scale: float = 0., mask_id: int | None = None,
+                   generator: torch.Generator | None = None, chunk_size: int = 4096) -> float:
+    """Lower bound on log p(answer | prompt), prompt (Lp,) and answer (A,) token ids.
+
+    mc_num Monte Carlo draws in batches of batch_size; each batch scores
+    sum over masked answer tokens of CE / p, divided by batch_size, and the result is minus the
+    mean over batches. One draw is enough for single-token answers (multiple choice).
+    """
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    if mc_num < batch_size or mc_num % batch_size:
+        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
+    if len(answer) == 0:
+        raise ValueError("the answer is empty; there is nothing to score")
+    seq = torch.cat([prompt, answer])[None].repeat(batch_size, 1)  # (b, L)
+    Lp = len(prompt)
+    head = model.head if cfg_scale == 0 else (lambda h: guided(*model.head(h).unbind(1), cfg_scale))
+    losses = []
+    for _ in range(mc_num // batch_size):
+        noisy, is_mask, p = stratified_forward_process(seq, Lp, mask_id, generator)
+        if cfg_scale == 0:
+            hidden = model(noisy)[is_mask]  # (N, d)
+        else:  # conditional and unconditional (prompt masked) rows, paired per masked token
+            un = noisy.clone()
+            un[:, :Lp] = mask_id
+            h = model(torch.cat([noisy, un]))  # (2b, L, d)
+            hidden = torch.stack([h[:batch_size][is_mask], h[batch_size:][is_mask]], 1)  # (N, 2, d)
+        weights = (1 / p)[:, None].expand_as(is_mask)[is_mask]  # (N,)
+        loss = masked_cross_entropy(head, hidden, seq[is_mask], weights, chunk_size) / batch_size
+        losses.append(loss.item())
+    return -sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
+              mask_id: int | None = None, generator: torch.Generator | None = None,
+              progress: bool = False) -> torch.Tensor:
+    """LongLLaDA's per-token NLL of each chunk of a long text (L,) given the text before it: (L / chunk_size,).
+
+    For chunk c each of `draws` rows masks k ~ U{1..chunk_size} of the chunk's tokens; the input
+    is everything before the chunk (clean) plus the chunk, never the text after it. The chunk's
+    NLL is the mean over draws of (sum of CE at the masked tokens) / k.
+    Cost: one forward of `draws` rows per chunk, each as long as the text up to the chunk's end,
+    about draws * L^2 / (2 chunk_size) tokens in all: 2048 forwards averaging 64K tokens for a
+    128K-token text. Pass progress=True for a progress bar.
+    """
+    mask_id = model.config.mask_token_id if mask_id is None else mask_id
+    if len(tokens) == 0 or len(tokens) % chunk_size:
+        raise ValueError(f"the text has {len(tokens)} tokens, not a positive multiple of chunk_size "
+                         f"{chunk_size}; pass tokens[:{len(tokens) // chunk_size * chunk_size}]")
+    dev = rng_device(generator, tokens.device)
+    nll = []
+    for end in tqdm(range(chunk_size, len(tokens) + 1, chunk_size), disable=not progress,
+                    desc="chunks", unit="chunk"):
+        seq = tokens[:end][None].repeat(draws, 1)  # (draws, end)
+        k = torch.randint(1, chunk_size + 1, (draws,), generator=generator, device=dev)  # (draws,)
+        # A random permutation per row; its k smallest entries mark k random positions.
+        order = torch.rand((draws, chunk_size), generator=generator, device=dev).argsort(dim=1)
+        is_mask = torch.zeros_like(seq, dtype=torch.bool)  # (draws, end)
+        is_mask[:, end - chunk_size:] = (order < k[:, None]).to(seq.device)
+        hidden = model(torch.where(is_mask, mask_id, seq))[is_mask]  # (N, d)
+        weights = (1 / k.to(seq.device).float())[:, None].expand_as(is_mask)[is_mask]  # (N,)
+        nll.append(masked_cross_entropy(model.head, hidden, seq[is_mask], weights) / draws)
+    return torch.stack(nll).cpu()
+
+
+def cumulative_perplexity(nll: torch.Tensor) -> torch.Tensor:
+    """Perplexity of the text up to the end of each chunk: exp of the running mean NLL, (n,).
+
+    Entry c belongs to position (c + 1) * chunk_size, for plotting perplexity against length.
+    """
+    return torch.exp(torch.cumsum(nll, 0) / torch.arange(1, len(nll) + 1))

@@ -94,7 +94,8 @@ def tiktoken_tokenizer() -> Tokenizer:
         return frozenset(ids)
 
     return Tokenizer(
-        name=f"{TIKTOKEN_NAME} (tiktoken)", source=TIKTOKEN_NAME, fingerprint=f"tiktoken-{TIKTOKEN_NAME}",
+        name=f"{TIKTOKEN_NAME} (tiktoken)", source=TIKTOKEN_NAME,
+        fingerprint=f"tiktoken-{TIKTOKEN_NAME}",
         eos_id=TIKTOKEN_VOCAB, mask_id=TIKTOKEN_VOCAB + 1, vocab_size=TIKTOKEN_VOCAB + 2,
         # encode_ordinary: a book that contains the text "<|endoftext|>" is just text
         encode=enc.encode_ordinary,
@@ -112,6 +113,7 @@ def json_tokenizer(path: str) -> Tokenizer:
     with open(file, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     hf = HFTokenizer.from_file(file)
+    hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
     config = read_json(os.path.join(path, "config.json"))
     eos = config.get("eos_token_id", LLADA_EOS)
     mask = config.get("mask_token_id", LLADA_MASK)
@@ -131,7 +133,8 @@ def uses_tiktoken(config: dict) -> bool:
     the reserved ones after cl100k (checkpoints saved before the marker existed)."""
     if config.get("tokenizer") == TIKTOKEN_NAME:
         return True
-    return (config.get("eos_token_id"), config.get("mask_token_id")) == (TIKTOKEN_VOCAB, TIKTOKEN_VOCAB + 1)
+    special = (config.get("eos_token_id"), config.get("mask_token_id"))
+    return special == (TIKTOKEN_VOCAB, TIKTOKEN_VOCAB + 1)
 
 
 def load_tokenizer(init: str) -> Tokenizer:
@@ -149,7 +152,8 @@ def load_tokenizer(init: str) -> Tokenizer:
                              f"directory that holds it instead of the preset name")
         return tiktoken_tokenizer()
     if not os.path.isdir(init):
-        raise ValueError(f"{init!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        raise ValueError(f"{init!r} is neither a preset ({', '.join(PRESETS)}) "
+                         f"nor a checkpoint directory")
     if os.path.isfile(os.path.join(init, "tokenizer.json")):
         return json_tokenizer(init)
     if uses_tiktoken(read_json(os.path.join(init, "config.json"))):
@@ -252,6 +256,7 @@ def filler_text(n_tokens: int, tokenizer: Tokenizer, seed: int = 0) -> str:
 # documents. Readers yield (name, text, None), or (name, None, why it was skipped).
 
 JSONL_CHUNK_BYTES = 8 << 20  # big .jsonl files are split into ranges of about this size
+MAX_SKIPPED_KEPT = 1000  # skipped documents named in meta.json; a wrong field name skips millions
 
 
 @dataclass
@@ -275,7 +280,7 @@ def read_text_file(task: Task):
     try:
         text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the book
     except UnicodeDecodeError as e:
-        yield task.name, None, f"not UTF-8 (byte {e.start})"
+        yield task.name, None, f"not UTF-8 at byte {e.start}"
         return
     if not text.strip():
         yield task.name, None, "empty"
@@ -389,7 +394,8 @@ def corpus_files(data: str, split: str) -> tuple[str, list[str], bool]:
     folder, by_hash = data, True
     if present:
         if split not in present:
-            raise ValueError(f"{data} has no {split}/ folder (it has {', '.join(s + '/' for s in present)})")
+            raise ValueError(f"{data} has no {split}/ folder "
+                             f"(it has {', '.join(s + '/' for s in present)})")
         folder, by_hash = os.path.join(data, split), False
     elif split == "test":
         raise ValueError(f"{data} has no test/ folder; without split folders only train and "
@@ -447,14 +453,14 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
     tasks, signatures = [], []
     for path in files:
         rel = os.path.relpath(path, folder)
-        size, mtime = sig = file_signature(path)
-        signatures.append([rel, *sig])
+        size, mtime = file_signature(path)
+        signatures.append([rel, size, mtime])
         if path.endswith(".jsonl") and size > 0:
             tasks += [Task("jsonl", path, rel, a, b, work=b - a) for a, b in jsonl_ranges(path, size)]
         else:
             tasks.append(Task("text" if path.endswith(".txt") else "jsonl", path, rel, 0, max(size, 0),
                               work=max(size, 0)))
-    label = os.path.basename(os.path.abspath(data).rstrip(os.sep))
+    label = os.path.basename(os.path.abspath(data))
     if by_hash:
         share = f"{1 - heldout:.0%} of documents" if split == "train" else f"{heldout:.0%} held out"
         name = f"{data} ({split}: {share})"
@@ -477,7 +483,8 @@ class Corpus:
     eos_id: int  # the separator of the eod strategy
     path: str | None = None  # the cache directory
     reused: bool = False  # loaded from an existing cache, nothing tokenized
-    skipped: list = field(default_factory=list)  # [name, reason] of documents not read
+    skipped: list = field(default_factory=list)  # [name, reason] of documents not read (the first 1000)
+    n_skipped: int = 0
 
     @property
     def n_docs(self) -> int:
@@ -511,12 +518,13 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
            "heldout": select, "source": source_key}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     tok_label = tokenizer.fingerprint.split("-")[-1][:11]
-    path = os.path.join(cache_dir, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{label}-{split}-{tok_label}-{digest}"))
+    dirname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{label}-{split}-{tok_label}-{digest}")
+    path = os.path.join(cache_dir, dirname)
     reused = os.path.isfile(os.path.join(path, "meta.json"))
     if not reused:
         build_cache(path, name, key, tasks, tokenizer, select, split != "train", workers, progress)
     corpus = open_cache(path, tokenizer.eos_id, reused)
-    if corpus.skipped:
+    if corpus.n_skipped:
         report_skipped(corpus)
     return corpus
 
@@ -531,49 +539,47 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     synthetic = tasks[0].reader == "synthetic"
     bar = tqdm(total=sum(t.work for t in tasks), unit="doc" if synthetic else "B", unit_scale=True,
                desc=f"tokenizing {name}", disable=None if progress is None else not progress)
-    lengths, skipped, line_base = [], [], 0
+    run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
+    pool, lengths, skipped, n_skipped, line_base = None, [], [], 0, 0
     try:
+        if workers > 1:
+            pool = multiprocessing.Pool(workers, init_worker, (tokenizer.source,))
+        # imap keeps the task order, so the cache is the same for any number of workers
+        results = pool.imap(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-            run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
-            if workers == 1:
-                results = (run(t, tokenizer=tokenizer) for t in tasks)
-                pool = None
-            else:  # imap keeps task order, so the cache is the same for any number of workers
-                pool = multiprocessing.Pool(workers, initializer=init_worker, initargs=(tokenizer.source,))
-                results = pool.imap(run, tasks)
-            try:
-                for task, result in zip(tasks, results):
-                    result.tokens.tofile(out)
-                    lengths += result.lengths
-                    line_base = 0 if task.start == 0 else line_base
-                    for doc, reason in result.skipped:  # jsonl lines: number them within the file
-                        where = f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
-                        skipped.append([where, reason])
-                    line_base += result.lines
-                    bar.update(result.work)
-            finally:
-                if pool is not None:
-                    pool.terminate()
-        bar.close()
+            for task, result in zip(tasks, results):
+                result.tokens.tofile(out)
+                lengths += result.lengths
+                line_base = 0 if task.start == 0 else line_base
+                n_skipped += len(result.skipped)
+                for doc, reason in result.skipped[:MAX_SKIPPED_KEPT - len(skipped)]:
+                    # jsonl lines come numbered within their byte range; number them in the file
+                    where = f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
+                    skipped.append([where, reason])
+                line_base += result.lines
+                bar.update(result.work)
         if not lengths:
             shown = "; ".join(f"{n} ({r})" for n, r in skipped[:5])
-            raise ValueError(f"no usable documents in {name}" + (f": {len(skipped)} skipped: {shown}"
+            raise ValueError(f"no usable documents in {name}" + (f": {n_skipped} skipped: {shown}"
                                                                  if skipped else "")
                              + "; pass --data a folder of UTF-8 .txt or .jsonl files")
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
         meta = {"name": name, "tokenizer": tokenizer.name, "n_docs": len(lengths),
-                "n_tokens": int(offsets[-1]), "skipped": skipped,
+                "n_tokens": int(offsets[-1]), "n_skipped": n_skipped, "skipped": skipped,
                 "build_seconds": round(time.time() - started, 2), "key": key}
         with open(os.path.join(tmp, "meta.json"), "w") as f:  # last: marks the cache complete
             json.dump(meta, f, indent=1)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is shared by every user's runs
         try:
             os.rename(tmp, path)
         except OSError:  # another process finished the same cache first: keep theirs
             if not os.path.isfile(os.path.join(path, "meta.json")):
                 raise
     finally:
+        if pool is not None:
+            pool.terminate()
         bar.close()
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -586,14 +592,15 @@ def open_cache(path: str, eos_id: int, reused: bool) -> Corpus:
     if len(tokens) != offsets[-1]:
         raise ValueError(f"cache {path} is damaged ({len(tokens)} tokens, offsets say "
                          f"{offsets[-1]}); delete it and run again")
-    return Corpus(meta["name"], tokens, offsets, eos_id, path, reused, meta["skipped"])
+    return Corpus(meta["name"], tokens, offsets, eos_id, path, reused, meta["skipped"],
+                  meta["n_skipped"])
 
 
 def report_skipped(corpus: Corpus, shown: int = 10) -> None:
     names = ", ".join(f"{n} ({r})" for n, r in corpus.skipped[:shown])
-    more = f" and {len(corpus.skipped) - shown} more (see {corpus.path}/meta.json)" \
-        if len(corpus.skipped) > shown else ""
-    print(f"warning: {corpus.name}: skipped {len(corpus.skipped)} documents: {names}{more}",
+    more = f" and {corpus.n_skipped - shown} more (see {corpus.path}/meta.json)" \
+        if corpus.n_skipped > shown else ""
+    print(f"warning: {corpus.name}: skipped {corpus.n_skipped} documents: {names}{more}",
           file=sys.stderr)
 
 
@@ -602,8 +609,9 @@ def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) ->
     lengths = corpus.doc_lengths()
     order = [int(j) for j in np.argsort(-lengths, kind="stable") if lengths[j] >= min_tokens]
     if not order:
-        raise ValueError(f"no document of {corpus.name} has {min_tokens} tokens (the longest has "
-                         f"{int(lengths.max())}); pass a shorter length or --data with longer documents")
+        raise ValueError(f"no document of {corpus.name} has {min_tokens} tokens (the longest "
+                         f"has {int(lengths.max())}); pass a shorter length or --data with "
+                         f"longer documents")
     return [corpus.document(j) for j in order[:limit]]
 
 
@@ -618,7 +626,8 @@ def num_sequences(corpus: Corpus, seq_len: int, strategy: str) -> int:
     return num_packed_sequences(corpus.offsets, seq_len, strategy)
 
 
-def packed_sequence(corpus: Corpus, index: int, seq_len: int, strategy: str) -> tuple[np.ndarray, list[int]]:
+def packed_sequence(corpus: Corpus, index: int, seq_len: int,
+                    strategy: str) -> tuple[np.ndarray, list[int]]:
     """Tokens (seq_len,) int64 and document lengths of packed sequence `index`."""
     return pack_sequence(corpus.tokens, corpus.offsets, index, seq_len, strategy, corpus.eos_id)
 
@@ -633,13 +642,17 @@ class Schedule:
     grad_accum: int = 1  # micro steps per optimizer step
     world_size: int = 1
     seed: int = 0
+    n_sequences: int = field(init=False)  # packed sequences in the corpus
+    per_step: int = field(init=False)  # sequences one optimizer step consumes, all ranks together
+    steps_per_epoch: int = field(init=False)
 
     def __post_init__(self):
         check_strategy(self.strategy)
         sizes = dict(seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
                      world_size=self.world_size)
         if min(sizes.values()) < 1:
-            raise ValueError(f"seq_len, batch_size, grad_accum and world_size must be positive, got {sizes}")
+            raise ValueError(f"seq_len, batch_size, grad_accum and world_size must be positive, "
+                             f"got {sizes}")
         self.n_sequences = num_sequences(self.corpus, self.seq_len, self.strategy)
         self.per_step = self.world_size * self.grad_accum * self.batch_size
         self.steps_per_epoch = self.n_sequences // self.per_step
@@ -692,7 +705,7 @@ def describe(corpus: Corpus, seq_len: int, strategy: str) -> str:
     lines = [
         f"corpus: {corpus.name}",
         f"cache: {corpus.path} ({'reused' if corpus.reused else 'built now'})",
-        f"documents: {corpus.n_docs:,}, tokens: {corpus.n_tokens:,}, skipped: {len(corpus.skipped)}",
+        f"documents: {corpus.n_docs:,}, tokens: {corpus.n_tokens:,}, skipped: {corpus.n_skipped:,}",
         f"document length: min {lengths.min():,}, p10 {p[0]:,}, median {p[1]:,}, mean "
         f"{lengths.mean():,.0f}, p90 {p[2]:,}, max {lengths.max():,}",
         f"documents of at least {seq_len:,} tokens: {int((lengths >= seq_len).sum()):,} "
@@ -727,11 +740,14 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=2048,
                    help="packed sequence length for the packing statistics (default 2048)")
     p.add_argument("--strategy", default="adaptive", choices=("concat", "eod", "adaptive"),
-                   help="document masking strategy; eod adds a separator per document (default adaptive)")
-    p.add_argument("--cache-dir", default=CACHE_DIR, help=f"where token caches live (default {CACHE_DIR})")
+                   help="document masking strategy; eod adds a separator per document "
+                        "(default adaptive)")
+    p.add_argument("--cache-dir", default=CACHE_DIR,
+                   help=f"where token caches live (default {CACHE_DIR})")
     p.add_argument("--workers", type=int, default=None,
                    help="processes that tokenize (default: one per CPU core)")
-    p.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic corpus (default 0)")
+    p.add_argument("--synthetic-seed", type=int, default=0,
+                   help="seed of the synthetic corpus (default 0)")
     p.add_argument("--synthetic-docs", type=int, default=SyntheticConfig.n_docs,
                    help=f"documents in the synthetic corpus (default {SyntheticConfig.n_docs})")
     args = p.parse_args(argv)

@@ -189,7 +189,8 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     the official code. cache="prefix" reuses the prompt's keys and values within a block
     (approximate, faster on long prompts). At temperature 0 and cache=None the result is token
     for token the official generate.py's; with temperature > 0 the Gumbel noise is drawn for the
-    current block only, so the random stream differs from the official one.
+    current block only, so the random stream differs from the official one. The official
+    options logits_eos_inf and confidence_eos_eot_inf (Instruct-model tweaks) are left out.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     check_generate_args(prompt, steps, gen_length, block_length, remasking, mask_id,
@@ -211,7 +212,8 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
             x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, n)
             x0_p = REMASKING[remasking](logits, x0, x.shape[1], block, generator)  # (B, n)
             # Only still-masked positions of this block compete. The scores span the whole
-            # sequence, as in the official code, so that topk breaks ties the same way.
+            # sequence as in the official code, so topk sees the same input and resolves ties
+            # between equal (bf16) scores the same way.
             confidence = torch.full(x.shape, -math.inf, dtype=x0_p.dtype, device=x.device)  # (B, L)
             confidence[:, block] = torch.where(x[:, block] == mask_id, x0_p, -math.inf)
             transfer = torch.zeros_like(x, dtype=torch.bool)  # (B, L)
@@ -261,7 +263,7 @@ def stratified_forward_process(seq: torch.Tensor, prompt_len: int, mask_id: int,
     b, L = seq.shape
     A = L - prompt_len  # answer length
     dev = rng_device(generator, seq.device)
-    k = int(torch.randint(1, A + 1, (1,), generator=generator, device=dev))
+    k = int(torch.randint(1, A + 1, (), generator=generator, device=dev))
     counts = torch.round(torch.linspace(float(k), k + (b - 1) * (A / b), steps=b)).long()
     counts = (counts - 1) % A + 1  # (b,) in 1..A
     is_mask = torch.arange(A)[None] < counts[:, None]  # (b, A): the first n_i, then shuffled

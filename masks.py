@@ -102,7 +102,8 @@ def pack_sequence(tokens: np.ndarray, doc_offsets: np.ndarray, index: int, seq_l
         out[pos - start: pos - start + n_text] = tokens[src: src + n_text]
         if piece_end > text_end:  # the piece includes the document's separator
             out[piece_end - 1 - start] = eod_id
-        doc_lens.append(piece_end - pos)
+        if piece_end > pos:  # an empty document takes no room and is no document
+            doc_lens.append(piece_end - pos)
         pos, j = piece_end, j + 1
     return out, doc_lens
 

@@ -330,43 +330,53 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None,
 
 def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
                     max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
-    """Write the official layout atomically: a crash mid-save never leaves a complete-looking
-    directory. `extra_files` maps names to files copied alongside (e.g. tokenizer.json)."""
-    from safetensors.torch import save_file
-
+    """Write the official layout atomically: into a temporary directory renamed when complete,
+    so a crash mid-save never leaves a directory that looks complete."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
-        shards, current, size = [], {}, 0
-        for name, t in state_dict.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = t.detach().to("cpu").contiguous()
-            size += nbytes
-        shards.append(current)
-        names = ([SINGLE] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
-                                                    for t in state_dict.values())},
-                     "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump(index, f, indent=2)
-        for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, os.path.join(tmp, name))
-        dtype = next(iter(state_dict.values())).dtype
-        cfg = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        with open(os.path.join(tmp, CONFIG), "w") as f:  # written last: it marks completeness
-            json.dump(cfg, f, indent=2)
+        write_pretrained(tmp, config, state_dict, max_shard_bytes, extra_files)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is for everyone to read
         replace_dir(tmp, path)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
+                     max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
+    """Write config.json and safetensors shards (at most max_shard_bytes each, with an index when
+    there are several) into `path`. `extra_files` maps names to files copied alongside
+    (e.g. tokenizer.json). Not atomic by itself: see save_pretrained."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.detach().to("cpu").contiguous()
+        size += nbytes
+    shards.append(current)
+    names = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in state_dict.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump(index, f, indent=2)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, os.path.join(path, name))
+    dtype = next(iter(state_dict.values())).dtype
+    cfg = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(cfg, f, indent=2)
 
 
 def replace_dir(src: str, dst: str) -> None:

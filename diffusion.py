@@ -227,8 +227,8 @@ def check_generate_args(prompt, steps, gen_length, block_length, remasking, mask
                         prompt_lens, cache) -> None:
     """One-line errors for sampler arguments the official code would assert on (or misuse)."""
     if prompt.dim() != 2:
-        raise ValueError(f"prompt must be (batch, length) token ids, got shape {tuple(prompt.shape)}; "
-                         "pass prompt[None] for a single prompt")
+        raise ValueError(f"prompt must be (batch, length) token ids, got shape "
+                         f"{tuple(prompt.shape)}; pass prompt[None] for a single prompt")
     if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
         raise ValueError(f"gen_length {gen_length} must be a positive multiple of block_length "
                          f"{block_length}")
@@ -311,7 +311,8 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
 def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
               mask_id: int | None = None, generator: torch.Generator | None = None,
               progress: bool = False) -> torch.Tensor:
-    """LongLLaDA's per-token NLL of each chunk of a long text (L,) given the text before it: (L / chunk_size,).
+    """LongLLaDA's per-token NLL (L / chunk_size,) of each chunk of a long text (L,), given the
+    text before it.
 
     For chunk c each of `draws` rows masks k ~ U{1..chunk_size} of the chunk's tokens; the input
     is everything before the chunk (clean) plus the chunk, never the text after it. The chunk's
@@ -321,9 +322,10 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
     128K-token text. Pass progress=True for a progress bar.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    if len(tokens) == 0 or len(tokens) % chunk_size:
-        raise ValueError(f"the text has {len(tokens)} tokens, not a positive multiple of chunk_size "
-                         f"{chunk_size}; pass tokens[:{len(tokens) // chunk_size * chunk_size}]")
+    usable = len(tokens) // chunk_size * chunk_size
+    if usable == 0 or usable != len(tokens):
+        raise ValueError(f"the text has {len(tokens)} tokens, not a positive multiple of "
+                         f"chunk_size {chunk_size}; pass tokens[:{usable}]")
     dev = rng_device(generator, tokens.device)
     nll = []
     for end in tqdm(range(chunk_size, len(tokens) + 1, chunk_size), disable=not progress,

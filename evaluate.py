@@ -381,8 +381,13 @@ def run_niah_cell(model, tokenizer, counter, cfg: EvalConfig, prompt_ids: list[i
                   device) -> dict:
     ids = model_prompt(prompt_ids, tokenizer, counter)
     prompt = torch.tensor([ids], device=device)  # (1, Lp)
-    bar = tqdm(total=cfg.steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True)
-    hook = model.register_forward_hook(lambda *_: bar.update(1))  # one forward per step
+    # Inner bars only on a terminal (disable=None): in a log file the cell bar says enough.
+    bar = tqdm(total=cfg.steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True,
+               disable=None)
+    def count_step(*_):  # a forward hook that returned a value would replace the output
+        bar.update(1)
+
+    hook = model.register_forward_hook(count_step)  # one forward per decoding step
     t = time.perf_counter()
     try:
         out = generate(model, prompt, steps=cfg.steps, gen_length=cfg.gen_length,
@@ -406,7 +411,8 @@ def run_ppl_cell(model, cfg: EvalConfig, tokens: np.ndarray, length: int, doc: i
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + doc)  # same masks on rerun
     t = time.perf_counter()
     nll = chunk_nll(model, torch.from_numpy(tokens[:length]).to(device), cfg.chunk_size,
-                    cfg.draws, generator=generator, progress=True)  # (length / chunk_size,)
+                    cfg.draws, generator=generator,
+                    progress=sys.stderr.isatty())  # (length / chunk_size,)
     seconds = time.perf_counter() - t
     ppl = cumulative_perplexity(nll.double())
     return {"perplexity": float(ppl[-1]), "chunk_nll": [round(float(x), 6) for x in nll],
@@ -443,15 +449,21 @@ def cell_flops(c, cfg: EvalConfig, length: int) -> float:
 
 @torch.no_grad()
 def timed_forward(model, c, length: int, device) -> tuple[float, float]:
-    """Seconds and FLOPs of one forward of `length` tokens plus the head on one block."""
+    """Seconds and FLOPs of one forward of `length` tokens plus the head on one block.
+
+    The best of three when a forward is quick (a first call at a new length pays for
+    allocation), a single one when it is not (at 131072 tokens one costs minutes on a CPU).
+    """
     model(torch.zeros(1, 64, dtype=torch.long, device=device))  # warm-up: threads, allocator
     x = torch.randint(0, 1000, (1, length), device=device)
-    t = time.perf_counter()
-    h = model(x)
-    model.head(h[:, -32:])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t, forward_flops(c, length, length, 32)
+    times = []
+    while len(times) < 3 and (not times or times[-1] < 2.0):
+        t = time.perf_counter()
+        model.head(model(x)[:, -32:])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times), forward_flops(c, length, length, 32)
 
 
 def duration(seconds: float) -> str:

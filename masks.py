@@ -305,16 +305,18 @@ def plot_strategies(path: str, doc_lens=(5, 3, 6, 2), eod_id_label: str = "EOD")
         if uses_separator(strategy):
             for e in ends:
                 ax.text(e - 1, -1.2, eod_id_label, ha="center", fontsize=7, rotation=90, color="#c0392b")
-                ax.add_patch(plt.Rectangle((e - 1.5, -0.5), 1, len(ids), fill=False,
-                                           ec="#c0392b", lw=1.2, ls="--"))
-        ax.set_title(f"{strategy}", pad=22)
+                ax.add_patch(plt.Rectangle((e - 1.5, -0.5), 1, len(ids), color="#c0392b",
+                                           alpha=0.35, lw=0))
+        ax.set_title(f"{strategy}", pad=26)
         ax.set_xlabel("key position")
         ax.set_ylabel("query position")
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#2a9d8f", "#f4a261", "#f4f4f4")]
-    fig.legend(handles, ["same document", "other document (cross-document attention)", "blocked"],
-               loc="lower center", ncol=3, frameon=False)
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="#c0392b", alpha=0.35, lw=0))
+    fig.legend(handles, ["same document", "other document (cross-document attention)", "blocked",
+                         "end-of-document token (last token of its document)"],
+               loc="lower center", ncol=4, frameon=False)
     fig.suptitle(f"Packed sequence of documents of lengths {list(doc_lens)}: "
                  "who may attend to whom", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))

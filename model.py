@@ -99,9 +99,12 @@ OFFICIAL_CONFIG = {
 
 # Small presets use tiktoken cl100k_base (100277 ids); EOS and [MASK] are reserved ids after it.
 TIKTOKEN_VOCAB = 100277
+# Their RoPE base is 10000: at the tiny model's 512-token window that puts the critical
+# dimension at half the head (32 of 64), where LLaDA's sits at 4096 tokens (64 of 128), so
+# context extension stresses the same share of dimensions.
 SMALL_VOCAB = dict(vocab_size=TIKTOKEN_VOCAB + 2, embedding_size=100352,
                    eos_token_id=TIKTOKEN_VOCAB, pad_token_id=TIKTOKEN_VOCAB,
-                   mask_token_id=TIKTOKEN_VOCAB + 1)
+                   mask_token_id=TIKTOKEN_VOCAB + 1, rope_theta=10000.0)
 PRESETS = {
     "llada-8b": LLaDAConfig(),
     # Two layers of width 128 and a 512-token window: trains in minutes on a laptop CPU.
@@ -148,7 +151,8 @@ class PrefixCache:
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def filled(self, n_layers: int) -> bool:
-        return len(self.kv) == n_layers
+        """Whether the first n_layers layers have stored their keys and values."""
+        return len(self.kv) >= n_layers
 
 
 class Block(nn.Module):

@@ -76,31 +76,31 @@ def measure_loss(method, tokens, args) -> dict:
 
 
 def bench_loss(args) -> None:
-    T, V, gb = args.tokens, args.vocab, 1024
+    T, V, gib = args.tokens, args.vocab, 1024
     print(f"## Masked loss, forward+backward through the head only: hidden ({T}, {args.d}) float32, "
           f"head {V} x {args.d}, every position masked, chunk_size {args.chunk_size}\n")
-    print("| loss | tokens | peak memory above inputs (GB) | time (s) | how |")
+    print("| loss | tokens | peak memory above inputs (GiB) | time (s) | how |")
     print("|---|---:|---:|---:|---|")
     naive = []
     for n in args.naive_tokens:
         r = measure_loss("naive", n, args)
         naive.append((n, r["peak_mb"]))
-        print(f"| naive (full logits) | {n:,} | {r['peak_mb'] / gb:.2f} | {r['time']:.1f} | measured |",
+        print(f"| naive (full logits) | {n:,} | {r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |",
               flush=True)
     # Least-squares line through the measured points: the peak grows with the logits, N x V.
     mx = sum(n for n, _ in naive) / len(naive)
     my = sum(m for _, m in naive) / len(naive)
     slope = sum((n - mx) * (m - my) for n, m in naive) / sum((n - mx) ** 2 for n, _ in naive)
-    print(f"| naive (full logits) | {T:,} | {(my + slope * (T - mx)) / gb:.1f} | - | "
+    print(f"| naive (full logits) | {T:,} | {(my + slope * (T - mx)) / gib:.1f} | - | "
           f"**extrapolated** linearly from the rows above, not run |")
     print(f"| naive, float32 logits alone | {T:,} | {T * V * 4 / 2**30:.1f} | - | "
-          f"**computed**: N x V x 4 bytes |")
+          f"**computed**: N x V x 4 bytes ({T * V * 4 / 1e9:.1f} GB) |")
     for n in args.chunked_tokens:
         r = measure_loss("chunked", n, args)
         print(f"| chunked + checkpointed (diffusion.masked_cross_entropy) | {n:,} | "
-              f"{r['peak_mb'] / gb:.2f} | {r['time']:.1f} | measured |", flush=True)
+              f"{r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |", flush=True)
     print(f"\nOne chunk of float32 logits is {args.chunk_size} x {V} x 4 bytes = "
-          f"{args.chunk_size * V * 4 / 2**30:.2f} GB; the chunked peak is a few of those "
+          f"{args.chunk_size * V * 4 / 2**30:.2f} GiB; the chunked peak is a few of those "
           f"(logits, their softmax, their gradient) whatever the number of tokens.\n")
 
 

@@ -69,7 +69,7 @@ def test_every_strategy_and_rope_method_trains(tmp_path, corpus_dir, cache_dir, 
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(0 < r["loss"] < 50 and r["grad_norm"] > 0 for r in log)
     cfg = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
-    expected = scale_rope(rope, 128, 64, 64, 500000.0)
+    expected = scale_rope(rope, 128, 64, 64, 10000.0)
     assert cfg["rope_scaling"]["method"] == rope
     assert cfg["rope_theta"] == pytest.approx(expected["rope_theta"])
     assert cfg["tokenizer"] == "cl100k_base"
@@ -88,7 +88,7 @@ def test_saved_checkpoint_gives_identical_logits(tmp_path):
     opt.step()
     train.save_checkpoint(model, opt, cfg, 1, {}, rank=0, world=1)
     loaded = from_pretrained(str(tmp_path / "checkpoint"))
-    assert loaded.config.rope_theta == model.config.rope_theta != 500000.0
+    assert loaded.config.rope_theta == model.config.rope_theta != 10000.0
     with torch.no_grad():
         assert torch.equal(loaded.logits(x), model.logits(x))
 

@@ -1,0 +1,72 @@
+"""
+bench_train.py: training throughput on the CPU, one process and two (torchrun, gloo).
+
+Runs train.py for a few steps of the `small` preset at two sequence lengths and reads the
+tokens/s that its log.jsonl records (the first steps, which warm up, are left out). Model FLOP
+utilisation counts the FLOPs the model needs, not the ones spent recomputing: 6 per parameter
+of the blocks per token, 6 d V per masked token for the LM head (half the tokens on average,
+since the masking rate is uniform), and 12 L d per token per layer for attention; it is divided
+by the torch.mm peak of this machine's cores, measured in the same run. Prints a markdown table.
+
+    python bench/bench_train.py [--lengths 256 1024] [--steps 8] [--preset small]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_model import matmul_peak  # noqa: E402
+from model import preset  # noqa: E402
+
+
+def train_flops_per_token(cfg, seq_len: int, masked_fraction: float = 0.5) -> float:
+    d, m = cfg.d_model, cfg.mlp_hidden_size
+    body = cfg.n_layers * (4 * d * d + 3 * d * m)
+    return 6 * body + 6 * d * cfg.embedding_size * masked_fraction + 12 * seq_len * d * cfg.n_layers
+
+
+def run(nproc: int, seq_len: int, args, out: str) -> float:
+    """Mean tokens/s of the steps after the warm-up ones."""
+    flags = ["train.py", "--init", args.preset, "--seq-len", str(seq_len), "--batch-size", "1",
+             "--max-steps", str(args.steps), "--save-every", "100000", "--log-every", "100000",
+             "--out", out, "--seed", "0"]
+    threads = max(1, torch.get_num_threads() // nproc)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(nproc)] if nproc > 1 else [sys.executable]) + flags
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rates = [json.loads(line)["tokens_per_s"] for line in f][args.warmup_steps:]
+    return sum(rates) / len(rates)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Training tokens/s and model FLOP utilisation on the CPU.")
+    p.add_argument("--preset", default="small", help="model preset (default small)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
+    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out (default 3)")
+    args = p.parse_args(argv)
+    cfg = preset(args.preset)
+    peak = matmul_peak(cfg, 1024, torch.float32, 3)
+    print(f"preset {args.preset}, float32, {torch.get_num_threads()} cores, batch 1 per process, "
+          f"torch.mm peak {peak / 1e9:.1f} GFLOP/s\n")
+    print("| seq len | processes | tokens/s | model GFLOP/s | MFU (of mm peak) |")
+    print("|---:|---:|---:|---:|---:|")
+    for L in args.lengths:
+        for nproc in (1, 2):
+            with tempfile.TemporaryDirectory() as out:
+                tps = run(nproc, L, args, out)
+            flops = tps * train_flops_per_token(cfg, L)
+            print(f"| {L} | {nproc} | {tps:,.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

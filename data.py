@@ -109,7 +109,7 @@ def json_tokenizer(path: str) -> Tokenizer:
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         raise ValueError(f"{path} has no tokenizer.json; copy LLaDA's tokenizer.json into it "
-                         f"or pass a preset name such as tiny")
+                         f"(a model trained from a preset names its tokenizer in config.json instead)")
     with open(file, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     hf = HFTokenizer.from_file(file)

@@ -181,7 +181,7 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
              block_length: int = 128, temperature: float = 0., cfg_scale: float = 0.,
              remasking: str = "low_confidence", mask_id: int | None = None,
              prompt_lens: list[int] | None = None, cache: str | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
     """LLaDA's sampler: prompt (B, Lp) -> (B, Lp + gen_length) with the answer filled in.
 
     Prompts of different lengths are left-padded (left_pad) and prompt_lens[b] says how many
@@ -220,6 +220,8 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
             for j in range(B):
                 transfer[j, confidence[j].topk(int(num_transfer[j, i])).indices] = True
             x[:, block] = torch.where(transfer[:, block], x0, x[:, block])
+            if on_step is not None:  # e.g. a progress bar: long prompts take seconds a step
+                on_step()
     return x
 
 

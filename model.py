@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from masks import attention, attention_plan
-from rope import apply_rope, rope_tables
+from rope import apply_rope, rope_tables, scale_rope
 
 
 @dataclass
@@ -65,6 +65,19 @@ class LLaDAConfig:
     @property
     def position_scale(self) -> float:
         return (self.rope_scaling or {}).get("position_scale", 1.0)
+
+    def scaled_rope(self, method: str, target_len: int, train_len: int | None = None,
+                    d_crit: int | None = None) -> dict:
+        """rope.scale_rope for `target_len`, always from the pre-trained base and window: lambda
+        is defined against them, and a post-trained checkpoint records them in rope_scaling."""
+        saved = self.rope_scaling or {}
+        base = saved.get("original_rope_theta", self.rope_theta)
+        train_len = train_len or saved.get("train_len") or self.max_sequence_length
+        return scale_rope(method, target_len, train_len, self.head_dim, base, d_crit)
+
+    def set_rope(self, scaling: dict) -> None:
+        """Use a scale_rope result: the model builds its RoPE tables from these on every forward."""
+        self.rope_theta, self.rope_scaling = scaling["rope_theta"], scaling
 
     @classmethod
     def from_dict(cls, d: dict) -> "LLaDAConfig":

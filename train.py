@@ -38,7 +38,7 @@ from diffusion import diffusion_loss
 from masks import STRATEGIES, document_positions, isolates_documents
 from model import (PRESETS, LLaDA, from_pretrained, num_params, preset, read_config,
                    replace_dir, write_pretrained)
-from rope import METHODS, scale_rope
+from rope import METHODS
 
 
 @dataclass
@@ -225,12 +225,8 @@ def init_config(cfg: TrainConfig):
 
 def scale_model_rope(model: LLaDA, cfg: TrainConfig) -> dict:
     """Set the RoPE base (and positions scale) for --target-len, from the pre-trained base."""
-    c = model.config
-    before = c.rope_scaling or {}
-    base = before.get("original_rope_theta", c.rope_theta)
-    train_len = cfg.train_len or before.get("train_len", c.max_sequence_length)
-    s = scale_rope(cfg.rope, cfg.target_len or cfg.seq_len, train_len, c.head_dim, base, cfg.d_crit)
-    c.rope_theta, c.rope_scaling = s["rope_theta"], s
+    s = model.config.scaled_rope(cfg.rope, cfg.target_len or cfg.seq_len, cfg.train_len, cfg.d_crit)
+    model.config.set_rope(s)
     return s
 
 

@@ -1,0 +1,131 @@
+"""
+bench_eval.py: time and peak memory of one NIAH cell of evaluate.py, at 8K, 32K and 131072 tokens,
+with exact decoding and with the prompt cache, on the CPU.
+
+A cell is what `python evaluate.py --task niah` runs for one (length, depth, repeat): build the
+prompt (synthetic haystack, needle at 50%, question; --len cl100k tokens) and decode 32 tokens in
+one block with 16 steps. The model is the tiny preset with random weights (or --model DIR); the
+timings do not depend on the weights. Each case runs in a fresh subprocess so that its peak
+resident memory (VmHWM, reset by writing 5 to /proc/self/clear_refs) is its own.
+
+Exact decoding runs 16 full forwards; with the prompt cache the first forward is full and the
+other 15 run the 32 answer tokens against the cached keys. One exact forward of the tiny model at
+131072 tokens takes minutes on two cores, so the exact 131072 cell (about half an hour) only runs
+with --exact-131072; everything else takes about 10 minutes.
+
+    python bench/bench_eval.py [--lengths 8192 32768 131072] [--exact-131072] [--model DIR]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def memory_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak-RSS counter (Linux)
+        f.write("5")
+
+
+def run_case(length: int, mode: str, model_dir: str | None) -> dict:
+    """Runs in the child process: one NIAH cell, timed, with its peak memory."""
+    import torch
+    import evaluate
+    from data import tiktoken_tokenizer
+    from model import LLaDA, from_pretrained, preset
+
+    torch.manual_seed(0)
+    model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
+    counter = tiktoken_tokenizer()
+    counter.decode([0])  # builds decode's table of known ids once, outside the measurement
+    cfg = evaluate.EvalConfig(len=[length], depths=[50], prompt_cache=mode == "prefix")
+    with torch.no_grad():
+        model(torch.zeros(1, 64, dtype=torch.long))  # warm-up: threads, allocator
+    base = memory_mb("VmRSS")
+    reset_peak()
+    t = time.perf_counter()
+    cells, work, _ = evaluate.plan_niah(cfg, counter)
+    n = length - len(work["needle"]) - len(work["tail"])
+    window = evaluate.haystack_window(work["pool"], work["bounds"], n, 0)
+    ids, _ = evaluate.niah_prompt(window, evaluate.sentence_boundaries(window, counter),
+                                  work["needle"], work["tail"], 50)
+    build = time.perf_counter() - t
+    load = os.getloadavg()[0]
+    cell = evaluate.run_niah_cell(model, counter, counter, cfg, ids, torch.device("cpu"))
+    return {"build": build, "time": cell["seconds"], "peak_mb": memory_mb("VmHWM"),
+            "above_mb": memory_mb("VmHWM") - base, "tokens": cell["model_tokens"],
+            "load": max(load, os.getloadavg()[0]), "threads": torch.get_num_threads()}
+
+
+def measure(length: int, mode: str, model_dir: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(length), mode, model_dir or ""]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"error: the {length} {mode} case failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
+        length, mode, model_dir = int(sys.argv[2]), sys.argv[3], sys.argv[4] or None
+        print(json.dumps(run_case(length, mode, model_dir)))
+        return
+    p = argparse.ArgumentParser(description="Time and peak memory of one NIAH cell (evaluate.py), "
+                                            "exact and with the prompt cache, on the CPU.")
+    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072],
+                   help="context lengths in cl100k tokens (default 8192 32768 131072)")
+    p.add_argument("--exact-131072", action="store_true",
+                   help="also run the exact cell at lengths >= 131072 (about half an hour on 2 cores)")
+    p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
+    args = p.parse_args(argv)
+    if args.model and not os.path.isdir(args.model):
+        p.error(f"--model {args.model} is not a directory")
+
+    import torch
+    from evaluate import cell_flops, EvalConfig
+    from model import preset, read_config
+
+    config = read_config(args.model) if args.model else preset("tiny")
+    print(f"## One NIAH cell: {args.model or 'tiny preset, random weights'} ({config.n_layers} "
+          f"layers, d_model {config.d_model}, {config.n_heads} heads), float32 on the CPU "
+          f"({os.cpu_count()} cores, {torch.get_num_threads()} threads); 32 tokens, one block, "
+          f"16 steps, needle at 50%\n")
+    print("| length (cl100k) | decoding | prompt build (s) | cell time (s) | per step (s) "
+          "| estimate from the first row (s) | peak RSS (MB) | above the loaded model (MB) "
+          "| load average |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    first = None  # (seconds, FLOPs) of the first row: what evaluate.py's estimate scales from
+    for length in args.lengths:
+        for mode in ("exact", "prefix"):
+            if mode == "exact" and length >= 131072 and not args.exact_131072:
+                print(f"| {length:,} | exact | - | not run (pass --exact-131072; about 16 x the "
+                      f"time of one forward) | | | | | |", flush=True)
+                continue
+            r = measure(length, mode, args.model)
+            flops = cell_flops(config, EvalConfig(prompt_cache=mode == "prefix"), length)
+            first = first or (r["time"], flops)
+            estimate = first[0] / first[1] * flops
+            label = "exact" if mode == "exact" else "prompt cache"
+            print(f"| {length:,} | {label} | {r['build']:.1f} | {r['time']:.1f} | {r['time'] / 16:.2f} "
+                  f"| {estimate:.0f} | {r['peak_mb']:,.0f} | {r['above_mb']:,.0f} | {r['load']:.1f} |",
+                  flush=True)
+    print("\nper step: cell time / 16 (with the cache the first step is a full forward and the "
+          "others are cheap, so this is an average). The estimate column scales the first row by "
+          "FLOPs as evaluate.py does (linear layers ~ L, attention ~ L^2, the cache's suffix "
+          "passes ~ 32 x L). Load average above the core count means another process shared "
+          "the CPU and the times are inflated.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""Tests for evaluate.py: needle placement and exact lengths, scoring, resuming, the heatmap,
+RoPE overrides, a trained tiny model finding its needle, exact perplexity, and bad input.
+CPU only; models are built here and saved as checkpoints in temporary folders."""
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import data
+import evaluate
+from data import tiktoken_tokenizer
+from model import LLaDA, preset, read_config, save_pretrained
+from rope import scale_rope
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiktoken_tokenizer()
+
+
+def tiny_checkpoint(path, seed=0, **overrides):
+    """A random one-layer cl100k model, saved the way train.py saves tiny presets."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny", **{**dict(d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
+                                   n_layers=1), **overrides})
+    cfg.extra["tokenizer"] = "cl100k_base"
+    model = LLaDA(cfg)
+    save_pretrained(str(path), cfg, model.state_dict())
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")[0]
+
+
+def run(argv) -> int:
+    """evaluate.main in-process; the exit code (0 when it returns)."""
+    try:
+        evaluate.main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def cells(folder):
+    """Every result JSON of a results folder, by file name."""
+    found = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".json"):
+            with open(os.path.join(folder, name)) as f:
+                found[name] = json.load(f)
+    return found
+
+
+def fake_generate(answers, calls):
+    """Stands in for diffusion.generate: answers[i % len] as the decoded text of call i, and a
+    record of what each call was given (prompt, keyword arguments, the model's RoPE base)."""
+    counter = tiktoken_tokenizer()
+
+    def generate(model, prompt, **kw):
+        ids = counter.encode(answers[len(calls) % len(answers)])[:kw["gen_length"]]
+        ids += [counter.eos_id] * (kw["gen_length"] - len(ids))
+        calls.append(dict(prompt=prompt.clone(), rope_theta=model.config.rope_theta, **kw))
+        return torch.cat([prompt, torch.tensor([ids])], 1)
+    return generate
+
+
+# ---------------------------------------------------------------------------------------------
+# Needle placement
+
+def is_sentence_end(tok, ids, j):
+    """What the prompt builder promises at a boundary j: '.', '!' or '?' before, a space after."""
+    return tok.decode([ids[j - 1]]).rstrip("\"')]")[-1:] in ".!?" and tok.decode([ids[j]])[:1].isspace()
+
+
+def check_prompt(tok, cfg, L, depth, window, ids, p):
+    needle, tail = evaluate.niah_pieces(cfg, tok)
+    n = len(window)
+    assert len(ids) == L == n + len(needle) + len(tail)  # --len counts the whole prompt
+    assert ids[p:p + len(needle)] == needle and ids[-len(tail):] == tail
+    assert ids[:p] == window[:p].tolist() and ids[p + len(needle):-len(tail)] == window[p:].tolist()
+    # the haystack ends at a sentence end, so at 100% the needle is the last sentence
+    assert tok.decode([int(window[-1])]).rstrip("\"')]")[-1] in ".!?"
+    target = n * depth // 100
+    first = 0 if tok.decode([int(window[0])])[:1].isspace() else \
+        next(j for j in range(1, n) if is_sentence_end(tok, window, j))
+    assert p <= max(target, first)
+    if 0 < p < n:
+        assert is_sentence_end(tok, window, p)
+    # ... and it is the last boundary at or before the depth
+    assert not any(is_sentence_end(tok, window, j) for j in range(p + 1, min(target, n - 1) + 1))
+    text = tok.decode(ids)
+    assert len(tok.encode(text)) == L  # the text itself is L cl100k tokens, not just the ids
+    assert text.count(cfg.needle) == 1 and text.endswith(cfg.separator + cfg.question)
+
+
+@pytest.mark.parametrize("L", [200, 1000, 4096])
+def test_needle_sits_at_each_depth_and_the_prompt_has_exactly_len_tokens(tok, L):
+    cfg = evaluate.EvalConfig(len=[L])
+    needle, tail = evaluate.niah_pieces(cfg, tok)
+    n = L - len(needle) - len(tail)
+    pool, _ = evaluate.haystack_pool(cfg, tok, n)
+    window = evaluate.haystack_window(pool, evaluate.sentence_boundaries(pool, tok), n, 0)
+    bounds = evaluate.sentence_boundaries(window, tok)
+    positions = []
+    for depth in range(0, 101, 10):
+        ids, p = evaluate.niah_prompt(window, bounds, needle, tail, depth)
+        check_prompt(tok, cfg, L, depth, window, ids, p)
+        positions.append(p)
+    assert positions[0] < 20 and positions[-1] == n  # first and last sentence of the haystack
+    assert positions == sorted(positions) and len(set(positions)) == 11
+    # filler sentences are at most ~15 tokens: the needle is never far from its depth
+    assert all(abs(n * d // 100 - p) < 20 for d, p in zip(range(0, 101, 10), positions))
+
+
+def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    rng = random.Random(0)
+    for i in range(3):  # sentences ending in . ! ? and closing quotes, as in real books
+        sents = [data.filler_sentence(rng)[:-1] + rng.choice([".", "!", "?", '."', "?'"])
+                 for _ in range(80)]  # about 700 tokens each: all three are needed
+        (books / f"book{i}.txt").write_text(" ".join(sents))
+    cfg = evaluate.EvalConfig(len=[600], haystack=str(books), repeats=3, needle="Zara keeps a red kite.",
+                              question="What does Zara keep?", keyword="red kite", separator="\n\n")
+    needle, tail = evaluate.niah_pieces(cfg, tok)
+    n = 600 - len(needle) - len(tail)
+    pool, name = evaluate.haystack_pool(cfg, tok, n)
+    texts = [(books / f"book{i}.txt").read_text() for i in range(3)]
+    assert name == str(books) and pool.tolist() == sum((tok.encode(t + "\n\n") for t in texts), [])
+    bounds = evaluate.sentence_boundaries(pool, tok)
+    windows = []
+    for r in range(3):
+        window = evaluate.haystack_window(pool, bounds, n, r)
+        wb = evaluate.sentence_boundaries(window, tok)
+        windows.append(tok.decode(window.tolist()))
+        for depth in (0, 30, 70, 100):
+            ids, p = evaluate.niah_prompt(window, wb, needle, tail, depth)
+            assert len(ids) == 600 and ids[p:p + len(needle)] == needle
+            assert p == 0 or p == n or is_sentence_end(tok, window, p)
+            text = tok.decode(ids)
+            assert text.count(cfg.needle) == 1 and text.endswith("\n\n" + cfg.question)
+    assert len(set(windows)) == 3
+    assert 0 <= texts[0].find(windows[0]) < 100  # repeat 0 reads from the first sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+def test_levenshtein():
+    assert evaluate.levenshtein("kitten", "sitting") == 3
+    assert evaluate.levenshtein("sitting", "kitten") == 3
+    assert evaluate.levenshtein("", "abc") == 3 and evaluate.levenshtein("abc", "abc") == 0
+
+
+def test_score_is_100_with_the_keyword_else_a_fifth_of_the_edit_similarity():
+    needle = "The secret code of Mira Holt is 417."
+    assert evaluate.niah_score(" 417. The farmer", needle, "417") == 100
+    assert evaluate.niah_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
+    stripped = "ThesecretcodeofMiraHoltis417."
+    # one substitution; whitespace does not count
+    assert evaluate.niah_score("The secret code of  Mira Holt is 418.", needle, "417") == \
+        pytest.approx(0.2 * 100 * (1 - 1 / len(stripped)))
+    # one deletion and nothing else: distance 1 over the longer string (the needle)
+    assert evaluate.niah_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
+        pytest.approx(20 * (1 - 1 / 29))
+    assert evaluate.niah_score("", needle, "417") == 0
+    # a long wrong answer: distance = its length minus the shared prefix, over its length
+    answer = "The" + "x" * 97
+    assert evaluate.niah_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming, the heatmap, RoPE overrides
+
+def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "res")
+    argv = ["--model", ckpt, "--len", "200", "300", "--depths", "0", "100", "--results", out]
+    calls = []
+    generate = fake_generate([" 417."], calls)
+
+    def interrupted(*a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*a, **kw)
+    monkeypatch.setattr(evaluate, "generate", interrupted)
+    assert run(argv) == 130  # stopped during the third cell
+    first = cells(out)
+    assert len(first) == 2 and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in first}
+    assert "4 cells to run (0 already done)" in capsys.readouterr().out
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    assert run(argv) == 0
+    assert len(calls) == 2 + 2  # only the two missing cells ran
+    assert len(cells(out)) == 4
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in first} == stamps
+    printed = capsys.readouterr().out
+    assert "2 cells to run (2 already done)" in printed and "estimate is" in printed
+
+    assert run(argv) == 0 and len(calls) == 4
+    assert "all 4 cells are done" in capsys.readouterr().out
+    assert run(argv + ["--overwrite"]) == 0 and len(calls) == 8
+    capsys.readouterr()
+
+    # different settings in the same folder are refused, naming the difference
+    assert run(argv + ["--steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "steps 16 there, 8 here" in err and "\n" not in err
+
+
+def test_heatmap_and_table_are_made_from_every_cell(ckpt, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "res")
+    # repeat 0 finds the keyword, repeat 1 answers nonsense: every cell averages the two
+    calls = []
+    # (cells run length by length, repeat by repeat, depth by depth)
+    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417.", " 417.", "", ""], calls))
+    assert run(["--model", ckpt, "--len", "200", "--depths", "0", "50", "--repeats", "2",
+                "--results", out]) == 0
+    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417."], calls))
+    assert run(["--model", ckpt, "--len", "1024", "--depths", "0", "50", "--results", out]) == 0
+    png = os.path.join(out, "heatmap_rope-ckpt.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 5000
+    table = (tmp_path / "res" / "table_rope-ckpt.md").read_text()
+    assert "| depth \\ length | 200 | 1K |" in table
+    assert "| 0% | 50.0 | 100.0 |" in table and "| 50% | 50.0 | 100.0 |" in table
+    assert "| **average** | **50.0** | **100.0** |" in table
+    assert "| 0% | 50.0 | 100.0 |" in capsys.readouterr().out  # and the summary shows it
+
+
+def test_rope_override_is_applied_per_length_and_the_cache_is_opt_in(ckpt, tmp_path, monkeypatch):
+    out = str(tmp_path / "res")
+    calls = []
+    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417."], calls))
+    assert run(["--model", ckpt, "--len", "200", "2048", "--depths", "50", "--rope", "diffusion",
+                "--train-len", "128", "--prompt-cache", "--results", out]) == 0
+    base = read_config(ckpt).rope_theta
+    found = cells(out)
+    assert sorted(found) == ["niah_len200_depth050_rep0_rope-diffusion-train128.json",
+                             "niah_len2048_depth050_rep0_rope-diffusion-train128.json"]
+    for call in calls:
+        L = call["prompt"].shape[1]
+        want = scale_rope("diffusion", L, 128, 16, base)
+        assert call["rope_theta"] == pytest.approx(want["rope_theta"])  # what the model ran with
+        assert call["cache"] == "prefix" and call["steps"] == 16 and call["gen_length"] == 32
+        cell = found[f"niah_len{L}_depth050_rep0_rope-diffusion-train128.json"]
+        assert cell["rope_scaling"]["lambda"] == pytest.approx(want["lambda"])
+        assert cell["settings"]["prompt_cache"] == "prefix" and cell["score"] == 100
+    assert calls[1]["rope_theta"] > 10 * calls[0]["rope_theta"]  # lambda grows with the length
+    # without --rope the checkpoint's base is used as saved, and decoding is exact
+    calls.clear()
+    assert run(["--model", ckpt, "--len", "200", "--depths", "50", "--results", str(tmp_path / "b")]) == 0
+    assert calls[0]["rope_theta"] == base and calls[0]["cache"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny model trained on the needle finds it. It gets a word-level tokenizer.json (the path
+# LLaDA-8B's tokenizer takes: the cl100k prompt's text re-encoded by the model's own tokenizer):
+# with cl100k's 100K-row head each step costs ~50x more and the model does not learn in time.
+
+NEEDLE, QUESTION = "The secret code of Mira Holt is 417.", "What is the secret code of Mira Holt? It is"
+
+
+def word_checkpoint(path):
+    words = sorted({w for ws in data.WORDS.values() for w in ws} | set(
+        "The In A Nobody the was saw that What is secret code of Mira Holt It".split()))
+    vocab = {w: i for i, w in enumerate(["[UNK]", ".", "?", "417", "582"] + words)}
+    eos, mask = len(vocab), len(vocab) + 1
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    os.makedirs(path)
+    hf.save(os.path.join(path, "tok.json"))
+    cfg = preset("tiny", d_model=64, n_heads=2, n_kv_heads=2, mlp_hidden_size=128,
+                 vocab_size=len(vocab) + 2, embedding_size=len(vocab) + 2, eos_token_id=eos,
+                 pad_token_id=eos, mask_token_id=mask)
+    return cfg, hf, os.path.join(path, "tok.json")
+
+
+def train_on_the_needle(cfg, hf, steps=200, batch=8, gen=32, seed=0):
+    """Answer-only masked-diffusion training (LLaDA's SFT loss) on haystack + needle + question
+    -> "417" and EOS padding; haystacks of 64 to 448 tokens, the needle at any sentence end."""
+    enc = lambda text: hf.encode(text, add_special_tokens=False).ids
+    needle, question, dot = enc(NEEDLE), enc(QUESTION), hf.token_to_id(".")
+    answer = enc("417") + [cfg.eos_token_id] * (gen - 1)
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = LLaDA(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        n, rows = rng.choice([64, 128, 256, 448]), []
+        for _ in range(batch):
+            hay = []
+            while len(hay) < n:
+                hay += enc(data.filler_sentence(rng))
+            hay = hay[len(hay) - n:]  # ends at a sentence end, starts anywhere (as evaluate does)
+            cut = rng.choice([0] + [i + 1 for i, t in enumerate(hay) if t == dot])
+            rows.append(hay[:cut] + needle + hay[cut:] + question + answer)
+        x = torch.tensor(rows)  # (B, L)
+        p = torch.rand(batch, 1, generator=g) * 0.999 + 0.001
+        masked = torch.zeros_like(x, dtype=torch.bool)
+        masked[:, -gen:] = torch.rand(batch, gen, generator=g) < p
+        hidden = model(torch.where(masked, cfg.mask_token_id, x))
+        ce = F.cross_entropy(model.head(hidden[masked]), x[masked], reduction="none")
+        loss = (ce / p.expand_as(masked)[masked]).sum() / (batch * gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_a_model_trained_on_the_needle_finds_it_at_every_depth_and_length(tmp_path, capsys):
+    cfg, hf, tok_file = word_checkpoint(str(tmp_path / "tok"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops: one thread is as fast, and steady when cores are shared
+    try:
+        model = train_on_the_needle(cfg, hf)
+        ckpt = str(tmp_path / "trained")
+        save_pretrained(ckpt, cfg, model.state_dict(), extra_files={"tokenizer.json": tok_file})
+        out = str(tmp_path / "res")
+        depths = ["0", "25", "50", "75", "100"]
+        assert run(["--model", ckpt, "--len", "256", "512", "--depths", *depths, "--results", out]) == 0
+        found = cells(out)
+        assert len(found) == 10
+        assert all(c["score"] == 100 and c["answer"].strip() == "417" for c in found.values())
+        assert {c["needle_position"] for c in found.values() if c["depth"] == 100} != {0}
+        # Control: with another code in the needle the same model still says 417 (it learned
+        # the answer, not to copy), so the keyword is missing and the score falls below 20,
+        # the edit-similarity fifth. The 100s above are earned by the answer, not the scorer.
+        other = str(tmp_path / "other")
+        assert run(["--model", ckpt, "--len", "256", "--depths", "0", "100", "--results", other,
+                    "--needle", NEEDLE.replace("417", "582"), "--keyword", "582"]) == 0
+        assert all(c["score"] < 20 and c["answer"].strip() == "417" for c in cells(other).values())
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+
+def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
+    """With attn_out and the blocks' ff_out at zero every block is the identity, so the hidden
+    state of a masked position is ln_f(wte[MASK]) whatever the context: the model predicts one
+    fixed distribution q. A document whose 64-token chunks each repeat one token then has the
+    exact per-chunk NLL -log q[token] for every Monte Carlo draw, and the exact perplexity."""
+    path, model = tiny_checkpoint(tmp_path / "const", seed=1, init_std=0.5)
+    sd = model.state_dict()
+    for name in sd:
+        if name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
+            sd[name] = torch.zeros_like(sd[name])
+    save_pretrained(path, model.config, sd)
+    model.load_state_dict(sd)
+    mask = model.config.mask_token_id
+    with torch.no_grad():
+        q = torch.softmax(model.head(model.transformer.ln_f(model.transformer.wte.weight[mask])).double(), 0)
+    words = [" apple", " river", " stone", " cloud"]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "long.txt").write_text("".join(w * 64 for w in words))  # 4 chunks of 64
+    (docs / "short.txt").write_text(" lamp" * 64)  # too short for --len 256
+    ids = [tok.encode(w)[0] for w in words]
+    assert tok.encode("".join(w * 64 for w in words)) == [i for i in ids for _ in range(64)]
+    out = str(tmp_path / "res")
+    assert run(["--task", "ppl", "--model", path, "--len", "256", "--data", str(docs),
+                "--cache-dir", str(tmp_path / "cache"), "--results", out]) == 0
+    cell = cells(out)["ppl_len256_doc0_rope-ckpt.json"]
+    exact = [-math.log(q[i]) for i in ids]
+    assert cell["chunk_nll"] == pytest.approx(exact, rel=1e-4)
+    assert cell["perplexity"] == pytest.approx(math.exp(sum(exact) / 4), rel=1e-4)
+    assert cell["cumulative_perplexity"][1] == pytest.approx(math.exp(sum(exact[:2]) / 2), rel=1e-4)
+    assert len(set(np.round(exact, 3))) == 4  # q is far from uniform: a wrong chunk would show
+    with open(os.path.join(out, "ppl_vs_position.png"), "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    assert f"| 256 | ckpt | 1 | {cell['perplexity']:.3f} |" in (tmp_path / "res" / "table_ppl.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit code 2, no results folder.
+
+@pytest.fixture(scope="module")
+def no_tokenizer_ckpt(tmp_path_factory):
+    # special ids that are not cl100k's reserved ones, no tokenizer.json, no marker
+    path, _ = tiny_checkpoint(tmp_path_factory.mktemp("bare") / "m", vocab_size=300,
+                              embedding_size=320, eos_token_id=298, pad_token_id=298,
+                              mask_token_id=299)
+    config = os.path.join(path, "config.json")
+    with open(config) as f:
+        cfg = json.load(f)
+    cfg.pop("tokenizer")
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_haystack(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hay")
+    (d / "essay.txt").write_text("The farmer walked near the hill. " * 40)  # about 280 tokens
+    return str(d)
+
+
+BAD = [
+    (["--len", "4096"], "no checkpoint in out/checkpoint; run train.py first, or pass --model DIR"),
+    (["--model", "{ckpt}", "--len", "300", "--depths", "0", "110"], "--depths must lie in 0..100"),
+    (["--model", "{ckpt}", "--len", "300", "--depths", "-10"], "--depths must lie in 0..100"),
+    (["--model", "{ckpt}", "--len", "300", "--haystack", "{tmp}/nowhere"], "is not a folder"),
+    (["--model", "{ckpt}", "--len", "131072", "--haystack", "{hay}"],
+     "holds only"),
+    (["--model", "{ckpt}", "--len", "20"], "cannot hold the needle"),
+    (["--model", "{bare}", "--len", "300"], "has no tokenizer"),
+    (["--model", "{ckpt}", "--len", "300", "--keyword", "418"], "does not occur in --needle"),
+    (["--model", "{ckpt}", "--len", "300", "--train-len", "128"], "only apply with --rope"),
+    (["--model", "{ckpt}", "--len", "300", "--steps", "0"], "--steps must be positive"),
+    (["--model", "{ckpt}"], "the following arguments are required: --len"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "100"], "not a multiple of --chunk-size 64"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--cache-dir",
+      "{tmp}/cache"], "has 1024 tokens (the longest has"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, ckpt, no_tokenizer_ckpt,
+                                                   small_haystack, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # so that the default out/checkpoint and results/ are here
+    fill = dict(ckpt=ckpt, bare=no_tokenizer_ckpt, hay=small_haystack, tmp=str(tmp_path))
+    out = str(tmp_path / "res")
+    argv = [a.format(**fill) for a in argv]
+    assert run(argv + (["--results", out] if "--model" in argv else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not os.path.exists(out) and not os.path.exists(tmp_path / "results")

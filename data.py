@@ -206,6 +206,7 @@ class SyntheticConfig:
     long_fraction: float = 0.15  # documents of 150-900 sentences, about 1.4K-8K tokens
     short_sentences: tuple = (3, 60)  # the others, about 50-550 tokens (lengths log-uniform)
     long_sentences: tuple = (150, 900)
+    codes: tuple = (100, 999)  # secret codes are drawn from this range; a narrower one is easier to copy
 
 
 def filler_sentence(rng: random.Random) -> str:
@@ -224,7 +225,7 @@ def synthetic_document(config: SyntheticConfig, index: int) -> str:
     names = rng.sample(NAMES, n_facts)
     inserts = []
     for name in names:
-        code = rng.randint(100, 999)  # three digits: one cl100k token to retrieve
+        code = rng.randint(*config.codes)  # three digits: one cl100k token to retrieve
         inserts.append((rng.randint(0, n // 4), FACT.format(name=name, code=code)))  # first quarter
         inserts.append((rng.randint(n - n // 4, n), QUESTION.format(name=name, code=code)))  # last
     for pos, sentence in sorted(inserts, key=lambda x: -x[0]):  # back to front keeps positions valid
@@ -543,7 +544,11 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     pool, lengths, skipped, n_skipped, line_base = None, [], [], 0, 0
     try:
         if workers > 1:
-            pool = multiprocessing.Pool(workers, init_worker, (tokenizer.source,))
+            # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
+            # thread pools, tqdm's monitor) and can hang forever, e.g. when training is started
+            # from a process that already ran the model
+            pool = multiprocessing.get_context("spawn").Pool(workers, init_worker,
+                                                             (tokenizer.source,))
         # imap keeps the task order, so the cache is the same for any number of workers
         results = pool.imap(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:

@@ -21,18 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory import memory_mb, reset_peak  # noqa: E402
 
-
-def memory_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets the peak-RSS counter (Linux)
-        f.write("5")
 
 
 def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:

@@ -101,9 +101,12 @@ def dense_reference(q, k, v, doc_lens):
     return torch.stack(outs)
 
 
-def test_bucketed_attention_equals_dense_masked_attention_with_gradients():
+@pytest.mark.parametrize("doc_lens", [
+    [[7, 1, 30, 9, 9, 8, 1, 1], [66], [12, 20, 14, 20]],  # many bucket shapes
+    [[22, 22, 22], [22, 22, 22], [22, 22, 22]],  # equal documents: the reshape path
+])
+def test_bucketed_attention_equals_dense_masked_attention_with_gradients(doc_lens):
     g = torch.Generator().manual_seed(0)
-    doc_lens = [[7, 1, 30, 9, 9, 8, 1, 1], [66], [12, 20, 14, 20]]  # many bucket shapes
     B, L, H, D = 3, 66, 2, 16
     qkv = [torch.randn(B, L, H, D, generator=g, requires_grad=True) for _ in range(3)]
     plan = attention_plan(doc_lens, B, L, torch.device("cpu"))

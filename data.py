@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -545,12 +546,13 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     try:
         if workers > 1:
             # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
-            # thread pools, tqdm's monitor) and can hang forever, e.g. when training is started
-            # from a process that already ran the model
-            pool = multiprocessing.get_context("spawn").Pool(workers, init_worker,
-                                                             (tokenizer.source,))
-        # imap keeps the task order, so the cache is the same for any number of workers
-        results = pool.imap(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
+            # thread pools, tqdm's monitor) and can hang, e.g. when training is started from a
+            # process that already ran the model. An executor, not multiprocessing.Pool: if a
+            # worker dies (out of memory), Pool waits forever, an executor raises.
+            pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                       init_worker, (tokenizer.source,))
+        # map keeps the task order, so the cache is the same for any number of workers
+        results = pool.map(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
             for task, result in zip(tasks, results):
                 result.tokens.tofile(out)
@@ -584,7 +586,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(cancel_futures=True)
         bar.close()
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)

@@ -34,18 +34,23 @@ RESULTS = os.path.join(ROOT, "experiments", "results")  # tables and plots (comm
 WINDOW = 512  # the pre-training context of the base model
 SEED = 0
 BASE_STEPS = 1000
+SFT_STEPS = 2500
+# Secret codes of the fine-tuning prompts and of the needle. A 2-layer model copies one of 64
+# codes after ~2,000 steps; with all 900 three-digit codes it had learned nothing after 1,500.
+CODES = (100, 163)
 # Evaluation settings shared by the experiments, lighter than the paper's protocol so that each
 # script fits in about 30 minutes: the answer (a 3-digit code) is 1 token, so 8 tokens decoded
 # in 8 steps suffice; perplexity uses 1 document and 4 draws per 64-token chunk.
 DEPTHS = ["0", "25", "50", "75", "100"]
 REPEATS = 2
-NIAH_FLAGS = ["--task", "niah", "--depths", *DEPTHS, "--repeats", str(REPEATS),
+NIAH_FLAGS = ["--task", "niah", "--needle", "The secret code of Mira Holt is 142.", "--keyword", "142",
+              "--depths", *DEPTHS, "--repeats", str(REPEATS),
               "--gen-length", "8", "--block-length", "8", "--steps", "8"]
 PPL_FLAGS = ["--task", "ppl", "--docs", "1", "--draws", "4"]
 PROTOCOL = (f"NIAH: {len(DEPTHS)} depths x {REPEATS} repeats, 8 answer tokens in 8 steps; "
             f"perplexity: 1 held-out synthetic document, 64-token chunks, 4 draws each")
 
-NEEDLE = FACT.format(name="Mira Holt", code=417)
+NEEDLE = FACT.format(name="Mira Holt", code=142)
 QUESTION_PROMPT = QUESTION.format(name="Mira Holt", code=417).rsplit(" ", 1)[0]  # "... It is"
 
 
@@ -100,78 +105,121 @@ def train(out: str, *args: str) -> float:
     return run("train.py", "--out", out, *args, *resume)
 
 
-def base_model() -> tuple[str, float]:
-    """The base model: pre-trained with the masked-diffusion loss at a 512-token window on the
-    built-in synthetic corpus, until it retrieves facts within its window."""
+def base_model() -> tuple[str, dict]:
+    """The base model every experiment starts from: pre-trained with the masked-diffusion loss
+    at a 512-token window on the built-in synthetic corpus, then fine-tuned to answer questions
+    about a fact inside that window (retrieval_finetune). Returns its checkpoint and a dict of
+    how it was made (for the README)."""
     out = os.path.join(RUNS, "base")
     init = initial_checkpoint(os.path.join(RUNS, "init"))
-    seconds = train(out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
-                    "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
-                    "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
-                    "--log-every", "100", "--seed", str(SEED),
-                    "--cache-dir", os.path.join(RUNS, "cache"))
-    return os.path.join(out, "checkpoint"), seconds
+    train(out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
+          "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
+          "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
+          "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"))
+    with open(os.path.join(out, "log.jsonl")) as f:
+        pretrain_seconds = [json.loads(line) for line in f][-1]["elapsed_s"]
+    sft = os.path.join(RUNS, "retrieval")
+    sft_seconds, accuracy = retrieval_finetune(os.path.join(out, "checkpoint"), sft)
+    info = {"pretrain_s": pretrain_seconds, "sft_s": sft_seconds, "accuracy": accuracy,
+            "lm": os.path.join(out, "checkpoint")}
+    info["text"] = (
+        f"Base model: tiny LLaDA (2 layers, d_model 128, word-level vocabulary), seed {SEED}. "
+        f"Pre-trained with the masked-diffusion loss for {BASE_STEPS} steps x 8 sequences of "
+        f"{WINDOW} tokens on the built-in synthetic corpus ({minutes(pretrain_seconds)}), then "
+        f"fine-tuned {SFT_STEPS} steps x 16 prompts to answer a question about a fact stated in "
+        f"a haystack inside the window, codes {CODES[0]}-{CODES[1]} "
+        f"({minutes(sft_seconds)}); it then answers {accuracy:.0%} of 64 held-out prompts "
+        f"(chance: {1 / (CODES[1] - CODES[0] + 1):.1%}). Why the fine-tuning: after pre-training "
+        f"alone the model never retrieved a needle, and a 2-layer model learns to copy one of "
+        f"900 codes far more slowly than one of 64. The fine-tuning trains answers only and "
+        f"wrecks language modelling (perplexity above 10^11 inside the window), so perplexity "
+        f"is measured on the pre-trained model and NIAH on the fine-tuned one.")
+    return sft, info
 
 
-def retrieval_batch(tok, rng: random.Random, batch: int, gen: int) -> tuple[torch.Tensor, int]:
+def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes=(100, 999),
+                    longest: int = WINDOW - 48) -> tuple[torch.Tensor, int]:
     """Needle-in-a-haystack prompts inside the window: filler, a fact at a random sentence
     boundary, more filler, the question; the answer (code, ".", EOS padding) is `gen` tokens."""
-    n = rng.randint(16, WINDOW - 48)  # haystack tokens: one length per batch, rows stay equal
+    n = rng.randint(16, longest)  # haystack tokens: one length per batch, rows stay equal
     rows = []
     for _ in range(batch):
-        name, code = rng.choice(NAMES), rng.randint(100, 999)
-        hay = []
+        name, code = rng.choice(NAMES), rng.randint(*codes)
+        hay, ends = [], []
         while len(hay) < n:
-            hay.append(tok.encode(filler_sentence(rng)))
-        cut = rng.randint(0, len(hay))
-        text = [t for s in hay[:cut] for t in s] + tok.encode(FACT.format(name=name, code=code)) + \
-            [t for s in hay[cut:] for t in s]
+            hay += tok.encode(filler_sentence(rng))
+            ends.append(len(hay))
+        extra = len(hay) - n  # drop the surplus from the front, keep the sentence ends
+        hay, ends = hay[extra:], [0] + [e - extra for e in ends if e - extra > 0]
+        cut = rng.choice(ends)
+        text = hay[:cut] + tok.encode(FACT.format(name=name, code=code)) + hay[cut:]
         question = tok.encode(QUESTION.format(name=name, code=code).rsplit(" ", 1)[0])
         answer = (tok.encode(f"{code}.") + [tok.eos_id] * gen)[:gen]
-        rows.append(text[len(text) - n - 8:] + question + answer)  # same length for every row
+        rows.append(text + question + answer)
+    width = min(map(len, rows))  # names of other lengths (other tokenizers): trim the front
+    rows = [r[len(r) - width:] for r in rows]
     return torch.tensor(rows), gen  # (B, L)
 
 
-def retrieval_finetune(src: str, dst: str, steps: int, batch: int = 16, gen: int = 8,
-                       lr: float = 1e-3) -> float:
-    """LLaDA's SFT loss (only the answer is noised; CE / p over its masked tokens) on retrieval
-    prompts inside the window, so the base model answers questions about a fact it was told."""
-    if os.path.isfile(os.path.join(dst, "config.json")):
-        return 0.0
+def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 16, gen: int = 8,
+                       lr: float = 1e-3) -> tuple[float, float]:
+    """Supervised fine-tuning on retrieval prompts inside the window, so that the base model
+    answers a question about a fact it was told. The loss is LLaDA's SFT loss at t = 1: the
+    prompt stays visible, every answer token is masked (what the sampler's first step sees),
+    cross-entropy over the answer. Haystacks grow from 16 tokens to the full window over the
+    first 60% of the steps. Returns (seconds, retrieval accuracy on 64 held-out prompts)."""
+    done = os.path.join(dst, "finetune.json")
+    if os.path.isfile(done):
+        with open(done) as f:
+            info = json.load(f)
+        return info["seconds"], info["accuracy"]
     t = time.perf_counter()
     torch.manual_seed(SEED)
     model, tok = from_pretrained(src), load_tokenizer(src)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    rng, g = random.Random(SEED), torch.Generator().manual_seed(SEED)
+    mask = model.config.mask_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng, longest = random.Random(SEED), WINDOW - 48
+
+    def answer_logits(x):
+        return model.head(model(torch.cat([x[:, :-gen], torch.full_like(x[:, -gen:], mask)], 1))[:, -gen:])
+
     for step in range(steps):
-        x, gen = retrieval_batch(tok, rng, batch, gen)
-        noisy_answer, masked_answer, p = forward_process(x[:, -gen:], model.config.mask_token_id, g)
-        noisy = torch.cat([x[:, :-gen], noisy_answer], 1)
-        masked = torch.cat([torch.zeros_like(x[:, :-gen], dtype=torch.bool), masked_answer], 1)
-        hidden = model(noisy)[masked]  # (N, d)
-        ce = F.cross_entropy(model.head(hidden), x[masked], reduction="none")
-        loss = (ce / p[:, None].expand_as(masked)[masked]).sum() / (batch * gen)
+        grow = min(1.0, step / (0.6 * steps))
+        x, _ = retrieval_batch(tok, rng, batch, gen, CODES, int(16 + (longest - 16) * grow))
+        loss = F.cross_entropy(answer_logits(x).flatten(0, 1).float(), x[:, -gen:].flatten())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 100 == 0:
+        if (step + 1) % 250 == 0:
             log(f"retrieval fine-tuning step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    test_rng, right = random.Random(SEED + 1), 0
+    with torch.no_grad():
+        for _ in range(4):
+            x, _ = retrieval_batch(tok, test_rng, 16, gen, CODES, longest)
+            right += (answer_logits(x)[:, 0].argmax(-1) == x[:, -gen]).sum().item()
+    seconds, accuracy = time.perf_counter() - t, right / 64
+    log(f"retrieval fine-tuning done: {accuracy:.0%} of 64 held-out prompts answered ({minutes(seconds)})")
     save_pretrained(dst, model.config, model.state_dict(),
                     extra_files={"tokenizer.json": os.path.join(src, "tokenizer.json")})
-    return time.perf_counter() - t
+    with open(done, "w") as f:
+        json.dump({"seconds": seconds, "accuracy": accuracy, "steps": steps, "lr": lr,
+                   "batch": batch, "codes": CODES}, f)
+    return seconds, accuracy
 
 
 def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:
-    """evaluate.py into `results` (finished cells are kept); returns every cell's JSON."""
-    seconds = run("evaluate.py", "--model", model, "--results", results,
-                  "--cache-dir", os.path.join(RUNS, "cache"), *args)
+    """evaluate.py into `results` (finished cells are kept); returns every cell's JSON and the
+    seconds the cells took, summed from their JSONs (so a rerun that reuses them reports them)."""
+    run("evaluate.py", "--model", model, "--results", results,
+        "--cache-dir", os.path.join(RUNS, "cache"), *args)
     cells = []
     for name in sorted(os.listdir(results)):
         if name.endswith(".json"):
             with open(os.path.join(results, name)) as f:
                 cells.append(json.load(f))
-    return cells, seconds
+    return cells, sum(c["seconds"] for c in cells)
 
 
 def write_section(name: str, markdown: str) -> None:

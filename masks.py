@@ -24,7 +24,6 @@ This file imports no other project file: a student can copy it alone.
 Run `python masks.py --plot` to draw the three strategies.
 """
 import argparse
-import math
 from dataclasses import dataclass
 
 import numpy as np

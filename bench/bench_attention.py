@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import memory_mb, reset_peak  # noqa: E402
 
 
-
 def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
     """Runs in the child process: time the case, report time and peak memory above baseline."""
     import torch

@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import memory_mb, reset_peak  # noqa: E402
 
 
-
 def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> dict:
     """Runs in the child process: one forward+backward of the masked loss through the head."""
     import torch
@@ -142,7 +141,8 @@ def main(argv=None):
         print(json.dumps(loss_case(method, tokens, vocab, d, chunk)))
         return
     p = argparse.ArgumentParser(description="Chunked-loss memory and sampler speed (diffusion.py).")
-    p.add_argument("--parts", nargs="+", default=["loss", "sampler"], choices=["loss", "sampler"])
+    p.add_argument("--parts", nargs="+", default=["loss", "sampler"], choices=["loss", "sampler"],
+                   help="which measurements to run (default both)")
     p.add_argument("--tokens", type=int, default=65536, help="masked tokens of the loss case")
     p.add_argument("--vocab", type=int, default=126464, help="vocabulary of the loss case")
     p.add_argument("--d", type=int, default=64, help="hidden size of the loss case")
@@ -153,10 +153,11 @@ def main(argv=None):
                    help="lengths at which the chunked loss is measured")
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768],
                    help="prompt lengths of the sampler (131072 is slow on a CPU)")
-    p.add_argument("--gen-length", type=int, default=32)
-    p.add_argument("--block-length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--gen-length", type=int, default=32, help="tokens the sampler generates (default 32)")
+    p.add_argument("--block-length", type=int, default=32, help="tokens per decoding block (default 32)")
+    p.add_argument("--steps", type=int, default=8, help="decoding steps; at 131072 use 2 (default 8)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the sampler's model (default float32)")
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
     p.add_argument("--init-std", type=float, default=0.02,
                    help="std of the random tiny weights; larger makes tokens depend more on context")

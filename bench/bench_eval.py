@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from memory import memory_mb, reset_peak  # noqa: E402
 
 
-
 def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
     import torch

@@ -26,7 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from data import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence, filler_text,  # noqa: E402
                   load_tokenizer, synthetic_texts, tiktoken_tokenizer)
-from diffusion import forward_process  # noqa: E402
 from model import LLaDA, from_pretrained, preset, save_pretrained  # noqa: E402
 
 RUNS = os.path.join(ROOT, "experiments", "runs")  # checkpoints and raw results (git-ignored)
@@ -92,17 +91,18 @@ def initial_checkpoint(path: str) -> str:
     return path
 
 
-def run(script: str, *args: str) -> float:
-    """Run one of the project's scripts as a user would; returns its wall time in seconds."""
-    t = time.perf_counter()
+def run(script: str, *args: str) -> None:
+    """Run one of the project's scripts as a user would."""
     subprocess.run([sys.executable, script, *args], cwd=ROOT, check=True)
-    return time.perf_counter() - t
 
 
-def train(out: str, *args: str) -> float:
-    """train.py into `out`, resuming an interrupted attempt (a finished one returns at once)."""
+def train(out: str, *args: str) -> list[dict]:
+    """train.py into `out`, resuming an interrupted attempt (a finished one returns at once);
+    returns its log.jsonl records, whose elapsed_s counts a resumed run's earlier time too."""
     resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint", "train_state.json")) else []
-    return run("train.py", "--out", out, *args, *resume)
+    run("train.py", "--out", out, *args, *resume)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def base_model() -> tuple[str, dict]:
@@ -112,12 +112,12 @@ def base_model() -> tuple[str, dict]:
     how it was made (for the README)."""
     out = os.path.join(RUNS, "base")
     init = initial_checkpoint(os.path.join(RUNS, "init"))
-    train(out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
-          "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
-          "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
-          "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"))
-    with open(os.path.join(out, "log.jsonl")) as f:
-        pretrain_seconds = [json.loads(line) for line in f][-1]["elapsed_s"]
+    pretrain_seconds = train(
+        out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
+        "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
+        "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
+        "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"),
+    )[-1]["elapsed_s"]
     sft = os.path.join(RUNS, "retrieval")
     sft_seconds, accuracy = retrieval_finetune(os.path.join(out, "checkpoint"), sft)
     info = {"pretrain_s": pretrain_seconds, "sft_s": sft_seconds, "accuracy": accuracy,
@@ -137,8 +137,8 @@ def base_model() -> tuple[str, dict]:
     return sft, info
 
 
-def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes=(100, 999),
-                    longest: int = WINDOW - 48) -> tuple[torch.Tensor, int]:
+def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes: tuple = CODES,
+                    longest: int = WINDOW - 48) -> torch.Tensor:
     """Needle-in-a-haystack prompts inside the window: filler, a fact at a random sentence
     boundary, more filler, the question; the answer (code, ".", EOS padding) is `gen` tokens."""
     n = rng.randint(16, longest)  # haystack tokens: one length per batch, rows stay equal
@@ -158,7 +158,7 @@ def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes=(100, 9
         rows.append(text + question + answer)
     width = min(map(len, rows))  # names of other lengths (other tokenizers): trim the front
     rows = [r[len(r) - width:] for r in rows]
-    return torch.tensor(rows), gen  # (B, L)
+    return torch.tensor(rows)  # (B, L)
 
 
 def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 16, gen: int = 8,
@@ -185,7 +185,7 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
 
     for step in range(steps):
         grow = min(1.0, step / (0.6 * steps))
-        x, _ = retrieval_batch(tok, rng, batch, gen, CODES, int(16 + (longest - 16) * grow))
+        x = retrieval_batch(tok, rng, batch, gen, longest=int(16 + (longest - 16) * grow))
         loss = F.cross_entropy(answer_logits(x).flatten(0, 1).float(), x[:, -gen:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -194,12 +194,12 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
         if (step + 1) % 250 == 0:
             log(f"retrieval fine-tuning step {step + 1}/{steps}: loss {loss.item():.3f}")
     model.eval()
-    test_rng, right = random.Random(SEED + 1), 0
-    with torch.no_grad():
-        for _ in range(4):
-            x, _ = retrieval_batch(tok, test_rng, 16, gen, CODES, longest)
-            right += (answer_logits(x)[:, 0].argmax(-1) == x[:, -gen]).sum().item()
-    seconds, accuracy = time.perf_counter() - t, right / 64
+    test_rng = random.Random(SEED + 1)
+    with torch.no_grad():  # 4 batches of 16 prompts (each batch has its own haystack length)
+        batches = [retrieval_batch(tok, test_rng, 16, gen) for _ in range(4)]
+        accuracy = sum((answer_logits(x)[:, 0].argmax(-1) == x[:, -gen]).sum().item()
+                       for x in batches) / 64
+    seconds = time.perf_counter() - t
     log(f"retrieval fine-tuning done: {accuracy:.0%} of 64 held-out prompts answered ({minutes(seconds)})")
     save_pretrained(dst, model.config, model.state_dict(),
                     extra_files={"tokenizer.json": os.path.join(src, "tokenizer.json")})

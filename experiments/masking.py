@@ -16,7 +16,6 @@ Writes experiments/results/masking.md and the README section "masking".
 
     python experiments/masking.py          # about 13 minutes on 2 CPU cores after experiment 1
 """
-import json
 import os
 import random
 import time
@@ -53,25 +52,14 @@ def corpus() -> str:
     return folder
 
 
-def post_train(base: str, strategy: str) -> tuple[str, float]:
+def post_train(base: str, strategy: str) -> tuple[str, list[dict]]:
     out = os.path.join(RUNS, "masking", strategy)
-    seconds = train(out, "--init", base, "--data", corpus(), "--seq-len", str(SEQ_LEN), "--train-len", str(WINDOW),
-                    "--rope", "diffusion", "--mask", strategy, "--batch-size", "2",
-                    "--max-steps", str(STEPS), "--lr", "5e-4", "--warmup", "20", "--save-every", "100",
-                    "--log-every", "50", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"))
-    return os.path.join(out, "checkpoint"), seconds
-
-
-def train_minutes(checkpoint: str) -> float:
-    """Wall time of the post-training run as its log recorded it (also when it was resumed)."""
-    with open(os.path.join(os.path.dirname(checkpoint), "log.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["elapsed_s"] / 60
-
-
-def final_loss(checkpoint: str, last: int = 30) -> float:
-    with open(os.path.join(os.path.dirname(checkpoint), "log.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
-    return float(np.mean(losses[-last:]))
+    log_records = train(out, "--init", base, "--data", corpus(), "--seq-len", str(SEQ_LEN),
+                        "--train-len", str(WINDOW), "--rope", "diffusion", "--mask", strategy,
+                        "--batch-size", "2", "--max-steps", str(STEPS), "--lr", "5e-4",
+                        "--warmup", "20", "--save-every", "100", "--log-every", "50",
+                        "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"))
+    return os.path.join(out, "checkpoint"), log_records
 
 
 def two_documents(rng: random.Random, counter) -> tuple[str, str, int, int]:
@@ -114,8 +102,8 @@ def main():
     base, _ = base_model()
     rows, train_seconds, eval_seconds = {}, 0.0, 0.0
     for strategy in STRATEGIES:
-        ckpt, _ = post_train(base, strategy)
-        train_seconds += 60 * train_minutes(ckpt)
+        ckpt, records = post_train(base, strategy)
+        train_seconds += records[-1]["elapsed_s"]
         rope = ["--rope", "diffusion", "--train-len", str(WINDOW)]
         # post-training on corpus text erases the answer-only skill of the base model (NIAH fell
         # to chance for every strategy), so each gets the same short retrieval fine-tuning again
@@ -131,7 +119,7 @@ def main():
         mix = mixing(sft, strategy)
         eval_seconds += s1 + s2 + time.perf_counter() - t
         rows[strategy] = {
-            "loss": final_loss(ckpt), "refresh": 100 * accuracy,
+            "loss": float(np.mean([r["loss"] for r in records[-30:]])), "refresh": 100 * accuracy,
             **{f"niah{L}": np.mean([c["score"] for c in niah if c["length"] == L]) for L in EVAL_LENGTHS},
             **{f"ppl{L}": np.mean([c["perplexity"] for c in ppl if c["length"] == L]) for L in EVAL_LENGTHS},
             **mix,

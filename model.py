@@ -33,6 +33,13 @@ import torch.nn.functional as F
 from masks import attention, attention_plan
 from rope import apply_rope, rope_tables, scale_rope
 
+# CPU tensors of 2 MB and more on transparent huge pages. Every fresh page of a large tensor is
+# a page fault in which the kernel zeroes it; with 4 KB pages one step's logits (822 MB for 2048
+# positions of the 100K vocabulary) cost 200,000 faults, about a quarter of a second on our
+# 2-core test machine, every step. PyTorch reads this once, at its first large allocation, so
+# it is set on import; an explicit THP_MEM_ALLOC_ENABLE=0 wins. No effect on GPU memory.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 
 @dataclass
 class LLaDAConfig:

@@ -55,7 +55,7 @@ def main(argv=None):
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out (default 3)")
     args = p.parse_args(argv)
     cfg = preset(args.preset)
-    peak = matmul_peak(cfg, 1024, torch.float32, 3)
+    peak = matmul_peak(cfg, 1024, torch.float32, 5)
     print(f"preset {args.preset}, float32, {torch.get_num_threads()} cores, batch 1 per process, "
           f"torch.mm peak {peak / 1e9:.1f} GFLOP/s\n")
     print("| seq len | processes | tokens/s | model GFLOP/s | MFU (of mm peak) |")

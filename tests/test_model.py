@@ -298,13 +298,13 @@ def test_unknown_preset(capsys):
     assert "unknown preset 'huge'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("preset_env, expected", [(None, "1"), ("0", "0")])
-def test_importing_the_model_turns_on_huge_pages_unless_told_not_to(preset_env, expected):
+@pytest.mark.parametrize("user_value, expected", [(None, "1"), ("0", "0")])
+def test_importing_the_model_turns_on_huge_pages_unless_told_not_to(user_value, expected):
     # A fresh interpreter: this one imported model.py long ago. The value PyTorch will read is
     # the one in the environment at its first large allocation, after `import model`.
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset_env is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset_env
+    if user_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = user_value
     code = "import os, model; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), check=True)

@@ -198,3 +198,34 @@ def test_memory_plan_for_llada_8b(capsys):
     # 119.4 GiB: one 80 GB GPU cannot hold it, 8 can
     assert f"| {8_015_581_184 * 16 / 2**30:.1f} |" in rows[1] and rows[1].rstrip().endswith("no |")
     assert rows[8].rstrip().endswith("yes |")
+
+
+FAULTS_OF_A_REALLOCATION = """
+import resource, sys, torch
+import train
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+if sys.argv[1] == "keep":
+    assert train.keep_freed_memory()
+counts = []
+for _ in range(3):  # 64 MB, allocated, written and freed, three times
+    before = faults()
+    torch.empty(16 * 2**20).fill_(1.0)
+    counts.append(faults() - before)
+print(counts[-1])
+"""
+
+
+def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in_again():
+    # A fresh process, 4 KB pages (no huge pages) so that faults count pages: glibc's default
+    # unmaps a freed 64 MB block, and writing the next one faults all 16,384 pages again.
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def faults(mode):
+        return int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION, mode], env=env,
+                                  capture_output=True, text=True, check=True, cwd=root).stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 15_000  # every page of the third block is new
+    assert kept < 1_000  # the third block lands on pages the first one already touched

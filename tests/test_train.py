@@ -200,7 +200,7 @@ def test_memory_plan_for_llada_8b(capsys):
     assert rows[8].rstrip().endswith("yes |")
 
 
-FAULTS_OF_A_REALLOCATION = """
+FAULTS_OF_REALLOCATIONS = """
 import resource, sys, torch
 import train
 def faults():
@@ -208,24 +208,28 @@ def faults():
 if sys.argv[1] == "keep":
     assert train.keep_freed_memory()
 counts = []
-for _ in range(3):  # 64 MB, allocated, written and freed, three times
+for _ in range(10):  # 64 MB, allocated, written and freed, ten times
     before = faults()
     torch.empty(16 * 2**20).fill_(1.0)
     counts.append(faults() - before)
-print(counts[-1])
+print(sum(counts[1:]))  # after the first
 """
 
 
 def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in_again():
-    # A fresh process, 4 KB pages (no huge pages) so that faults count pages: glibc's default
+    # Fresh processes, 4 KB pages (no huge pages) so that faults count pages: glibc's default
     # unmaps a freed 64 MB block, and writing the next one faults all 16,384 pages again.
     env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def faults(mode):
-        return int(subprocess.run([sys.executable, "-c", FAULTS_OF_A_REALLOCATION, mode], env=env,
+        return int(subprocess.run([sys.executable, "-c", FAULTS_OF_REALLOCATIONS, mode], env=env,
                                   capture_output=True, text=True, check=True, cwd=root).stdout)
 
     default, kept = faults("default"), faults("keep")
-    assert default > 15_000  # every page of the third block is new
-    assert kept < 1_000  # the third block lands on pages the first one already touched
+    assert default > 9 * 15_000  # every reallocation is new pages
+    # Kept in the heap, a block lands on pages an earlier one touched. Not always the same ones:
+    # small objects can settle in a freed block, so the next 64 MB goes higher up the heap once
+    # (seen here: at most one more block's worth of faults, then none); allow three blocks'
+    # worth, a third of the default.
+    assert kept <= 3 * 16_384

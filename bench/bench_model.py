@@ -19,7 +19,7 @@ The matmuls and the model passes are timed in interleaved rounds and each keeps 
 on a shared machine a slow spell then slows every measurement alike, instead of deflating the
 peak (and flattering every fraction) or the model.
 
-    python bench/bench_model.py [--preset small] [--lengths 256 1024 2048] [--dtype float32]
+    python bench/bench_model.py [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
 import argparse
 import os
@@ -33,13 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import LLaDA, preset  # noqa: E402
 
 
-def best_times(fns: dict, rounds: int) -> dict:
-    """Best wall time of each function, calling them in turn `rounds` times after a warm-up."""
-    for fn in fns.values():
+def best_times(cases: dict, rounds: int) -> dict:
+    """Best wall time of each case (name -> (function, FLOPs)), calling them in turn `rounds`
+    times after a warm-up."""
+    for fn, _ in cases.values():
         fn()  # warm-up: allocator, threads, kernel selection
-    best = dict.fromkeys(fns, float("inf"))
+    best = dict.fromkeys(cases, float("inf"))
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, (fn, _) in cases.items():
             t = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
@@ -72,7 +73,7 @@ def peak(mms: dict, best: dict) -> float:
 def matmul_peak(cfg, tokens, dtype, rounds) -> float:
     """The torch.mm peak on the model's shapes, on its own (bench_train.py)."""
     mms = matmuls(cfg, tokens, dtype)
-    return peak(mms, best_times({name: fn for name, (fn, _) in mms.items()}, rounds))
+    return peak(mms, best_times(mms, rounds))
 
 
 def main(argv=None):
@@ -80,10 +81,12 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model preset (default small)")
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048],
-                   help="sequence lengths (batch 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+                   help="sequence lengths, batch 1 (default 256 1024 2048)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the model and the matmuls (default float32; the goal is float32)")
     p.add_argument("--rounds", type=int, default=8,
-                   help="timed rounds; every matmul and pass runs once per round, best is kept")
+                   help="timed rounds; every matmul and pass runs once per round, best is kept "
+                        "(default 8)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -112,11 +115,12 @@ def main(argv=None):
         flops = model_flops(cfg, L, L)
         passes = {"forward": (forward, flops), "forward+backward": (forward_backward, 3 * flops)}
         mms = matmuls(cfg, L, dtype)
-        best = best_times({name: fn for name, (fn, _) in {**mms, **passes}.items()}, args.rounds)
+        best = best_times({**mms, **passes}, args.rounds)
         top = peak(mms, best)
         # Timed apart: its gigabytes of fresh tensors would slow the rounds around it.
-        passes["+ cross-entropy, all positions"] = (with_cross_entropy, 3 * flops)
-        best |= best_times({"+ cross-entropy, all positions": with_cross_entropy}, 3)
+        loss = {"+ cross-entropy, all positions": (with_cross_entropy, 3 * flops)}
+        best |= best_times(loss, 3)
+        passes |= loss
         for name, (_, f) in passes.items():
             t = best[name]
             print(f"| {L} | {name} | {t:.3f} | {L / t:,.0f} | {f / t / 1e9:.1f} | "

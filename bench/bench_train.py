@@ -50,7 +50,8 @@ def run(nproc: int, seq_len: int, args, out: str) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Training tokens/s and model FLOP utilisation on the CPU.")
     p.add_argument("--preset", default="small", help="model preset (default small)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024],
+                   help="sequence lengths, each run with 1 and 2 processes (default 256 1024)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out (default 3)")
     args = p.parse_args(argv)

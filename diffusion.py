@@ -1,7 +1,7 @@
 """
 diffusion.py: the masked-diffusion objective, LLaDA's sampler, and likelihood estimates.
 
-Paper map (shared/PAPER.md section 4). The forward process masks a clean sequence x_0; for
+Paper map: docs/paper.md section 4. The forward process masks a clean sequence x_0; for
 sequence b of a batch
 
     t_b ~ U(0, 1),   p_b = (1 - eps) t_b + eps   (eps = 1e-3),   x_t[i] = [MASK] w.p. p_b
@@ -91,6 +91,30 @@ def diffusion_loss(model, input_ids: torch.Tensor, generator: torch.Generator | 
     weights = (1 / p)[:, None].expand_as(masked)[masked]  # (N,): 1/p_b for each masked token
     total = masked_cross_entropy(model.head, hidden[masked], input_ids[masked], weights, chunk_size)
     return total / input_ids.numel()
+
+
+def sft_loss(model, input_ids: torch.Tensor, prompt_lens: list[int] | torch.Tensor,
+             generator: torch.Generator | None = None, eps: float = 1e-3,
+             chunk_size: int = 4096) -> torch.Tensor:
+    """LLaDA's supervised fine-tuning loss (GUIDELINES.md) on (prompt, answer) rows (B, L).
+
+    The forward process runs over the whole row, then the prompt is restored: only the answer
+    (everything after prompt_lens[b], its EOS padding included) is ever masked. Each row's
+    loss is normalised by its answer length, so long and short answers weigh alike:
+
+        loss = 1/B * sum_b 1/|a_b| * sum_{i in a_b masked} CE(x_0[i] | x_t) / p_b
+    """
+    B, L = input_ids.shape
+    prompt_lens = torch.as_tensor(prompt_lens, device=input_ids.device)  # (B,)
+    noisy, masked, p = forward_process(input_ids, model.config.mask_token_id, generator, eps)
+    is_prompt = torch.arange(L, device=input_ids.device)[None] < prompt_lens[:, None]  # (B, L)
+    noisy = torch.where(is_prompt, input_ids, noisy)
+    masked = masked & ~is_prompt
+    answer_lens = (L - prompt_lens).clamp(min=1).float()  # (B,)
+    hidden = model(noisy)  # (B, L, d)
+    weights = (1 / (p * answer_lens))[:, None].expand_as(masked)[masked]  # (N,)
+    return masked_cross_entropy(model.head, hidden[masked], input_ids[masked], weights,
+                                chunk_size) / B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,24 +337,28 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
 def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
               mask_id: int | None = None, generator: torch.Generator | None = None,
               progress: bool = False) -> torch.Tensor:
-    """LongLLaDA's per-token NLL (L / chunk_size,) of each chunk of a long text (L,), given the
-    text before it.
+    """LongLLaDA's per-token NLL (L / chunk_size - 1,) of each chunk of a long text (L,) after
+    the first, given the text before it.
 
-    For chunk c each of `draws` rows masks k ~ U{1..chunk_size} of the chunk's tokens; the input
-    is everything before the chunk (clean) plus the chunk, never the text after it. The chunk's
-    NLL is the mean over draws of (sum of CE at the masked tokens) / k.
+    As in LongLLaDA's get_ppl_llada.py, the first chunk is context only: scoring it with no
+    context at all would count how hard a text's opening is, not how well the model uses a
+    long context, and would inflate the perplexity of short texts. For chunk c >= 1 each of
+    `draws` rows masks k ~ U{1..chunk_size} of the chunk's tokens; the input is everything
+    before the chunk (clean) plus the chunk, never the text after it. The chunk's NLL is the
+    mean over draws of (sum of CE at the masked tokens) / k.
     Cost: one forward of `draws` rows per chunk, each as long as the text up to the chunk's end,
     about draws * L^2 / (2 chunk_size) tokens in all: 2048 forwards averaging 64K tokens for a
     128K-token text. Pass progress=True for a progress bar.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     usable = len(tokens) // chunk_size * chunk_size
-    if usable == 0 or usable != len(tokens):
-        raise ValueError(f"the text has {len(tokens)} tokens, not a positive multiple of "
-                         f"chunk_size {chunk_size}; pass tokens[:{usable}]")
+    if usable < 2 * chunk_size or usable != len(tokens):
+        raise ValueError(f"the text has {len(tokens)} tokens, not a multiple of chunk_size "
+                         f"{chunk_size} of at least two chunks (the first is context only); "
+                         f"pass tokens[:{usable}]")
     dev = rng_device(generator, tokens.device)
     nll = []
-    for end in tqdm(range(chunk_size, len(tokens) + 1, chunk_size), disable=not progress,
+    for end in tqdm(range(2 * chunk_size, len(tokens) + 1, chunk_size), disable=not progress,
                     desc="chunks", unit="chunk"):
         seq = tokens[:end][None].repeat(draws, 1)  # (draws, end)
         k = torch.randint(1, chunk_size + 1, (draws,), generator=generator, device=dev)  # (draws,)
@@ -347,6 +375,7 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
 def cumulative_perplexity(nll: torch.Tensor) -> torch.Tensor:
     """Perplexity of the text up to the end of each chunk: exp of the running mean NLL, (n,).
 
-    Entry c belongs to position (c + 1) * chunk_size, for plotting perplexity against length.
+    With chunk_nll's output (chunk 0 is context only), entry c ends at position (c + 2) *
+    chunk_size, for plotting perplexity against length.
     """
     return torch.exp(torch.cumsum(nll, 0) / torch.arange(1, len(nll) + 1))

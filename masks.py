@@ -1,7 +1,7 @@
 """
 masks.py: packing documents into one long sequence, and who may attend to whom.
 
-Paper map (shared/PAPER.md section 3, "Case study of masking"). Post-training data is PG19:
+Paper map: docs/paper.md section 3.1. Post-training data is PG19:
 short books are concatenated up to 64K tokens, long books are cut into 64K chunks. A diffusion
 LM attends in both directions, so in a packed sequence every document sees every other one,
 before and after it. Three strategies:
@@ -24,6 +24,7 @@ This file imports no other project file: a student can copy it alone.
 Run `python masks.py --plot` to draw the three strategies.
 """
 import argparse
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,17 @@ class AttentionPlan:
     inverse: torch.Tensor | None = None  # flat token t's row in the concatenated bucket outputs
     key_mask: torch.Tensor | None = None  # (B, 1, 1, Lk) bool, for "suffix"
     uniform: int = 0  # every document has this length: attention on a (B * L / n, n) view
+    starts: torch.Tensor | None = None  # (n_docs,) where each document starts in the flat batch
+    lens: torch.Tensor | None = None  # (n_docs,) their lengths
+    bucket_growth: float = 1.25
+
+    def sdpa_buckets(self) -> tuple[list, torch.Tensor]:
+        """The padded batches of SDPA, built on first use and then shared by every layer; a
+        flash-attn run never needs them."""
+        if self.buckets is None:
+            self.buckets, self.inverse = document_buckets(self.starts, self.lens, self.bucket_growth,
+                                                          self.cu_seqlens.device)
+        return self.buckets, self.inverse
 
 
 def attention_plan(doc_lens: list[list[int]] | None, batch: int, seq_len: int,
@@ -180,8 +192,7 @@ def attention_plan(doc_lens: list[list[int]] | None, batch: int, seq_len: int,
     plan.cu_seqlens = F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32).to(device)
     if bool((lens == lens[0]).all()):  # equal documents (a long book's chunks): a plain reshape
         plan.uniform = int(lens[0])
-    elif device.type != "cuda" or not flash_attn_available():
-        plan.buckets, plan.inverse = document_buckets(starts, lens, bucket_growth, device)
+    plan.starts, plan.lens, plan.bucket_growth = starts, lens, bucket_growth
     return plan
 
 
@@ -242,8 +253,12 @@ def flash_attn_available() -> bool:
     return bool(_flash)
 
 
-def use_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+def attention_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The one place that picks the kernel: flash-attn for half precision on CUDA when it is
+    installed (it has no float32 kernels), scaled_dot_product_attention for everything else."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available():
+        return "flash"
+    return "sdpa"
 
 
 def sdpa(q, k, v, mask=None):
@@ -256,14 +271,15 @@ def sdpa(q, k, v, mask=None):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               plan: AttentionPlan | None = None) -> torch.Tensor:
     """Bidirectional attention. q (B, Lq, H, D), k and v (B, Lk, H, D) -> (B, Lq, H, D)."""
+    flash = attention_kernel(q.device, q.dtype) == "flash"
     if plan is None:  # concat and eod: every token sees every token of its sequence
-        if use_flash(q):
+        if flash:
             return _flash.flash_attn_func(q, k, v, causal=False)
         return sdpa(q, k, v)
     if plan.kind == "suffix":
         return sdpa(q, k, v, plan.key_mask)
     B, L, H, D = q.shape
-    if use_flash(q):  # adaptive on GPU: one varlen call over every document of the batch
+    if flash:  # adaptive on GPU: one varlen call over every document of the batch
         out = _flash.flash_attn_varlen_func(
             q.reshape(B * L, H, D), k.reshape(B * L, H, D), v.reshape(B * L, H, D),
             plan.cu_seqlens, plan.cu_seqlens, plan.max_len, plan.max_len, causal=False)
@@ -278,11 +294,12 @@ def bucketed_attention(q, k, v, plan: AttentionPlan) -> torch.Tensor:
         n = plan.uniform
         return sdpa(q.reshape(-1, n, H, D), k.reshape(-1, n, H, D), v.reshape(-1, n, H, D)).reshape(B, L, H, D)
     qf, kf, vf = (t.reshape(B * L, H, D) for t in (q, k, v))
+    buckets, inverse = plan.sdpa_buckets()
     outs = []
-    for index, key_valid, real_rows in plan.buckets:
+    for index, key_valid, real_rows in buckets:
         o = sdpa(qf[index], kf[index], vf[index], key_valid).reshape(-1, H, D)  # (n * P, H, D)
         outs.append(o if real_rows is None else o[real_rows])
-    return torch.cat(outs)[plan.inverse].view(B, L, H, D)
+    return torch.cat(outs)[inverse].view(B, L, H, D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,11 +342,8 @@ def plot_strategies(path: str, doc_lens=(5, 3, 6, 2), eod_id_label: str = "EOD")
     fig.suptitle(f"Packed sequence of documents of lengths {list(doc_lens)}: "
                  "who may attend to whom", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(path, dpi=120)  # a picture for the docs: rerunning the command remakes it
     plt.close(fig)
-    import os
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -352,7 +366,6 @@ def main(argv=None):
                   f"query-key pairs computed: {pairs} of {sum(lens) ** 2}")
         print("pass --plot to draw them")
         return
-    import os
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     plot_strategies(args.out, tuple(args.doc_lens))
     print(f"wrote {args.out}")

@@ -1,7 +1,7 @@
 """
-model.py: the LLaDA transformer, loading and saving the official Hugging Face checkpoint layout.
+model.py: the LLaDA transformer, with the official checkpoint's tensor names.
 
-Paper map (shared/PAPER.md section 1). LLaDA-8B is a Llama-style transformer without a causal
+Paper map: docs/paper.md section 1. LLaDA-8B is a Llama-style transformer without a causal
 mask; a block computes
 
     h = x + attn_out(Attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n)))      n = attn_norm(x)
@@ -10,8 +10,9 @@ mask; a block computes
 with RMSNorm, rotate-half RoPE (rope.py) and bidirectional attention (masks.py). Module names
 are chosen so that state_dict() keys are the official tensor names
 (`model.transformer.blocks.{i}.q_proj.weight`, ...): the official checkpoint loads with no
-renaming, and what we save loads in the official code. The arithmetic follows the reference
-(float32 RoPE tables and rotation, RMSNorm in float32 cast back before the weight multiply).
+renaming, and what we save loads in the official code (checkpoint.py reads and writes that
+layout). The arithmetic follows the reference (float32 RoPE tables and rotation, RMSNorm in
+float32 cast back before the weight multiply).
 
 The model returns hidden states; `head` turns any subset of them into logits, because a 64K
 sequence with LLaDA's 126464-token vocabulary would need 33 GB of float32 logits.
@@ -19,11 +20,7 @@ sequence with LLaDA's 126464-token vocabulary would need 33 GB of float32 logits
 Run `python model.py --preset llada-8b` for the parameter count and memory, allocating nothing.
 """
 import argparse
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -32,14 +29,7 @@ import torch.nn.functional as F
 
 from masks import attention, attention_plan
 from rope import apply_rope, rope_tables, scale_rope
-
-# CPU tensors of 2 MB and more on transparent huge pages. Every fresh page of a large tensor is
-# a page fault in which the kernel zeroes it; with 4 KB pages one step's logits (822 MB for 2048
-# positions of the 100K vocabulary) cost 200,000 faults, about a quarter of a second on our
-# 2-core test machine, every step. PyTorch reads this once, at its first large allocation, so
-# it is set on import; an explicit THP_MEM_ALLOC_ENABLE=0 wins. No effect on GPU memory.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
+from tokenizer import TIKTOKEN_VOCAB
 
 @dataclass
 class LLaDAConfig:
@@ -117,8 +107,7 @@ OFFICIAL_CONFIG = {
     "scale_logits": False, "use_cache": False,
 }
 
-# Small presets use tiktoken cl100k_base (100277 ids); EOS and [MASK] are reserved ids after it.
-TIKTOKEN_VOCAB = 100277
+# Small presets use tiktoken cl100k_base; EOS and [MASK] are the two ids after its vocabulary.
 # Their RoPE base is 10000: at the tiny model's 512-token window that puts the critical
 # dimension at half the head (32 of 64), where LLaDA's sits at 4096 tokens (64 of 128), so
 # context extension stresses the same share of dimensions.
@@ -280,140 +269,6 @@ class LLaDA(nn.Module):
 def num_params(config: LLaDAConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in LLaDA(config).parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# The Hugging Face checkpoint layout: config.json, and model.safetensors or shards with an index.
-
-CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded; the message says what is wrong."""
-
-
-def read_config(path: str) -> LLaDAConfig:
-    cfg_path = os.path.join(path, CONFIG)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path} has no {CONFIG}: not a LLaDA checkpoint directory")
-    with open(cfg_path) as f:
-        return LLaDAConfig.from_dict(json.load(f))
-
-
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory, checked to exist."""
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, SINGLE)):
-        names = [SINGLE]
-    else:
-        raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
-    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-    if missing:
-        raise CheckpointError(f"{path} is incomplete: missing {', '.join(missing)}")
-    return [os.path.join(path, n) for n in names]
-
-
-def from_pretrained(path: str, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> LLaDA:
-    """Load an official-layout checkpoint. The model is built on the meta device and the
-    tensors are read memory-mapped and assigned, so the weights never exist twice in memory."""
-    from safetensors import safe_open
-
-    config = read_config(path)
-    with torch.device("meta"):
-        model = LLaDA(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state, wrong = {}, []
-    for file in checkpoint_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    state[name] = None  # reported below as unexpected
-                    continue
-                t = f.get_tensor(name)
-                if t.shape != expected[name]:
-                    wrong.append(f"{name} is {tuple(t.shape)}, expected {tuple(expected[name])}")
-                    continue
-                state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(k for k, v in state.items() if v is None)
-    problems = ([f"wrong shape: {w}" for w in wrong] + [f"missing tensor: {m}" for m in missing[:5]]
-                + [f"unexpected tensor: {u}" for u in unexpected[:5]])
-    if problems:
-        more = len(missing) + len(unexpected) - len(missing[:5]) - len(unexpected[:5])
-        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems)
-                              + (f" (and {more} more)" if more > 0 else ""))
-    model.load_state_dict(state, assign=True)
-    return model
-
-
-def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
-                    max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
-    """Write the official layout atomically: into a temporary directory renamed when complete,
-    so a crash mid-save never leaves a directory that looks complete."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
-        write_pretrained(tmp, config, state_dict, max_shard_bytes, extra_files)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is for everyone to read
-        replace_dir(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-
-
-def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
-                     max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
-    """Write config.json and safetensors shards (at most max_shard_bytes each, with an index when
-    there are several) into `path`. `extra_files` maps names to files copied alongside
-    (e.g. tokenizer.json). Not atomic by itself: see save_pretrained."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, t in state_dict.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.detach().to("cpu").contiguous()
-        size += nbytes
-    shards.append(current)
-    names = ([SINGLE] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
-                                                for t in state_dict.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        with open(os.path.join(path, INDEX), "w") as f:
-            json.dump(index, f, indent=2)
-    for name, src in (extra_files or {}).items():
-        shutil.copyfile(src, os.path.join(path, name))
-    dtype = next(iter(state_dict.values())).dtype
-    cfg = {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-    with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
-
-
-def replace_dir(src: str, dst: str) -> None:
-    """Move a finished directory into place; an old one is removed only after the swap."""
-    old = None
-    if os.path.exists(dst):
-        old = dst + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old:
-        shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 rope.py: rotary position embeddings (RoPE) and how to stretch them to a longer context.
 
-Paper map (shared/PAPER.md section 2). Pair i of a head of size d, at position k, is rotated by
+Paper map: docs/paper.md section 2. Pair i of a head of size d, at position k, is rotated by
 
     angle_i(k) = k * b^(-2i/d)            b = rope base (500000 for LLaDA), i = 0 .. d/2-1
 
@@ -108,6 +108,16 @@ def scale_rope(method: str, target_len: int, train_len: int, head_dim: int, base
     }
 
 
+def check_scaling_args(target_len: int, train_len: int | None, head_dim: int,
+                       d_crit: int | None = None) -> None:
+    """One-line errors for lengths and critical dimensions the formulas above cannot take."""
+    if target_len <= 0 or (train_len is not None and train_len <= 0):
+        raise ValueError(f"context lengths must be positive token counts, got target "
+                         f"{target_len}, train {train_len}")
+    if d_crit is not None and not 0 < d_crit <= head_dim:
+        raise ValueError(f"--d-crit must be in 1..{head_dim} (the head size), got {d_crit}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The rotation itself, matching LLaDA's arithmetic: tables in float32 from integer positions,
 # rotate-half (GPT-NeoX) layout, q and k upcast to float32 for the rotation.
@@ -204,14 +214,15 @@ def main(argv=None):
                    help="override the critical dimension of 'critical' and 'diffusion' "
                         "(the paper's later version reports 73 worked best for LLaDA)")
     args = p.parse_args(argv)
-    if min(args.target_len) <= 0 or args.train_len <= 0:
-        p.error("--target-len and --train-len must be positive token counts")
     if args.head_dim <= 2 or args.head_dim % 2:
         p.error(f"--head-dim must be an even number above 2, got {args.head_dim}")
-    if args.base <= 1:
+    if not args.base > 1:  # also rejects nan
         p.error(f"--base must be above 1, got {args.base}")
-    if args.d_crit is not None and not 0 < args.d_crit <= args.head_dim:
-        p.error(f"--d-crit must be in 1..{args.head_dim} (the head size), got {args.d_crit}")
+    try:
+        for target_len in args.target_len:
+            check_scaling_args(target_len, args.train_len, args.head_dim, args.d_crit)
+    except ValueError as e:
+        p.error(str(e))
     print_table(args.target_len, args.train_len, args.head_dim, args.base, args.d_crit)
 
 

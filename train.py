@@ -1,11 +1,18 @@
 """
 train.py: UltraLLaDA post-training, in one process or many (torchrun).
 
-Paper map (shared/PAPER.md section 3). Start from LLaDA-8B-Base, replace its RoPE base by the
-diffusion-aware NTK base for the target length (rope.py), and continue training with the
-masked-diffusion loss (diffusion.py) on PG19 packed into 64K-token sequences (data.py), with
-one of the three document strategies (masks.py). The paper: about 600 steps of 64 x 64K tokens,
-AdamW; the learning rate is not given, we default to 2e-5 after a short warm-up.
+Paper map: docs/paper.md section 3. Start from LLaDA-8B-Base, replace its RoPE
+base b by the diffusion-aware NTK base b * lambda for the target length (rope.py)
+
+    lambda = b^-1 * (2 T_target / 2pi)^(d / d_crit'),   d_crit' = 2 ceil(d/2 log_b(2 T_train / 2pi))
+
+and continue training with the masked-diffusion loss (diffusion.py)
+
+    loss = 1 / (B L) * sum_b sum_{i masked} CE(x_0[i] | x_t) / p_b
+
+on PG19 packed into 64K-token sequences (data.py) with one of the three document strategies
+(masks.py). The paper: about 600 steps of 64 x 64K tokens, AdamW; the learning rate is not
+given, we default to 2e-5 after a short warm-up.
 
     python train.py                                     # tiny preset, built-in corpus, CPU
     torchrun --nproc-per-node 2 train.py --mask eod     # the same on two processes (gloo)
@@ -17,15 +24,12 @@ the diffusion noise from a generator seeded with (seed, step, micro step, rank).
 therefore repeats an uninterrupted one exactly, with only the model and optimizer to restore.
 """
 import argparse
-import ctypes
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -34,12 +38,18 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import CACHE_DIR, Schedule, batch_for_step, load_corpus, load_tokenizer
+from checkpoint import (find_training_checkpoint, from_pretrained,
+                        load_optimizer_state, model_tokenizer, read_config, read_training_state,
+                        record_tokenizer, save_training_checkpoint, truncate_log)
+from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
+from files import FileError, lock_folder
 from masks import STRATEGIES, document_positions, isolates_documents
-from model import (PRESETS, LLaDA, from_pretrained, num_params, preset, read_config,
-                   replace_dir, write_pretrained)
-from rope import METHODS
+from model import PRESETS, LLaDA, num_params, preset
+from prepare import CACHE_DIR, load_corpus
+from rope import METHODS, check_scaling_args
+from runtime import (any_rank, mean_over_ranks, memory_plan, positive, rank_zero_first,
+                     setup_distributed, tune_cpu_memory)
 
 
 @dataclass
@@ -67,6 +77,7 @@ class TrainConfig:
     fsdp: bool = False
     out: str = "out"
     resume: bool = False
+    allow_changes: bool = False
     save_every: int = 50
     log_every: int = 10
     cache_dir: str = CACHE_DIR
@@ -74,39 +85,52 @@ class TrainConfig:
     memory_plan: bool = False
 
 
+# What a resumed run must share with the run it continues: these shape the model, the data or
+# the optimisation, so changing them silently would make the result neither run.
+DEFINING = ("init", "data", "seq_len", "train_len", "target_len", "rope", "d_crit", "mask",
+            "positions", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
+            "grad_clip", "dtype", "seed")
+
+
 def parse_args(argv=None) -> TrainConfig:
     p = argparse.ArgumentParser(
         description="UltraLLaDA post-training: masked-diffusion training at a long context with "
                     "a scaled RoPE base and a document masking strategy. With no flags: the tiny "
                     "preset on the built-in synthetic corpus, on the CPU, in a few minutes.")
+    p.error = lambda message: fail(message)  # one line, not the usage block
     a = p.add_argument
+    count, count0 = positive(int), positive(int, zero=True)
     a("--init", default="tiny", help=f"a preset ({', '.join(PRESETS)}; trained from scratch) or a "
       "LLaDA checkpoint directory such as LLaDA-8B-Base (default tiny)")
     a("--data", default=None, help="PG19-style folder of .txt books or .jsonl files with a 'text' "
       "field; default: the built-in synthetic corpus")
-    a("--seq-len", type=int, default=2048, help="tokens per packed sequence (paper: 65536; default 2048)")
-    a("--train-len", type=int, default=None, help="the context the model was pre-trained at, T_train "
-      "(default: the checkpoint's max_sequence_length, 4096 for LLaDA, 512 for tiny)")
-    a("--target-len", type=int, default=None, help="the context to extend RoPE to, T_target "
+    a("--seq-len", type=count, default=2048, help="tokens per packed sequence (paper: 65536; default 2048)")
+    a("--train-len", type=count, default=None, help="the context the model was pre-trained at, "
+      "T_train (default: the checkpoint's max_sequence_length, 4096 for LLaDA, 512 for tiny)")
+    a("--target-len", type=count, default=None, help="the context to extend RoPE to, T_target "
       "(default: --seq-len; the paper trains at 64K for a 128K target)")
     a("--rope", default="diffusion", choices=METHODS, help="RoPE scaling: none, ntk (plain NTK), "
       "critical (LongLLaDA), diffusion (UltraLLaDA, default) or pi (position interpolation)")
-    a("--d-crit", type=int, default=None, help="override the critical dimension of critical/diffusion")
+    a("--d-crit", type=count, default=None, help="override the critical dimension of critical/"
+      "diffusion (1..head size; the paper's later version reports 73 for LLaDA)")
     a("--mask", default="adaptive", choices=list(STRATEGIES), help="document strategy: concat (full "
       "attention), eod (separator token, full attention) or adaptive (attention inside each "
       "document; default)")
     a("--positions", default="continuous", choices=("continuous", "document"),
-      help="RoPE positions run over the packed sequence, or restart at each document")
-    a("--batch-size", type=int, default=1, help="sequences per process per micro step (default 1)")
-    a("--grad-accum", type=int, default=1, help="micro steps per optimizer step (default 1)")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 2e-5 from a checkpoint, "
-      "1e-3 for a preset trained from scratch)")
+      help="RoPE positions run over the packed sequence (default), or restart at each document")
+    a("--batch-size", type=count, default=1, help="sequences per process per micro step (default 1)")
+    a("--grad-accum", type=count, default=1, help="micro steps per optimizer step (default 1)")
+    a("--lr", type=positive(float), default=None, help="peak learning rate (default: 2e-5 from a "
+      "checkpoint, 1e-3 for a preset trained from scratch)")
     a("--schedule", default="constant", choices=("constant", "cosine"),
       help="after warm-up: constant, or cosine decay to 10%% at --max-steps (default constant)")
-    a("--warmup", type=int, default=10, help="linear warm-up steps (default 10)")
-    a("--max-steps", type=int, default=100, help="optimizer steps in total (paper: about 600; default 100)")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices (default 0.1)")
-    a("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off; default 1)")
+    a("--warmup", type=count0, default=10, help="linear warm-up steps (default 10)")
+    a("--max-steps", type=count, default=100, help="optimizer steps in total (paper: about 600; "
+      "default 100); may grow when resuming")
+    a("--weight-decay", type=positive(float, zero=True), default=0.1,
+      help="AdamW weight decay of matrices (default 0.1)")
+    a("--grad-clip", type=positive(float, zero=True), default=1.0,
+      help="clip the gradient norm to this (0: off; default 1)")
     a("--dtype", default=None, choices=("float32", "bfloat16"), help="compute dtype: bfloat16 "
       "autocast (mixed precision under --fsdp), weights stay float32 (default: bfloat16 on CUDA, "
       "float32 on CPU)")
@@ -115,87 +139,40 @@ def parse_args(argv=None) -> TrainConfig:
       "instead of storing its activations (needed at 64K tokens for the 8B model)")
     a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the "
       "processes (FSDP2); default with several processes: replicate them (DDP)")
-    a("--out", default="out", help="output folder: checkpoint/ and log.jsonl (default out)")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint (the latest complete save)")
-    a("--save-every", type=int, default=50, help="save a checkpoint every N steps, and at the end (default 50)")
-    a("--log-every", type=int, default=10, help="print a log line every N steps (default 10)")
+    a("--out", default="out", help="output folder: checkpoint/ and log.jsonl (default out); one "
+      "run at a time may use it")
+    a("--resume", action="store_true", help="continue from OUT/checkpoint (the latest complete "
+      "save) with the same flags; only --max-steps, --save-every, --log-every and how it runs "
+      "(--compile, --fsdp, --activation-checkpointing) may differ")
+    a("--allow-changes", action="store_true", help="with --resume: accept other values of the "
+      "run's defining flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower the rate")
+    a("--save-every", type=count, default=50, help="save a checkpoint every N steps, and at the end (default 50)")
+    a("--log-every", type=count, default=10, help="print a log line every N steps (default 10)")
     a("--cache-dir", default=CACHE_DIR, help=f"where tokenized corpora are cached (default {CACHE_DIR})")
-    a("--seed", type=int, default=0, help="seed of the initial weights, data order and noise (default 0)")
+    a("--seed", type=count0, default=0, help="seed of the initial weights, data order and noise (default 0)")
     a("--memory-plan", action="store_true", help="print the per-GPU memory of this run for 1 to 128 "
       "GPUs (weights, gradients, optimizer, activations, loss) and exit; allocates nothing")
-    args = p.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
-    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every"):
-        if getattr(cfg, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    if cfg.allow_changes and not cfg.resume:
+        fail("--allow-changes only applies with --resume")
     return cfg
 
 
 class UserError(Exception):
-    """Bad input: reported as one line, exit code 2, nothing written."""
+    """Bad input: reported as one line, exit code 2."""
+
+
+def fail(message: str, code: int = 2):
+    if int(os.environ.get("RANK", 0)) == 0:  # every rank gets the same answer: say it once
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
-# Processes and devices: the one place where CPU and GPU runs differ.
-
-def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        keep_freed_memory()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if world > 1:
-        dist.init_process_group(backend)  # rendezvous from torchrun's environment
-    elif fsdp:  # fully_shard needs a process group, even a group of one
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device
-
-
-def keep_freed_memory() -> bool:
-    """Let this process reuse the memory it frees instead of handing it back (glibc only).
-
-    glibc serves every block above 32 MB with its own mmap and unmaps it on free, so each step's
-    large tensors (a chunk of logits is hundreds of MB) come back as fresh pages that the kernel
-    zeroes again, a page fault at a time: on our 2-core machine that was most of the system time,
-    and the default run took 91 s for 30 steps instead of 69 s. With this, large blocks come from
-    the heap like small ones and the heap keeps up to 2 GB of free space; memory stays with the
-    process at its peak, which training reaches in its first step anyway. Returns whether it
-    applied (False where the C library is not glibc, e.g. macOS).
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # from glibc's malloc.h
-    most = 2**31 - 1  # mallopt takes a C int
-    return all([mallopt(M_MMAP_MAX, 0),  # no mmap: large blocks from the heap too
-                mallopt(M_TRIM_THRESHOLD, most),  # give the heap's free top back only past 2 GB
-                mallopt(M_TOP_PAD, most)])  # and then keep 2 GB of it
-
-
-def all_ranks_agree(flag: bool, world: int) -> bool:
-    """True if any rank says so (e.g. a stop was requested on one of them)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def mean_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / world
-
+# Activation checkpointing, torch.compile, then FSDP2 or DDP, in that order (torchtitan).
 
 def parallelize(model: LLaDA, cfg: TrainConfig, world: int, device: torch.device) -> LLaDA:
-    """Activation checkpointing, torch.compile, then FSDP2 or DDP, in that order (torchtitan).
-    Every wrapper works in place, so parameter names, and so the checkpoint, stay official."""
+    """Every wrapper works in place, so parameter names, and so the checkpoint, stay official."""
     from torch.distributed._composable import checkpoint, replicate
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -225,8 +202,12 @@ def parallelize(model: LLaDA, cfg: TrainConfig, world: int, device: torch.device
 # ---------------------------------------------------------------------------------------------
 # The model at the start of training, and its RoPE base for the target length.
 
+def init_config(cfg: TrainConfig):
+    return preset(cfg.init) if cfg.init in PRESETS else read_config(cfg.init)
+
+
 def initial_model(cfg: TrainConfig, ckpt: str) -> LLaDA:
-    """The weights to start from: a complete checkpoint in OUT when resuming, else --init."""
+    """The weights to start from: the checkpoint in OUT when resuming, else --init."""
     if cfg.resume:
         model = from_pretrained(ckpt, dtype=torch.float32)
         want = init_config(cfg)
@@ -243,10 +224,6 @@ def initial_model(cfg: TrainConfig, ckpt: str) -> LLaDA:
     return from_pretrained(cfg.init, dtype=torch.float32)  # float32 master weights
 
 
-def init_config(cfg: TrainConfig):
-    return preset(cfg.init) if cfg.init in PRESETS else read_config(cfg.init)
-
-
 def scale_model_rope(model: LLaDA, cfg: TrainConfig) -> dict:
     """Set the RoPE base (and positions scale) for --target-len, from the pre-trained base."""
     s = model.config.scaled_rope(cfg.rope, cfg.target_len or cfg.seq_len, cfg.train_len, cfg.d_crit)
@@ -255,7 +232,7 @@ def scale_model_rope(model: LLaDA, cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer and learning rate.
+# Optimizer, learning rate, noise.
 
 def make_optimizer(model: LLaDA, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     # Decay matrices only: norms' gains are scales, decaying them towards 0 would fight RMSNorm.
@@ -282,135 +259,123 @@ def noise_generator(cfg: TrainConfig, step: int, micro: int, rank: int) -> torch
     return torch.Generator().manual_seed(int(seed))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: OUT/checkpoint holds the model in the official layout (evaluate.py and the
-# official code load it) plus train_state/ (the optimizer, saved by every rank with
-# torch.distributed.checkpoint) and train_state.json. The whole directory is written under a
-# temporary name and renamed when complete.
-
-def save_checkpoint(model, optimizer, cfg: TrainConfig, step: int, tokenizer_extra: dict,
-                    rank: int, world: int):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    final = os.path.join(cfg.out, "checkpoint")
-    tmp = final + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a run killed mid-save
-    barrier(world)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=os.path.join(tmp, "train_state"), no_dist=not dist.is_initialized())
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        write_pretrained(tmp, model.config, weights, extra_files=tokenizer_extra)
-        state = {"step": step, "config": asdict(cfg), "world_size": world, "time": time.time()}
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
-        replace_dir(tmp, final)
-    barrier(world)
-
-
-def record_tokenizer(tokenizer, config) -> dict:
-    """What a checkpoint needs to rebuild its tokenizer: tokenizer.json for LLaDA (the files to
-    copy are returned), a marker in config.json for tiktoken (see data.load_tokenizer)."""
-    if os.path.isdir(tokenizer.source):
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        return {n: os.path.join(tokenizer.source, n) for n in names
-                if os.path.isfile(os.path.join(tokenizer.source, n))}
-    config.extra["tokenizer"] = tokenizer.source
-    return {}
+def train_step(model, optimizer, schedule: Schedule, cfg: TrainConfig, step: int, peak_lr: float,
+               rank: int, world: int, device) -> dict:
+    """One optimizer step over grad_accum micro batches; the step's log record. The update is
+    skipped when the loss or the gradient is not finite, so the weights never become so."""
+    t0 = time.perf_counter()
+    lr = learning_rate(step, cfg, peak_lr)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
+        if cfg.dtype == "bfloat16" and not cfg.fsdp else nullcontext()
+    step_loss = 0.0
+    for micro in range(cfg.grad_accum):
+        input_ids, doc_lens = batch_for_step(schedule, step, micro, rank)  # (B, L)
+        positions = document_positions(doc_lens).to(device) if cfg.positions == "document" else None
+        with autocast:
+            loss = diffusion_loss(model, input_ids.to(device), noise_generator(cfg, step, micro, rank),
+                                  doc_lens=doc_lens if isolates_documents(cfg.mask) else None,
+                                  positions=positions)
+        (loss / cfg.grad_accum).backward()
+        step_loss += loss.item() / cfg.grad_accum
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
+    loss_avg = mean_over_ranks(step_loss, world)
+    finite = math.isfinite(loss_avg) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    dt = time.perf_counter() - t0
+    return {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": schedule.per_step * cfg.seq_len / dt, "finite": finite}
 
 
-def load_training_state(model, optimizer, ckpt: str) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=os.path.join(ckpt, "train_state"), no_dist=not dist.is_initialized())
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
-    with open(os.path.join(ckpt, "train_state.json")) as f:
-        return json.load(f)["step"]
-
-
-def rank_zero_first(fn, rank: int, world: int):
-    """fn() on rank 0, then on the others: rank 0 builds a cache once, the others read it.
-    If rank 0 fails, every rank stops instead of waiting for it forever."""
-    result, error = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except (UserError, ValueError) as e:
-            error = e
-    if all_ranks_agree(error is not None, world):
-        raise error or UserError("rank 0 could not load the corpus")
-    return result if rank == 0 else fn()
-
-
-def barrier(world: int):
-    if world > 1:
-        dist.barrier()
-
-
-def truncate_log(path: str, step: int) -> None:
-    """Drop log lines past the checkpoint being resumed: those steps are about to be redone."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+def weights_finite(model, world: int) -> bool:
+    """Whether every weight is finite on every rank (each checks its own FSDP shard)."""
+    local = all(bool(torch.isfinite(getattr(p, "to_local", lambda: p)()).all())
+                for p in model.parameters())
+    return not any_rank(not local, world)
 
 
 # ---------------------------------------------------------------------------------------------
+# Starting a run: every check that can fail happens before anything is written.
 
 def check_inputs(cfg: TrainConfig) -> str:
     """Everything that can be checked before a file is written; returns the checkpoint path."""
     if cfg.init not in PRESETS and not os.path.isdir(cfg.init):
         raise UserError(f"--init {cfg.init} is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UserError(f"--out {cfg.out} is a file, not a folder; pass another --out")
+    check_scaling_args(cfg.target_len or cfg.seq_len, cfg.train_len, init_config(cfg).head_dim,
+                       cfg.d_crit)
     ckpt = os.path.join(cfg.out, "checkpoint")
-    has_ckpt = os.path.isfile(os.path.join(ckpt, "train_state.json"))
+    has_ckpt = find_training_checkpoint(ckpt)
     if cfg.resume and not has_ckpt:
         raise UserError(f"--resume: {ckpt} holds no complete checkpoint; drop --resume to start a new run")
     if not cfg.resume and has_ckpt:
         raise UserError(f"{ckpt} already holds a checkpoint; pass --resume to continue it, or "
                         f"another --out")
+    if cfg.resume:
+        saved = read_training_state(ckpt)["config"]
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in DEFINING
+                   if k in saved and saved[k] != getattr(cfg, k)]
+        if changed and not cfg.allow_changes:
+            raise UserError(f"--resume with other settings than the saved run ({', '.join(changed)});"
+                            f" pass the saved values, or --allow-changes to change them on purpose")
     return ckpt
+
+
+def start(cfg: TrainConfig, rank: int, world: int):
+    """The checkpoint path, tokenizer, schedule and model of a run, or a UserError."""
+    ckpt = check_inputs(cfg)
+    tokenizer = model_tokenizer(ckpt if cfg.resume else cfg.init)
+    corpus = rank_zero_first(lambda: load_corpus(tokenizer, cfg.data, cache_dir=cfg.cache_dir,
+                                                 progress=None if rank == 0 else False),
+                             rank, world)
+    schedule = Schedule(corpus, cfg.seq_len, cfg.mask, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
+    model = initial_model(cfg, ckpt)
+    if tokenizer.vocab_size > model.config.embedding_size or \
+            tokenizer.mask_id != model.config.mask_token_id:
+        raise UserError(f"the tokenizer ({tokenizer.name}, [MASK] {tokenizer.mask_id}) does not fit "
+                        f"the model ([MASK] {model.config.mask_token_id}, "
+                        f"{model.config.embedding_size} embeddings)")
+    return ckpt, tokenizer, corpus, schedule, model
+
+
+def stop_on_signals() -> dict:
+    """The first Ctrl-C or SIGTERM (a scheduler's) ends the run after the current step, with a
+    checkpoint, instead of losing everything since the last save; a second one exits at once
+    (a checkpoint being written stays the previous complete one: saves are atomic)."""
+    stop = {"signal": None}
+
+    def handler(sig, _frame):
+        if stop["signal"] is not None:
+            print("\nsecond interrupt: exiting without saving", file=sys.stderr)
+            os._exit(128 + sig)
+        stop["signal"] = sig
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
 
 
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.memory_plan:
-        print(memory_plan(init_config(cfg), cfg))
+        print(memory_plan(init_config(cfg), cfg.seq_len))
         return
+    tune_cpu_memory(reuse_freed=True)  # before the first large tensor; nothing on GPUs
     rank, world, device = setup_distributed(cfg.fsdp)
-    if cfg.dtype is None:
-        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    cfg.dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     say = print if rank == 0 else (lambda *a, **k: None)
     try:
-        ckpt = check_inputs(cfg)
-        tokenizer = load_tokenizer(ckpt if cfg.resume else cfg.init)
-        corpus = rank_zero_first(lambda: load_corpus(tokenizer, cfg.data, cache_dir=cfg.cache_dir,
-                                                     progress=None if rank == 0 else False),
-                                 rank, world)
-        schedule = Schedule(corpus, cfg.seq_len, cfg.mask, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
-        model = initial_model(cfg, ckpt)
-        if tokenizer.vocab_size > model.config.embedding_size or \
-                tokenizer.mask_id != model.config.mask_token_id:
-            raise UserError(f"the tokenizer ({tokenizer.name}, [MASK] {tokenizer.mask_id}) does not fit "
-                            f"the model ([MASK] {model.config.mask_token_id}, "
-                            f"{model.config.embedding_size} embeddings)")
-    except (UserError, ValueError) as e:
-        if rank == 0:  # the checks give every rank the same answer: say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    tokenizer_extra = record_tokenizer(tokenizer, model.config)
-
+        ckpt, tokenizer, corpus, schedule, model = start(cfg, rank, world)
+        lock = lock_folder(cfg.out) if rank == 0 else None  # held until the process ends
+    except (UserError, ValueError) as e:  # CheckpointError and FileError are ValueErrors
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted while starting; nothing was written", 130)
+    tokenizer_files = record_tokenizer(tokenizer, model.config)
     rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
     peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
     say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
@@ -423,109 +388,65 @@ def main(argv=None):
 
     model = parallelize(model, cfg, world, device)
     optimizer = make_optimizer(model, cfg, peak_lr)
-    start = load_training_state(model, optimizer, ckpt) if cfg.resume else 0
+    first = 0
     log_path = os.path.join(cfg.out, "log.jsonl")
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
+    try:
         if cfg.resume:
-            truncate_log(log_path, start)
-        else:
-            open(log_path, "w").close()
-    if start >= cfg.max_steps:
-        say(f"{ckpt} is already at step {start} of --max-steps {cfg.max_steps}: nothing to do")
+            first = read_training_state(ckpt)["step"]
+            load_optimizer_state(ckpt, model, optimizer)
+        if rank == 0:
+            truncate_log(log_path, first)  # steps past the checkpoint are about to be redone
+    except ValueError as e:
+        fail(str(e))
+    if first >= cfg.max_steps:
+        say(f"{ckpt} is already at step {first} of --max-steps {cfg.max_steps}: nothing to do")
         return
 
-    # A stop request (Ctrl-C, or SIGTERM from a scheduler) ends the run after the current step,
-    # with a checkpoint, instead of losing everything since the last save.
-    stop = {"asked": False}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.update(asked=True))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
-        if cfg.dtype == "bfloat16" and not cfg.fsdp else nullcontext()
-    isolate = isolates_documents(cfg.mask)
+    stop = stop_on_signals()
     # The bar only on a terminal (disable=None): in a log file the step lines say the same.
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=None if rank == 0 else True, unit="step",
-               dynamic_ncols=True)
-    tokens_seen = start * schedule.per_step * cfg.seq_len
-    t_run = time.perf_counter()
-    for step in range(start, cfg.max_steps):
-        t0 = time.perf_counter()
-        lr = learning_rate(step, cfg, peak_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            input_ids, doc_lens = batch_for_step(schedule, step, micro, rank)
-            positions = document_positions(doc_lens).to(device) if cfg.positions == "document" else None
-            with autocast:
-                loss = diffusion_loss(model, input_ids.to(device), noise_generator(cfg, step, micro, rank),
-                                      doc_lens=doc_lens if isolate else None, positions=positions)
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_avg = mean_over_ranks(step_loss, world)
-        dt = time.perf_counter() - t0
-        tokens_seen += schedule.per_step * cfg.seq_len
-        record = {"step": step + 1, "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens_per_s": schedule.per_step * cfg.seq_len / dt, "tokens": tokens_seen,
-                  "elapsed_s": time.perf_counter() - t_run}
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                bar.write(f"step {step + 1:>5} | loss {loss_avg:.4f} | lr {lr:.2e} | "
-                          f"{record['tokens_per_s']:,.0f} tokens/s | grad norm {record['grad_norm']:.2f}")
-        stopping = all_ranks_agree(stop["asked"], world)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
-            save_checkpoint(model, optimizer, cfg, step + 1, tokenizer_extra, rank, world)
+    bar = tqdm(total=cfg.max_steps, initial=first, disable=None if rank == 0 else True,
+               unit="step", dynamic_ncols=True)
+    tokens_seen, t_run = first * schedule.per_step * cfg.seq_len, time.perf_counter()
+    run_config = asdict(cfg)
+    try:
+        for step in range(first, cfg.max_steps):
+            record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
+            if not record.pop("finite"):
+                bar.close()
+                fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
+                     f"{record['grad_norm']}; stopped without updating or saving (the last "
+                     f"checkpoint is intact). Lower --lr or raise --warmup, then --resume "
+                     f"--allow-changes", 1)
+            tokens_seen += schedule.per_step * cfg.seq_len
+            record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
             if rank == 0:
-                bar.write(f"saved {ckpt} at step {step + 1}")
-        if stopping:
-            say(f"stopped at step {step + 1}; continue with the same flags plus --resume")
-            break
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                    bar.write(f"step {step + 1:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                              f"{record['tokens_per_s']:,.0f} tokens/s | grad norm {record['grad_norm']:.2f}")
+            stopping = any_rank(stop["signal"] is not None, world)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
+                if not weights_finite(model, world):  # the last update overflowed
+                    fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
+                         f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
+                save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
+                                         tokenizer_files, rank, world)
+                if rank == 0:
+                    bar.write(f"saved {ckpt} at step {step + 1}")
+            if stopping:
+                bar.close()
+                say(f"stopped at step {step + 1}; continue with the same flags plus --resume")
+                sys.exit(128 + (stop["signal"] or signal.SIGTERM))
+    except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
+        fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
+             f"checkpoint is intact, free space and --resume")
     bar.close()
     if world > 1:
         dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-
-def memory_plan(c, cfg: TrainConfig, gpu_gib: float = 80.0) -> str:
-    """Per-GPU memory of FSDP training at cfg.seq_len tokens per GPU, in GiB, for 1..128 GPUs.
-
-    Sharded over N GPUs: float32 weights, float32 gradients and AdamW's two float32 moments
-    (16 bytes a parameter). Not sharded: the bf16 copy of the two blocks being gathered, the
-    LM head kept gathered, activations (with checkpointing: every block's bf16 input, plus one
-    block's activations while it is recomputed), and the loss, which holds the hidden states
-    of the masked positions (at most all L) and one chunk of float32 logits with its gradient.
-    """
-    gib = 2**30
-    P = num_params(c)
-    L, d, m, V = cfg.seq_len, c.d_model, c.mlp_hidden_size, c.embedding_size
-    block_params = 4 * d * d + 3 * d * m
-    gathered = 2 * (2 * block_params + V * d) / gib
-    saved_inputs = 2 * L * d * c.n_layers / gib
-    # One block in backward: norms, q k v (and float32 rotated copies), attention output,
-    # projections, and the four SwiGLU tensors, about 12 d + 4 m bf16 values per token.
-    block_acts = 2 * L * (12 * d + 4 * m) / gib
-    loss = (2 * L * d + 2 * 4 * 4096 * V) / gib
-    rows = [f"Per-GPU memory for {c.n_layers} layers x d_model {d} ({P / 1e9:.2f}B parameters) at "
-            f"{L:,} tokens per GPU, FSDP + bf16 mixed precision + activation checkpointing:",
-            "", "| GPUs | weights+grads+AdamW (sharded) | gathered bf16 weights | activations | loss | "
-            f"total | fits {gpu_gib:.0f} GB? |", "|---:|---:|---:|---:|---:|---:|---|"]
-    for n in (1, 2, 4, 8, 16, 32, 64, 128):
-        sharded = 16 * P / n / gib
-        total = sharded + gathered + saved_inputs + block_acts + loss
-        rows.append(f"| {n} | {sharded:.1f} | {gathered:.1f} | {saved_inputs + block_acts:.1f} | "
-                    f"{loss:.1f} | {total:.1f} | {'yes' if total < 0.9 * gpu_gib else 'no'} |")
-    rows.append("\n(without activation checkpointing every block keeps its activations: "
-                f"{c.n_layers * block_acts:.0f} GiB more)")
-    return "\n".join(rows)
+    del lock
 
 
 if __name__ == "__main__":

@@ -26,15 +26,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import prepare  # noqa: E402
+from tokenizer import tiktoken_tokenizer  # noqa: E402
 
 
 def write_books(folder: str, megabytes: float, book_bytes: int = 400_000) -> list[str]:
     """PG19-like .txt books (about 400 KB each) made of synthetic documents; returns their texts."""
     os.makedirs(folder, exist_ok=True)
-    config = data.SyntheticConfig(seed=123, n_docs=10**9)
+    config = prepare.SyntheticConfig(seed=123, n_docs=10**9)
     books, book, size, i = [], [], 0, 0
     while sum(len(b) for b in books) < megabytes * 1e6:
-        doc = data.synthetic_document(config, i)
+        doc = prepare.synthetic_document(config, i)
         i += 1
         book.append(doc)
         size += len(doc) + 2
@@ -77,7 +79,7 @@ def machine_scaling(workers: int, n: int = 5_000_000) -> float:
 def build(tok, folder, workers, cache_dir):
     """A cold build: a fresh cache directory each time, so nothing is reused."""
     cache = tempfile.mkdtemp(dir=cache_dir)
-    c = data.load_corpus(tok, folder, heldout=0, workers=workers, progress=False, cache_dir=cache)
+    c = prepare.load_corpus(tok, folder, heldout=0, workers=workers, progress=False, cache_dir=cache)
     assert not c.reused
     return c
 
@@ -91,7 +93,7 @@ def bench_tokenization(tok, folder, texts, workers_list, cache_dir, repeats):
         c, sec = timed(lambda: build(tok, folder, w, cache_dir), repeats)
         assert c.n_tokens == n_tokens
         rows.append(("pipeline: .txt folder -> cache, built", w, c.n_tokens, sec))
-    c, sec = timed(lambda: data.load_corpus(tok, folder, heldout=0, progress=False,
+    c, sec = timed(lambda: prepare.load_corpus(tok, folder, heldout=0, progress=False,
                                             cache_dir=os.path.dirname(c.path)), repeats)
     assert c.reused
     rows.append(("pipeline: cache reused (second run)", "-", c.n_tokens, sec))
@@ -136,7 +138,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=2,
                    help="tokenization timings are the best of this many runs (default 2)")
     args = p.parse_args(argv)
-    tok = data.tiktoken_tokenizer()
+    tok = tiktoken_tokenizer()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}")
     if args.workers > 1:
@@ -149,7 +151,7 @@ def main(argv=None):
         os.makedirs(os.path.join(work, "cache"))
         books = bench_tokenization(tok, os.path.join(work, "books"), texts, workers,
                                    os.path.join(work, "cache"), args.repeats)
-        short = data.load_corpus(tok, synthetic=data.SyntheticConfig(n_docs=args.short_docs),
+        short = prepare.load_corpus(tok, synthetic=prepare.SyntheticConfig(n_docs=args.short_docs),
                                  progress=False, cache_dir=os.path.join(work, "cache"))
         bench_packing([("books", books), ("synthetic corpus", short)],
                       args.seq_len, args.max_seqs)

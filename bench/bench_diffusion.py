@@ -97,7 +97,8 @@ def bench_loss(args) -> None:
 def bench_sampler(args) -> None:
     import torch
     from diffusion import generate
-    from model import LLaDA, PrefixCache, from_pretrained, preset
+    from checkpoint import from_pretrained
+    from model import LLaDA, PrefixCache, preset
 
     torch.manual_seed(0)
     model = from_pretrained(args.model) if args.model else LLaDA(preset("tiny", init_std=args.init_std))

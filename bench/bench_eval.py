@@ -32,8 +32,10 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
     import torch
     import evaluate
-    from data import tiktoken_tokenizer
-    from model import LLaDA, from_pretrained, preset
+    import niah
+    from checkpoint import from_pretrained
+    from model import LLaDA, preset
+    from tokenizer import tiktoken_tokenizer
 
     torch.manual_seed(0)
     model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
@@ -45,14 +47,13 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     base = memory_mb("VmRSS")
     reset_peak()
     t = time.perf_counter()
-    cells, work, _ = evaluate.plan_niah(cfg, counter)
+    cells, work, _ = niah.plan(cfg, counter, counter)
     n = length - len(work["needle"]) - len(work["tail"])
-    window = evaluate.haystack_window(work["pool"], work["bounds"], n, 0)
-    ids, _ = evaluate.niah_prompt(window, evaluate.sentence_boundaries(window, counter),
-                                  work["needle"], work["tail"], 50)
+    window = niah.haystack_window(work["pool"], work["bounds"], n, 0)
+    work["windows"] = {(length, 0): (window, niah.sentence_boundaries(window, counter))}
     build = time.perf_counter() - t
     load = os.getloadavg()[0]
-    cell = evaluate.run_niah_cell(model, counter, counter, cfg, ids, torch.device("cpu"))
+    cell = niah.run_cell(model, counter, cfg, cells[0], work, torch.device("cpu"))
     return {"build": build, "time": cell["seconds"], "peak_mb": memory_mb("VmHWM"),
             "above_mb": memory_mb("VmHWM") - base, "tokens": cell["model_tokens"],
             "load": max(load, os.getloadavg()[0]), "threads": torch.get_num_threads()}
@@ -83,8 +84,9 @@ def main(argv=None):
         p.error(f"--model {args.model} is not a directory")
 
     import torch
-    from evaluate import cell_flops, EvalConfig
-    from model import preset, read_config
+    from checkpoint import read_config
+    from model import preset
+    from results import generation_flops
 
     config = read_config(args.model) if args.model else preset("tiny")
     print(f"## One NIAH cell: {args.model or 'tiny preset, random weights'} ({config.n_layers} "
@@ -103,7 +105,7 @@ def main(argv=None):
                       f"time of one forward) | | | | | |", flush=True)
                 continue
             r = measure(length, mode, args.model)
-            flops = cell_flops(config, EvalConfig(prompt_cache=mode == "prefix"), length)
+            flops = generation_flops(config, length, 32, 32, 16, prompt_cache=mode == "prefix")
             first = first or (r["time"], flops)
             estimate = first[0] / first[1] * flops
             label = "exact" if mode == "exact" else "prompt cache"

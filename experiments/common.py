@@ -24,9 +24,11 @@ import random  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from data import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence, filler_text,  # noqa: E402
-                  load_tokenizer, synthetic_texts, tiktoken_tokenizer)
-from model import LLaDA, from_pretrained, preset, save_pretrained  # noqa: E402
+from checkpoint import from_pretrained, save_pretrained  # noqa: E402
+from model import LLaDA, preset  # noqa: E402
+from prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence,  # noqa: E402
+                     filler_text, synthetic_texts)
+from tokenizer import load_tokenizer, tiktoken_tokenizer  # noqa: E402
 
 RUNS = os.path.join(ROOT, "experiments", "runs")  # checkpoints and raw results (git-ignored)
 RESULTS = os.path.join(ROOT, "experiments", "results")  # tables and plots (committed)

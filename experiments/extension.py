@@ -1,5 +1,5 @@
 """
-Experiment 1: training-free context extension, in miniature (shared/PAPER.md section 2).
+Experiment 1: training-free context extension, in miniature (docs/paper.md section 2).
 
 A tiny LLaDA is pre-trained with the masked-diffusion loss at a 512-token window on the built-in
 synthetic corpus, then fine-tuned to retrieve facts inside that window (common.base_model). Without any

@@ -25,11 +25,11 @@ import torch
 
 from common import (CODES, NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, SEED, WINDOW, base_model, evaluate,
                     log, minutes, retrieval_finetune, train, write_section)
-from data import (FACT, NAMES, QUESTION, SyntheticConfig, filler_text, load_tokenizer, synthetic_texts,
-                  tiktoken_tokenizer)
-from diffusion import generate
-from masks import STRATEGIES
-from model import from_pretrained
+from checkpoint import from_pretrained  # noqa: E402
+from diffusion import generate  # noqa: E402
+from masks import STRATEGIES  # noqa: E402
+from prepare import FACT, NAMES, QUESTION, SyntheticConfig, filler_text, synthetic_texts  # noqa: E402
+from tokenizer import load_tokenizer, tiktoken_tokenizer  # noqa: E402
 
 SEQ_LEN = 4 * WINDOW
 STEPS = 300

@@ -11,15 +11,19 @@ import pytest
 import torch
 
 import data
-from data import Corpus, Schedule, SyntheticConfig
-from model import TIKTOKEN_VOCAB, preset
+import prepare
+from checkpoint import model_tokenizer
+from data import Schedule
+from model import preset
+from prepare import Corpus, SyntheticConfig
+from tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 
 EOS = 10**9  # a separator id no test token can equal
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return data.tiktoken_tokenizer()
+    return tiktoken_tokenizer()
 
 
 def make_corpus(lengths) -> Corpus:
@@ -182,7 +186,7 @@ def make_books(folder):
 def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, monkeypatch):
     make_books(tmp_path / "books")
     cache = str(tmp_path / "cache")
-    c = data.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    c = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not c.reused and c.n_docs == 3
     for j, name in enumerate(["a.txt", "b.txt", "sub/c.txt"]):  # sorted paths
         assert c.document(j).tolist() == tok.encode(BOOKS[name])
@@ -191,8 +195,8 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
     def no_tokenizing(*a, **k):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(data, "tokenize_task", no_tokenizing)
-    again = data.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    monkeypatch.setattr(prepare, "tokenize_task", no_tokenizing)
+    again = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert again.reused and again.path == c.path
     assert os.stat(os.path.join(c.path, "tokens.bin")).st_mtime_ns == stamp
     s1, s2 = Schedule(c, 8, "eod", batch_size=2, seed=3), Schedule(again, 8, "eod", batch_size=2, seed=3)
@@ -201,14 +205,14 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
 
     # Settings that change the tokens give a new cache: the held-out fraction, a file's content,
     # the tokenizer
-    other = data.load_corpus(tok, str(tmp_path / "books"), heldout=0.5, cache_dir=cache, workers=1)
+    other = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0.5, cache_dir=cache, workers=1)
     assert not other.reused and other.path != c.path
     write(tmp_path / "books" / "b.txt", "A different book altogether, and longer than before.")
-    edited = data.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    edited = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not edited.reused and edited.path not in (c.path, other.path)
     assert edited.document(1).tolist() == tok.encode("A different book altogether, and longer than before.")
-    json_tok = data.load_tokenizer(make_json_tokenizer(tmp_path / "ckpt"))
-    by_json = data.load_corpus(json_tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    json_tok = load_tokenizer(make_json_tokenizer(tmp_path / "ckpt"))
+    by_json = prepare.load_corpus(json_tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not by_json.reused and by_json.path != edited.path
     assert sorted(os.listdir(cache)) == sorted(os.path.basename(x.path) for x in (c, other, edited, by_json))
 
@@ -216,7 +220,7 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
 def test_an_interrupted_build_leaves_no_cache(tmp_path, tok, monkeypatch):
     make_books(tmp_path / "books")
     cache = tmp_path / "cache"
-    real, calls = data.tokenize_task, []
+    real, calls = prepare.tokenize_task, []
 
     def fail_on_second(*a, **k):
         calls.append(1)
@@ -224,19 +228,19 @@ def test_an_interrupted_build_leaves_no_cache(tmp_path, tok, monkeypatch):
             raise RuntimeError("interrupted")
         return real(*a, **k)
 
-    monkeypatch.setattr(data, "tokenize_task", fail_on_second)
+    monkeypatch.setattr(prepare, "tokenize_task", fail_on_second)
     with pytest.raises(RuntimeError, match="interrupted"):
-        data.load_corpus(tok, str(tmp_path / "books"), cache_dir=str(cache), workers=1)
+        prepare.load_corpus(tok, str(tmp_path / "books"), cache_dir=str(cache), workers=1)
     assert os.listdir(cache) == []  # neither a finished-looking cache nor a temporary directory
     monkeypatch.undo()
-    c = data.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
+    c = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
     assert not c.reused and c.n_docs == 3
 
 
 def test_parallel_build_equals_serial_build(tmp_path, tok):
     cfg = SyntheticConfig(seed=1, n_docs=250)  # 3 tasks of 100, 100, 50 documents
-    serial = data.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
-    parallel = data.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
+    serial = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
+    parallel = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
     assert serial.n_docs > 200 and not parallel.reused
     assert np.array_equal(serial.offsets, parallel.offsets)
     assert np.array_equal(serial.tokens, parallel.tokens)
@@ -256,7 +260,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tok, capsys):
         write(folder / "secret.txt", "no permission")
         os.chmod(folder / "secret.txt", 0)
         expected["secret.txt"] = "unreadable"
-    c = data.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    c = prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
     assert c.n_docs == 1 and c.document(0).tolist() == tok.encode("A perfectly good book.")
     assert c.n_skipped == len(c.skipped) == len(expected)
     reasons = dict(c.skipped)
@@ -264,18 +268,18 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tok, capsys):
     assert all(reasons[n].startswith(r) for n, r in expected.items()), reasons
     err = capsys.readouterr().err
     assert f"skipped {len(expected)} documents" in err and all(n in err for n in expected)
-    data.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
     assert "latin1.txt (not UTF-8 at byte 3)" in capsys.readouterr().err  # reported again when reused
 
     bad_only = tmp_path / "bad"
     write(bad_only / "empty.txt", "")
     with pytest.raises(ValueError, match=r"no usable documents .* 1 skipped: empty.txt \(empty\)"):
-        data.load_corpus(tok, str(bad_only), cache_dir=str(tmp_path / "cache"), workers=1)
+        prepare.load_corpus(tok, str(bad_only), cache_dir=str(tmp_path / "cache"), workers=1)
     with pytest.raises(ValueError, match="does not exist"):
-        data.load_corpus(tok, str(tmp_path / "missing"), cache_dir=str(tmp_path / "cache"))
+        prepare.load_corpus(tok, str(tmp_path / "missing"), cache_dir=str(tmp_path / "cache"))
     write(tmp_path / "nothing" / "x.md", "no books")
     with pytest.raises(ValueError, match=r"no \.txt or \.jsonl files"):
-        data.load_corpus(tok, str(tmp_path / "nothing"), cache_dir=str(tmp_path / "cache"))
+        prepare.load_corpus(tok, str(tmp_path / "nothing"), cache_dir=str(tmp_path / "cache"))
     assert not any(".tmp-" in n for n in os.listdir(tmp_path / "cache"))
 
 
@@ -296,11 +300,11 @@ JSONL_SKIPPED = [["x.jsonl line 3", "invalid JSON"], ["x.jsonl line 4", 'no "tex
 
 @pytest.mark.parametrize("chunk_bytes", [8 << 20, 20])  # one range, or one range per line or two
 def test_jsonl_lines_are_documents(tmp_path, tok, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(data, "JSONL_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", chunk_bytes)
     write(tmp_path / "d" / "x.jsonl", b"\n".join(JSONL) + b"\n", "wb")
     # no newline after the last line
     write(tmp_path / "d" / "y.jsonl", b'{"text": "Fourth."}\n[1, 2]\n{"text": "Fifth."}', "wb")
-    c = data.load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    c = prepare.load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
     texts = JSONL_TEXTS + ["Fourth.", "Fifth."]
     assert [c.document(j).tolist() for j in range(c.n_docs)] == [tok.encode(t) for t in texts]
     # line numbers count across ranges, and start again in the next file
@@ -312,26 +316,26 @@ def test_split_folders_and_held_out_documents(tmp_path, tok):
     write(pg / "train" / "1.txt", "A training book.")
     write(pg / "validation" / "2.txt", "A validation book, quite different.")
     cache = str(tmp_path / "cache")
-    train = data.load_corpus(tok, str(pg), "train", cache_dir=cache, workers=1)
-    val = data.load_corpus(tok, str(pg), "validation", cache_dir=cache, workers=1)
+    train = prepare.load_corpus(tok, str(pg), "train", cache_dir=cache, workers=1)
+    val = prepare.load_corpus(tok, str(pg), "validation", cache_dir=cache, workers=1)
     assert train.document(0).tolist() == tok.encode("A training book.")
     assert val.document(0).tolist() == tok.encode("A validation book, quite different.")
     assert train.n_docs == val.n_docs == 1 and "validation folder" in val.name
     with pytest.raises(ValueError, match="has no test/ folder"):
-        data.load_corpus(tok, str(pg), "test", cache_dir=cache)
+        prepare.load_corpus(tok, str(pg), "test", cache_dir=cache)
 
     # Without split folders, validation is a hashed fraction of the documents
     texts = [f"Document number {i} says {i * i}." for i in range(60)]
     write(tmp_path / "flat" / "all.jsonl", "\n".join(json.dumps({"text": t}) for t in texts))
     parts = {}
     for split in ("train", "validation"):
-        c = data.load_corpus(tok, str(tmp_path / "flat"), split, heldout=0.3, cache_dir=cache, workers=1)
+        c = prepare.load_corpus(tok, str(tmp_path / "flat"), split, heldout=0.3, cache_dir=cache, workers=1)
         parts[split] = [tok.decode(c.document(j)) for j in range(c.n_docs)]
     assert sorted(parts["train"] + parts["validation"]) == sorted(texts)  # disjoint, nothing lost
     assert 8 <= len(parts["validation"]) <= 30
-    assert parts["validation"] == [t for t in texts if data.is_heldout(t, 0.3)]
+    assert parts["validation"] == [t for t in texts if prepare.is_heldout(t, 0.3)]
     with pytest.raises(ValueError, match="--heldout is 0"):
-        data.load_corpus(tok, str(tmp_path / "flat"), "validation", heldout=0, cache_dir=cache)
+        prepare.load_corpus(tok, str(tmp_path / "flat"), "validation", heldout=0, cache_dir=cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,34 +371,34 @@ def make_json_tokenizer(path, config=None) -> str:
 
 
 def test_tokenizer_json_from_a_checkpoint_directory(tmp_path):
-    t = data.load_tokenizer(make_json_tokenizer(tmp_path / "llada", {"eos_token_id": 7, "mask_token_id": 9}))
+    t = load_tokenizer(make_json_tokenizer(tmp_path / "llada", {"eos_token_id": 7, "mask_token_id": 9}))
     assert (t.eos_id, t.mask_id) == (7, 9) and t.fingerprint.startswith("json-")
     ids = t.encode(TEXT)
     assert t.decode(ids) == TEXT and len(ids) < len(TEXT.encode())  # merges were learned
-    default = data.load_tokenizer(make_json_tokenizer(tmp_path / "noconfig"))
+    default = load_tokenizer(make_json_tokenizer(tmp_path / "noconfig"))
     assert (default.eos_id, default.mask_id) == (126081, 126336)  # LLaDA's, without a config.json
     assert default.vocab_size == 126337
     assert default.decode(ids + [126081, 126336]) == TEXT  # ids it does not know are skipped
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="has no tokenizer.json"):
-        data.load_tokenizer(str(tmp_path / "empty"))
+        load_tokenizer(str(tmp_path / "empty"))
 
 
 def test_load_tokenizer_for_presets_and_our_tiny_checkpoints(tmp_path):
-    assert data.load_tokenizer("tiny").fingerprint == "tiktoken-cl100k_base"
-    assert data.load_tokenizer("cl100k_base").eos_id == TIKTOKEN_VOCAB
+    assert model_tokenizer("tiny").fingerprint == "tiktoken-cl100k_base"
+    assert load_tokenizer("cl100k_base").eos_id == TIKTOKEN_VOCAB
     with pytest.raises(ValueError, match="preset llada-8b uses LLaDA's tokenizer.json"):
-        data.load_tokenizer("llada-8b")
+        model_tokenizer("llada-8b")
     with pytest.raises(ValueError, match="neither a preset"):
-        data.load_tokenizer(str(tmp_path / "nope"))
+        model_tokenizer(str(tmp_path / "nope"))
     marked = {**preset("tiny").to_dict(), "tokenizer": "cl100k_base"}  # what train.py writes
     write(tmp_path / "tiny" / "config.json", json.dumps(marked))
-    assert data.load_tokenizer(str(tmp_path / "tiny")).source == "cl100k_base"
+    assert load_tokenizer(str(tmp_path / "tiny")).source == "cl100k_base"
     write(tmp_path / "old" / "config.json", json.dumps(preset("tiny").to_dict()))  # no marker
-    assert data.load_tokenizer(str(tmp_path / "old")).source == "cl100k_base"
+    assert load_tokenizer(str(tmp_path / "old")).source == "cl100k_base"
     write(tmp_path / "llada" / "config.json", json.dumps(preset("llada-8b").to_dict()))
     with pytest.raises(ValueError, match="has no tokenizer.json"):
-        data.load_tokenizer(str(tmp_path / "llada"))
+        load_tokenizer(str(tmp_path / "llada"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,10 +410,10 @@ QUESTION_RE = re.compile(r"What is the secret code of (\w+ \w+)\? It is (\d+)\."
 
 def test_synthetic_corpus_is_deterministic_long_and_asks_back_facts(tok):
     cfg = SyntheticConfig(seed=3, n_docs=150)
-    texts = data.synthetic_texts(cfg)
-    assert texts == data.synthetic_texts(SyntheticConfig(seed=3, n_docs=150))
-    assert data.synthetic_texts(SyntheticConfig(seed=4, n_docs=150)) != texts
-    assert data.synthetic_document(cfg, 77) == texts[77]  # any document on its own
+    texts = prepare.synthetic_texts(cfg)
+    assert texts == prepare.synthetic_texts(SyntheticConfig(seed=3, n_docs=150))
+    assert prepare.synthetic_texts(SyntheticConfig(seed=4, n_docs=150)) != texts
+    assert prepare.synthetic_document(cfg, 77) == texts[77]  # any document on its own
     lengths = np.array([len(tok.encode(t)) for t in texts])
     assert (lengths >= 4000).sum() >= 3  # several thousand tokens, longer than a 2048 window
     assert (lengths < 512).mean() > 0.6  # and many short ones
@@ -428,23 +432,23 @@ def test_synthetic_corpus_is_deterministic_long_and_asks_back_facts(tok):
 
 def test_synthetic_corpus_is_labelled_and_split(tmp_path, tok):
     cfg = SyntheticConfig(seed=2, n_docs=120)
-    train = data.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path), workers=1)
-    val = data.load_corpus(tok, split="validation", heldout=0.1, synthetic=cfg, cache_dir=str(tmp_path),
+    train = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path), workers=1)
+    val = prepare.load_corpus(tok, split="validation", heldout=0.1, synthetic=cfg, cache_dir=str(tmp_path),
                            workers=1)
     assert train.name == "synthetic (built-in, seed 2, train)"
     assert val.name.startswith("synthetic (built-in, seed 2")
     assert 0 < val.n_docs < 30
-    assert train.n_docs == 120 - sum(data.is_heldout(t, 0.02) for t in data.synthetic_texts(cfg))
+    assert train.n_docs == 120 - sum(prepare.is_heldout(t, 0.02) for t in prepare.synthetic_texts(cfg))
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 100, 1000, 4096])
 def test_filler_text_has_the_requested_token_length(tok, n):
-    text = data.filler_text(n, tok, seed=n)
+    text = prepare.filler_text(n, tok, seed=n)
     assert len(tok.encode(text)) == n
     assert "secret" not in text
-    assert data.filler_text(n, tok, seed=n) == text
+    assert prepare.filler_text(n, tok, seed=n) == text
     if n > 10:
-        assert data.filler_text(n, tok, seed=n + 1) != text
+        assert prepare.filler_text(n, tok, seed=n + 1) != text
 
 
 def test_cli_prints_stats_and_one_line_errors(tmp_path, capsys):

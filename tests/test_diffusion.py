@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusion import (add_gumbel_noise, chunk_nll, cumulative_perplexity, diffusion_loss,
                        forward_process, generate, get_num_transfer_tokens, left_pad,
                        log_likelihood, low_confidence, masked_cross_entropy,
-                       stratified_forward_process)
+                       sft_loss, stratified_forward_process)
 from model import LLaDA, PrefixCache, preset
 
 V = 64  # a small vocabulary keeps the tiny model fast; the last two ids are [MASK] and EOS/pad
@@ -124,6 +124,33 @@ def test_loss_equals_hand_computation():
     assert math.isclose(loss.item(), expected / 24, rel_tol=1e-6)
     masked = model.calls[0]["input_ids"] == MASK
     assert bool((masked == (coins < ((1 - 1e-3) * t + 1e-3)[:, None])).all())
+
+
+def test_sft_loss_never_masks_the_prompt_and_normalises_by_answer_length():
+    torch.manual_seed(0)
+    model = EmbeddingModel()
+    x = torch.randint(0, V - 2, (3, 10))
+    prompt_lens = [4, 7, 2]
+    loss = sft_loss(model, x, prompt_lens, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # replay: t first, then one coin per token
+    t, coins = torch.rand(3, generator=g), torch.rand((3, 10), generator=g)
+    log_probs = F.log_softmax(model.head(model.wte.weight[MASK]).detach().double(), -1)
+    expected, n_masked = 0.0, 0
+    for b in range(3):
+        p = (1 - 1e-3) * float(t[b]) + 1e-3
+        answer = 10 - prompt_lens[b]
+        for i in range(prompt_lens[b], 10):
+            if coins[b, i] < p:
+                expected += -float(log_probs[x[b, i]]) / p / answer
+                n_masked += 1
+    assert n_masked > 0
+    assert math.isclose(loss.item(), expected / 3, rel_tol=1e-6)
+    seen = model.calls[0]["input_ids"]
+    for b, n in enumerate(prompt_lens):
+        assert torch.equal(seen[b, :n], x[b, :n])  # the prompt is never masked
+    # the answer is masked where the coins say so, exactly as in pre-training
+    is_answer = torch.arange(10)[None] >= torch.tensor(prompt_lens)[:, None]
+    assert torch.equal(seen == MASK, (coins < ((1 - 1e-3) * t + 1e-3)[:, None]) & is_answer)
 
 
 def test_masking_rate_follows_p():
@@ -547,17 +574,18 @@ def test_chunk_nll_of_a_fixed_distribution_is_exact():
     chunk_tokens = torch.tensor([3, 17, 3, 40, 9])
     tokens = chunk_tokens.repeat_interleave(16)  # each chunk one token repeated: every draw is exact
     nll = chunk_nll(model, tokens, chunk_size=16, draws=4, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(nll, -torch.log(q[chunk_tokens]), rtol=1e-5)
+    assert torch.allclose(nll, -torch.log(q[chunk_tokens[1:]]), rtol=1e-5)  # chunk 0: context only
     ppl = cumulative_perplexity(nll)
-    assert torch.allclose(ppl, torch.exp(torch.cumsum(nll, 0) / torch.arange(1, 6)))
-    assert math.isclose(float(ppl[-1]), math.exp(-float(torch.log(q[tokens]).mean())), rel_tol=1e-5)
+    assert torch.allclose(ppl, torch.exp(torch.cumsum(nll, 0) / torch.arange(1, 5)))
+    assert math.isclose(float(ppl[-1]), math.exp(-float(torch.log(q[tokens[16:]]).mean())),
+                        rel_tol=1e-5)
 
 
 def test_chunk_nll_inputs_are_context_plus_a_masked_chunk():
     model = ConstantModel(torch.full((V,), 1 / V))
     tokens = torch.randint(0, V - 2, (48,))
     chunk_nll(model, tokens, chunk_size=16, draws=8, generator=torch.Generator().manual_seed(0))
-    assert [x.shape for x in model.inputs] == [(8, 16), (8, 32), (8, 48)]
+    assert [x.shape for x in model.inputs] == [(8, 32), (8, 48)]  # the first chunk is context
     ks = []
     for x in model.inputs:
         end = x.shape[1]
@@ -568,6 +596,8 @@ def test_chunk_nll_inputs_are_context_plus_a_masked_chunk():
     assert min(ks) >= 1 and max(ks) <= 16 and len(set(ks)) > 3
     with pytest.raises(ValueError, match="multiple of chunk_size"):
         chunk_nll(model, tokens[:40], chunk_size=16)
+    with pytest.raises(ValueError, match="at least two chunks"):
+        chunk_nll(model, tokens[:16], chunk_size=16)
 
 
 def test_chunk_nll_averages_each_draws_mean_over_its_masked_tokens():
@@ -575,7 +605,8 @@ def test_chunk_nll_averages_each_draws_mean_over_its_masked_tokens():
     model = ConstantModel(q)
     tokens = torch.randint(0, V - 2, (32,), generator=torch.Generator().manual_seed(1))
     nll = chunk_nll(model, tokens, chunk_size=16, draws=8, generator=torch.Generator().manual_seed(0))
-    for c, x in enumerate(model.inputs):
+    assert len(model.inputs) == len(nll) == 1
+    for c, x in enumerate(model.inputs, 1):
         chunk = tokens[16 * c:16 * (c + 1)]
         per_draw = [float(-torch.log(q[chunk[row == MASK]]).mean()) for row in x[:, 16 * c:]]
-        assert math.isclose(float(nll[c]), sum(per_draw) / 8, rel_tol=1e-5)
+        assert math.isclose(float(nll[c - 1]), sum(per_draw) / 8, rel_tol=1e-5)

@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import data
 import evaluate
-from data import tiktoken_tokenizer
-from model import LLaDA, preset, read_config, save_pretrained
+import results
+import niah
+import prepare
+from checkpoint import read_config, save_pretrained
+from model import LLaDA, preset
+from tokenizer import tiktoken_tokenizer
 from rope import scale_rope
 
 
@@ -81,7 +84,7 @@ def is_sentence_end(tok, ids, j):
 
 
 def check_prompt(tok, cfg, L, depth, window, ids, p):
-    needle, tail = evaluate.niah_pieces(cfg, tok)
+    needle, tail = niah.niah_pieces(cfg, tok)
     n = len(window)
     assert len(ids) == L == n + len(needle) + len(tail)  # --len counts the whole prompt
     assert ids[p:p + len(needle)] == needle and ids[-len(tail):] == tail
@@ -104,14 +107,14 @@ def check_prompt(tok, cfg, L, depth, window, ids, p):
 @pytest.mark.parametrize("L", [200, 1000, 4096])
 def test_needle_sits_at_each_depth_and_the_prompt_has_exactly_len_tokens(tok, L):
     cfg = evaluate.EvalConfig(len=[L])
-    needle, tail = evaluate.niah_pieces(cfg, tok)
+    needle, tail = niah.niah_pieces(cfg, tok)
     n = L - len(needle) - len(tail)
-    pool, _ = evaluate.haystack_pool(cfg, tok, n)
-    window = evaluate.haystack_window(pool, evaluate.sentence_boundaries(pool, tok), n, 0)
-    bounds = evaluate.sentence_boundaries(window, tok)
+    pool, _ = niah.haystack_pool(cfg, tok, n)
+    window = niah.haystack_window(pool, niah.sentence_boundaries(pool, tok), n, 0)
+    bounds = niah.sentence_boundaries(window, tok)
     positions = []
     for depth in range(0, 101, 10):
-        ids, p = evaluate.niah_prompt(window, bounds, needle, tail, depth)
+        ids, p = niah.niah_prompt(window, bounds, needle, tail, depth)
         check_prompt(tok, cfg, L, depth, window, ids, p)
         positions.append(p)
     assert positions[0] < 20 and positions[-1] == n  # first and last sentence of the haystack
@@ -125,24 +128,24 @@ def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok,
     books.mkdir()
     rng = random.Random(0)
     for i in range(3):  # sentences ending in . ! ? and closing quotes, as in real books
-        sents = [data.filler_sentence(rng)[:-1] + rng.choice([".", "!", "?", '."', "?'"])
+        sents = [prepare.filler_sentence(rng)[:-1] + rng.choice([".", "!", "?", '."', "?'"])
                  for _ in range(80)]  # about 700 tokens each: all three are needed
         (books / f"book{i}.txt").write_text(" ".join(sents))
     cfg = evaluate.EvalConfig(len=[600], haystack=str(books), repeats=3, needle="Zara keeps a red kite.",
                               question="What does Zara keep?", keyword="red kite", separator="\n\n")
-    needle, tail = evaluate.niah_pieces(cfg, tok)
+    needle, tail = niah.niah_pieces(cfg, tok)
     n = 600 - len(needle) - len(tail)
-    pool, name = evaluate.haystack_pool(cfg, tok, n)
+    pool, name = niah.haystack_pool(cfg, tok, n)
     texts = [(books / f"book{i}.txt").read_text() for i in range(3)]
     assert name == str(books) and pool.tolist() == sum((tok.encode(t + "\n\n") for t in texts), [])
-    bounds = evaluate.sentence_boundaries(pool, tok)
+    bounds = niah.sentence_boundaries(pool, tok)
     windows = []
     for r in range(3):
-        window = evaluate.haystack_window(pool, bounds, n, r)
-        wb = evaluate.sentence_boundaries(window, tok)
+        window = niah.haystack_window(pool, bounds, n, r)
+        wb = niah.sentence_boundaries(window, tok)
         windows.append(tok.decode(window.tolist()))
         for depth in (0, 30, 70, 100):
-            ids, p = evaluate.niah_prompt(window, wb, needle, tail, depth)
+            ids, p = niah.niah_prompt(window, wb, needle, tail, depth)
             assert len(ids) == 600 and ids[p:p + len(needle)] == needle
             assert p == 0 or p == n or is_sentence_end(tok, window, p)
             text = tok.decode(ids)
@@ -155,26 +158,26 @@ def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok,
 # Scoring
 
 def test_levenshtein():
-    assert evaluate.levenshtein("kitten", "sitting") == 3
-    assert evaluate.levenshtein("sitting", "kitten") == 3
-    assert evaluate.levenshtein("", "abc") == 3 and evaluate.levenshtein("abc", "abc") == 0
+    assert niah.levenshtein("kitten", "sitting") == 3
+    assert niah.levenshtein("sitting", "kitten") == 3
+    assert niah.levenshtein("", "abc") == 3 and niah.levenshtein("abc", "abc") == 0
 
 
 def test_score_is_100_with_the_keyword_else_a_fifth_of_the_edit_similarity():
     needle = "The secret code of Mira Holt is 417."
-    assert evaluate.niah_score(" 417. The farmer", needle, "417") == 100
-    assert evaluate.niah_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
+    assert niah.niah_score(" 417. The farmer", needle, "417") == 100
+    assert niah.niah_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
     stripped = "ThesecretcodeofMiraHoltis417."
     # one substitution; whitespace does not count
-    assert evaluate.niah_score("The secret code of  Mira Holt is 418.", needle, "417") == \
+    assert niah.niah_score("The secret code of  Mira Holt is 418.", needle, "417") == \
         pytest.approx(0.2 * 100 * (1 - 1 / len(stripped)))
     # one deletion and nothing else: distance 1 over the longer string (the needle)
-    assert evaluate.niah_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
+    assert niah.niah_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
         pytest.approx(20 * (1 - 1 / 29))
-    assert evaluate.niah_score("", needle, "417") == 0
+    assert niah.niah_score("", needle, "417") == 0
     # a long wrong answer: distance = its length minus the shared prefix, over its length
     answer = "The" + "x" * 97
-    assert evaluate.niah_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
+    assert niah.niah_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,20 +193,20 @@ def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, m
         if len(calls) == 2:
             raise KeyboardInterrupt
         return generate(*a, **kw)
-    monkeypatch.setattr(evaluate, "generate", interrupted)
+    monkeypatch.setattr(results, "generate", interrupted)
     assert run(argv) == 130  # stopped during the third cell
     first = cells(out)
     assert len(first) == 2 and not [n for n in os.listdir(out) if n.endswith(".tmp")]
     stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in first}
     assert "4 cells to run (0 already done)" in capsys.readouterr().out
 
-    monkeypatch.setattr(evaluate, "generate", generate)
+    monkeypatch.setattr(results, "generate", generate)
     assert run(argv) == 0
     assert len(calls) == 2 + 2  # only the two missing cells ran
     assert len(cells(out)) == 4
     assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in first} == stamps
     printed = capsys.readouterr().out
-    assert "2 cells to run (2 already done)" in printed and "estimate is" in printed
+    assert "2 cells to run (2 already done)" in printed and "estimate" in printed
 
     assert run(argv) == 0 and len(calls) == 4
     assert "all 4 cells are done" in capsys.readouterr().out
@@ -221,10 +224,10 @@ def test_heatmap_and_table_are_made_from_every_cell(ckpt, tmp_path, monkeypatch,
     # repeat 0 finds the keyword, repeat 1 answers nonsense: every cell averages the two
     calls = []
     # (cells run length by length, repeat by repeat, depth by depth)
-    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417.", " 417.", "", ""], calls))
+    monkeypatch.setattr(results, "generate", fake_generate([" 417.", " 417.", "", ""], calls))
     assert run(["--model", ckpt, "--len", "200", "--depths", "0", "50", "--repeats", "2",
                 "--results", out]) == 0
-    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417."], calls))
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
     assert run(["--model", ckpt, "--len", "1024", "--depths", "0", "50", "--results", out]) == 0
     png = os.path.join(out, "heatmap_rope-ckpt.png")
     with open(png, "rb") as f:
@@ -239,7 +242,7 @@ def test_heatmap_and_table_are_made_from_every_cell(ckpt, tmp_path, monkeypatch,
 def test_rope_override_is_applied_per_length_and_the_cache_is_opt_in(ckpt, tmp_path, monkeypatch):
     out = str(tmp_path / "res")
     calls = []
-    monkeypatch.setattr(evaluate, "generate", fake_generate([" 417."], calls))
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
     assert run(["--model", ckpt, "--len", "200", "2048", "--depths", "50", "--rope", "diffusion",
                 "--train-len", "128", "--prompt-cache", "--results", out]) == 0
     base = read_config(ckpt).rope_theta
@@ -253,7 +256,7 @@ def test_rope_override_is_applied_per_length_and_the_cache_is_opt_in(ckpt, tmp_p
         assert call["cache"] == "prefix" and call["steps"] == 16 and call["gen_length"] == 32
         cell = found[f"niah_len{L}_depth050_rep0_rope-diffusion-train128.json"]
         assert cell["rope_scaling"]["lambda"] == pytest.approx(want["lambda"])
-        assert cell["settings"]["prompt_cache"] == "prefix" and cell["score"] == 100
+        assert cell["settings"]["prompt_cache"] is True and cell["score"] == 100
     assert calls[1]["rope_theta"] > 10 * calls[0]["rope_theta"]  # lambda grows with the length
     # without --rope the checkpoint's base is used as saved, and decoding is exact
     calls.clear()
@@ -270,7 +273,7 @@ NEEDLE, QUESTION = "The secret code of Mira Holt is 417.", "What is the secret c
 
 
 def word_checkpoint(path):
-    words = sorted({w for ws in data.WORDS.values() for w in ws} | set(
+    words = sorted({w for ws in prepare.WORDS.values() for w in ws} | set(
         "The In A Nobody the was saw that What is secret code of Mira Holt It".split()))
     vocab = {w: i for i, w in enumerate(["[UNK]", ".", "?", "417", "582"] + words)}
     eos, mask = len(vocab), len(vocab) + 1
@@ -299,7 +302,7 @@ def train_on_the_needle(cfg, hf, steps=200, batch=8, gen=32, seed=0):
         for _ in range(batch):
             hay = []
             while len(hay) < n:
-                hay += enc(data.filler_sentence(rng))
+                hay += enc(prepare.filler_sentence(rng))
             hay = hay[len(hay) - n:]  # ends at a sentence end, starts anywhere (as evaluate does)
             cut = rng.choice([0] + [i + 1 for i, t in enumerate(hay) if t == dot])
             rows.append(hay[:cut] + needle + hay[cut:] + question + answer)
@@ -372,9 +375,9 @@ def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
                 "--cache-dir", str(tmp_path / "cache"), "--results", out]) == 0
     cell = cells(out)["ppl_len256_doc0_rope-ckpt.json"]
     exact = [-math.log(q[i]) for i in ids]
-    assert cell["chunk_nll"] == pytest.approx(exact, rel=1e-4)
-    assert cell["perplexity"] == pytest.approx(math.exp(sum(exact) / 4), rel=1e-4)
-    assert cell["cumulative_perplexity"][1] == pytest.approx(math.exp(sum(exact[:2]) / 2), rel=1e-4)
+    assert cell["chunk_nll"] == pytest.approx(exact[1:], rel=1e-4)  # chunk 0 is context only
+    assert cell["perplexity"] == pytest.approx(math.exp(sum(exact[1:]) / 3), rel=1e-4)
+    assert cell["cumulative_perplexity"][1] == pytest.approx(math.exp(sum(exact[1:3]) / 2), rel=1e-4)
     assert len(set(np.round(exact, 3))) == 4  # q is far from uniform: a wrong chunk would show
     with open(os.path.join(out, "ppl_vs_position.png"), "rb") as f:
         assert f.read(4) == b"\x89PNG"
@@ -417,8 +420,8 @@ BAD = [
     (["--model", "{bare}", "--len", "300"], "has no tokenizer"),
     (["--model", "{ckpt}", "--len", "300", "--keyword", "418"], "does not occur in --needle"),
     (["--model", "{ckpt}", "--len", "300", "--train-len", "128"], "only apply with --rope"),
-    (["--model", "{ckpt}", "--len", "300", "--steps", "0"], "--steps must be positive"),
-    (["--model", "{ckpt}"], "the following arguments are required: --len"),
+    (["--model", "{ckpt}", "--len", "300", "--steps", "0"], "--steps: must be above 0"),
+    (["--model", "{ckpt}"], "--task niah needs --len"),
     (["--model", "{ckpt}", "--task", "ppl", "--len", "100"], "not a multiple of --chunk-size 64"),
     (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--cache-dir",
       "{tmp}/cache"], "has 1024 tokens (the longest has"),

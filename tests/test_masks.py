@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import masks
+
 from masks import (STRATEGIES, allowed, attention, attention_plan, check_strategy,
                    doc_ids, document_positions, main, num_packed_sequences, pack_sequence)
 from model import LLaDA, preset
@@ -206,3 +208,32 @@ def test_plot_draws_a_picture(tmp_path):
     img = matplotlib.image.imread(out)
     assert img.shape[0] > 300 and img.shape[1] > 900
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("device, dtype, flash_installed, expected", [
+    ("cuda", torch.bfloat16, True, "flash"), ("cuda", torch.float16, True, "flash"),
+    ("cuda", torch.float32, True, "sdpa"),  # flash-attn has no float32 kernels
+    ("cuda", torch.bfloat16, False, "sdpa"), ("cpu", torch.bfloat16, True, "sdpa"),
+    ("cpu", torch.float32, False, "sdpa"),
+])
+def test_the_kernel_is_chosen_from_device_dtype_and_availability(monkeypatch, device, dtype,
+                                                                  flash_installed, expected):
+    monkeypatch.setattr(masks, "flash_attn_available", lambda: flash_installed)
+    assert masks.attention_kernel(torch.device(device), dtype) == expected
+
+
+def test_an_adaptive_plan_does_not_depend_on_flash_and_serves_sdpa_in_float32(monkeypatch):
+    # The plan is built before the dtype of q is known (autocast decides it), so it must work
+    # for whichever kernel attention() picks: a plan made where flash-attn is installed still
+    # runs float32 attention through SDPA (this used to raise: no buckets had been built).
+    def no_peeking():
+        raise AssertionError("attention_plan must not depend on flash-attn")
+    monkeypatch.setattr(masks, "flash_attn_available", no_peeking)
+    lens = [[5, 9, 2], [7, 7, 2]]
+    plan = attention_plan(lens, 2, 16, torch.device("cpu"))
+    monkeypatch.setattr(masks, "flash_attn_available", lambda: True)
+    q, k, v = (torch.randn(2, 16, 2, 8) for _ in range(3))
+    out = attention(q, k, v, plan)
+    ids = masks.doc_ids(lens)
+    mask = (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, 1, L, L)
+    assert torch.allclose(out, masks.sdpa(q, k, v, mask), atol=1e-6)

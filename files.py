@@ -1,0 +1,120 @@
+"""
+files.py: writing files so that an interruption never leaves a half-written one that looks
+complete, and reading them with one-line errors that name the file.
+
+Harness, not part of the paper. Every writer of the project (checkpoints, token caches, logs,
+evaluation results, pictures) goes through `write_atomic` or `replace_dir`: the bytes go to a
+temporary name in the same folder and are renamed over the target when complete, and a rename
+within one file system is atomic. Every JSON reader goes through `read_json`.
+"""
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+
+class FileError(ValueError):
+    """A file that cannot be read or written; the message names it and says what to do."""
+
+
+def write_atomic(path: str, write: Callable) -> None:
+    """write(binary file object) into a temporary file, renamed over `path` when complete."""
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder, a path that is a folder
+        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: str, obj) -> None:
+    # allow_nan=False: NaN and Infinity are not JSON, and a reader of ours would reject them
+    write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def read_json(path: str, missing_ok: bool = False):
+    """The JSON object in `path`; {} for a missing file if missing_ok, else a FileError."""
+    if missing_ok and not os.path.exists(path):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise FileError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise FileError(f"{path} is a folder, not a JSON file") from None
+    except OSError as e:
+        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FileError(f"{path} is not valid JSON ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0][:80]}); restore it from a copy") from None
+
+
+def replace_dir(src: str, dst: str) -> None:
+    """Move a finished folder `src` into place at `dst`.
+
+    Two renames, so a crash can fall between them: the old folder is first renamed to
+    `dst.old`, then `src` to `dst`. `recover_dir(dst)` repairs either half-way state, and the
+    old folder is deleted only once the new one is in place.
+    """
+    recover_dir(dst)
+    old = dst + ".old"
+    if os.path.exists(dst):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def recover_dir(dst: str) -> None:
+    """After a crash inside replace_dir: if `dst` is gone but `dst.old` exists, put it back."""
+    old = dst + ".old"
+    if not os.path.exists(dst) and os.path.isdir(old):
+        os.replace(old, dst)
+
+
+def lock_folder(folder: str):
+    """Claim `folder` for this process until it exits: a second writer gets a FileError.
+
+    An advisory lock (flock) on folder/.lock: the operating system releases it when the process
+    ends, however it ends, so a killed run never leaves a stale lock behind. Returns the open
+    lock file; keep a reference to it for as long as the folder is in use.
+    """
+    import fcntl
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, ".lock"), "a+")
+    except OSError as e:
+        raise FileError(f"cannot write in {folder}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise FileError(f"{folder} is in use by {owner}; wait for it to finish or pass another "
+                        f"folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}")
+    f.flush()
+    return f

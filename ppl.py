@@ -1,0 +1,120 @@
+"""
+ppl.py: long-document perplexity, LongLLaDA's protocol.
+
+Paper map: docs/paper.md section 5.4. A long document (PG19 in the paper) is scored in
+64-token chunks, each given all the text before it (the first chunk is context only, as in
+LongLLaDA's get_ppl_llada.py): for chunk c >= 1 each of 8 draws masks
+k ~ U{1..64} of its tokens and scores them with the masked-diffusion bound,
+
+    NLL_c = mean over draws of (1/k) * sum over masked i of CE(x_i | text before the chunk, x_t)
+
+(diffusion.chunk_nll), and the perplexity of the text up to chunk c is the running geometric
+mean exp(mean of NLL_1..NLL_c). Reported at 128K: UltraLLaDA 10.45, LLaDA 343.88.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from data import long_documents
+from diffusion import chunk_nll, cumulative_perplexity
+from files import write_atomic, write_text
+from prepare import SPLITS, load_corpus
+from results import short
+
+SETTINGS = ("data", "split", "chunk_size", "draws", "seed")
+
+
+def check(cfg) -> None:
+    bad = [L for L in cfg.len if L % cfg.chunk_size]
+    if bad:
+        raise ValueError(f"--len {bad[0]} is not a multiple of --chunk-size {cfg.chunk_size}; "
+                         f"pass --len {max(2, bad[0] // cfg.chunk_size) * cfg.chunk_size}")
+    if min(cfg.len) < 2 * cfg.chunk_size:
+        raise ValueError(f"--len {min(cfg.len)} is less than two chunks of {cfg.chunk_size}: the "
+                         f"first chunk is context only; pass --len {2 * cfg.chunk_size} or more")
+
+
+def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
+    """One cell per (length, document): the longest documents that have `length` tokens."""
+    has_splits = cfg.data is not None and any(os.path.isdir(os.path.join(cfg.data, s))
+                                              for s in SPLITS)
+    if cfg.data is None or has_splits:  # the synthetic corpus, or PG19's split folders
+        corpus = load_corpus(tokenizer, cfg.data, split=cfg.split, cache_dir=cfg.cache_dir)
+    else:  # a plain folder of evaluation texts: every document ("train" with nothing held out)
+        corpus = load_corpus(tokenizer, cfg.data, split="train", heldout=0.0, cache_dir=cfg.cache_dir)
+    docs = {}
+    for L in sorted(set(cfg.len)):
+        found = long_documents(corpus, L, limit=cfg.docs)
+        if len(found) < cfg.docs:
+            raise ValueError(f"--docs {cfg.docs}: only {len(found)} documents of {corpus.name} have "
+                             f"{L:,} tokens; pass --docs {len(found)} or a shorter --len")
+        docs[L] = found
+    cells = [dict(task="ppl", length=L, doc=j, rope=cfg.rope_label,
+                  name=f"ppl_len{L}_doc{j}_rope-{cfg.rope_label}.json")
+             for L in sorted(docs) for j in range(cfg.docs)]
+    return cells, {"docs": docs}, corpus.name
+
+
+def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
+    tokens = work["docs"][cell["length"]][cell["doc"]]
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cell["doc"])  # same masks on rerun
+    t = time.perf_counter()
+    nll = chunk_nll(model, torch.from_numpy(tokens[:cell["length"]]).to(device), cfg.chunk_size,
+                    cfg.draws, generator=generator,
+                    progress=sys.stderr.isatty())  # (length / chunk_size,)
+    ppl = cumulative_perplexity(nll.double())
+    return {"document_tokens": len(tokens), "perplexity": float(ppl[-1]),
+            "chunk_nll": nll.tolist(), "cumulative_perplexity": ppl.tolist(),
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
+def cell_flops(c, cfg, cell, forward_flops) -> float:
+    """`draws` rows of every prefix that ends a chunk, about chunk/2 of them masked."""
+    return sum(cfg.draws * forward_flops(c, end, end, (cfg.chunk_size + 1) / 2)
+               for end in range(2 * cfg.chunk_size, cell["length"] + 1, cfg.chunk_size))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def ppl_curves(cells: list[dict]) -> dict[tuple[str, int], tuple[int, np.ndarray]]:
+    """Per (rope, length): documents and the running perplexity of their mean chunk NLL."""
+    curves = {}
+    for key in sorted({(c["rope"], c["length"]) for c in cells}):
+        nll = np.mean([c["chunk_nll"] for c in cells if (c["rope"], c["length"]) == key], axis=0)
+        n = sum(1 for c in cells if (c["rope"], c["length"]) == key)
+        curves[key] = (n, cumulative_perplexity(torch.from_numpy(nll)).numpy())
+    return curves
+
+
+def plot_ppl(path: str, curves, chunk_size: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (rope, length), (n, ppl) in curves.items():
+        ax.plot(np.arange(2, len(ppl) + 2) * chunk_size, ppl,  # chunk 0 is context only
+                label=f"rope {rope}, len {short(length)}")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel("perplexity of the text so far")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+
+def report(cells: list[dict], cfg, folder: str) -> str:
+    curves = ppl_curves(cells)
+    table = ["| length | rope | documents | perplexity |", "|---:|---|---:|---:|"]
+    table += [f"| {L:,} | {rope} | {n} | {ppl[-1]:.3f} |" for (rope, L), (n, ppl) in curves.items()]
+    table = "\n".join(table)
+    title = f"perplexity, {os.path.basename(os.path.abspath(cfg.model))}"
+    plot_ppl(os.path.join(folder, "ppl_vs_position.png"), curves, cfg.chunk_size, title)
+    write_text(os.path.join(folder, "table_ppl.md"), f"# {title}\n\n{table}\n")
+    return f"{title} ({folder}/ppl_vs_position.png)\n{table}"

@@ -1,0 +1,149 @@
+"""
+results.py: the evaluation harness shared by every task: decoding an answer, the results
+folder (one JSON file per cell, so an interrupted run resumes), and report helpers.
+
+Harness, not part of the paper: the tasks themselves (niah.py, needlebench.py, ruler.py,
+longbench.py, ppl.py) hold the protocols; evaluate.py runs them.
+"""
+import hashlib
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from diffusion import generate
+
+
+def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,
+                  steps: int, prompt_cache: bool, device, cut_at_eos: bool = True) -> dict:
+    """LLaDA's sampler at temperature 0 on one prompt (model token ids, BOS included when the
+    tokenizer has one): the answer's text, and how long decoding took.
+
+    cut_at_eos: keep the text before the first EOS (what follows is padding to a diffusion
+    model). False decodes all gen_length tokens with the special tokens dropped, as the
+    authors' OpenCompass wrapper does (no stop words), for the paper's benchmarks."""
+    prompt = torch.tensor([prompt_ids], device=device)  # (1, Lp)
+    # Inner bar only on a terminal (disable=None): in a log file the cell bar says enough.
+    bar = tqdm(total=steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True,
+               disable=None)
+    t = time.perf_counter()
+    try:
+        out = generate(model, prompt, steps=steps, gen_length=gen_length,
+                       block_length=block_length, temperature=0.0,
+                       cache="prefix" if prompt_cache else None,
+                       on_step=lambda: bar.update(1))  # (1, Lp + gen_length)
+    finally:
+        bar.close()
+    answer = out[0, len(prompt_ids):].tolist()
+    if cut_at_eos and tokenizer.eos_id in answer:  # after the first EOS comes padding
+        answer = answer[:answer.index(tokenizer.eos_id)]
+    return {"answer": tokenizer.decode(answer), "model_tokens": len(prompt_ids),
+            "seconds": round(time.perf_counter() - t, 3)}
+
+
+def short(length: int) -> str:
+    """8192 -> '8K', for table headers."""
+    return f"{length // 1024}K" if length % 1024 == 0 else f"{length:,}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with one decimal, None as '-'."""
+    def cell(v):
+        return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The results folder: one JSON per cell, named by the task's plan; a rerun skips the cells that
+# have a result made with the same settings.
+
+def results_dir(model: str, task: str, results: str | None = None) -> str:
+    """results/<model name>/<task>/ unless --results says otherwise."""
+    if results:
+        return results
+    path = os.path.abspath(model)
+    name = os.path.basename(path)
+    if name == "checkpoint":  # train.py's OUT/checkpoint: OUT says more
+        name = os.path.basename(os.path.dirname(path))
+    return os.path.join("results", name, task)
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """Changes when the checkpoint does (retrained in place), so old results are not reused."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name == "config.json" or name.endswith(".safetensors"):
+            st = os.stat(os.path.join(path, name))
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def read_results(folder: str, task: str) -> dict[str, dict]:
+    """Every finished cell of `task` in the folder, by file name. A file that is not valid JSON
+    was never finished (writes are atomic, so it is damage from outside): it is run again."""
+    found = {}
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith(task + "_") and name.endswith(".json"):
+                try:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        cell = json.loads(f.read())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(cell, dict):
+                    found[name] = cell
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimating a run: one short timed forward, scaled to every cell by its FLOPs.
+
+def forward_flops(c, q_len: int, k_len: int, head_tokens: float) -> float:
+    """Multiply-adds x 2 of a forward: linear layers grow with q_len, attention with q_len x
+    k_len, the LM head with the positions it is asked for."""
+    linear = 2 * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+    attention = 4 * k_len * c.d_model
+    return c.n_layers * q_len * (linear + attention) + 2 * c.d_model * c.embedding_size * head_tokens
+
+
+def generation_flops(c, prompt_len: int, gen_length: int, block_length: int, steps: int,
+                     prompt_cache: bool) -> float:
+    """FLOPs of diffusion.generate: a full forward per step, or with the prefix cache a full
+    forward at each block's first step and the blocks after the prefix at the others."""
+    L = prompt_len + gen_length
+    full = forward_flops(c, L, L, block_length)
+    if not prompt_cache:
+        return steps * full
+    blocks = gen_length // block_length
+    suffix = sum(forward_flops(c, gen_length - b * block_length, L, block_length)
+                 for b in range(blocks))
+    return blocks * full + (steps // blocks - 1) * suffix
+
+
+@torch.no_grad()
+def flops_per_second(model, device, length: int = 1024) -> float:
+    """The model's speed on a short input: a few seconds even where a 128K forward takes
+    minutes. Attention's share grows with length, so long cells are estimated roughly."""
+    c = model.config
+    model(torch.zeros(1, 64, dtype=torch.long, device=device))  # warm-up: threads, allocator
+    x = torch.randint(0, min(c.eos_token_id, c.mask_token_id), (1, length), device=device)
+    times = []
+    while len(times) < 3 and sum(times) < 5.0:
+        t = time.perf_counter()
+        model.head(model(x)[:, -32:])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return forward_flops(c, length, length, 32) / min(times)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

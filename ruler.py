@@ -1,0 +1,749 @@
+"""
+ruler.py: RULER's 13 synthetic long-context tasks as UltraLLaDA ran them (PAPER.md section 5:
+RULER 88.37 / 86.22 / 77.51 / 73.63 at 4K / 8K / 16K / 32K), offline.
+
+The authors ran RULER through OpenCompass 0.4.2 (eval/.../ruler/<len>/eval_llada_ruler.py in
+Relaxed-System-Lab/UltraLLaDA, with configs/datasets/ruler/ and datasets/ruler/). Protocol:
+- 13 tasks in 4 categories: retrieval (8 needle-in-a-haystack variants), multi-hop tracing
+  (variable tracking), aggregation (common / frequent words), question answering (SQuAD v2,
+  HotpotQA); 100 samples per task and length.
+- Lengths are cl100k_base tokens. Each task grows its haystack in fixed steps until prompt plus
+  answer (plus a per-task reserve, tokens_to_generate) would pass the length; every sample then
+  uses that size, one step smaller for a sample that still does not fit.
+- The model reads the prompt followed by "\n\n" (OpenCompass's HUMAN/BOT round with an empty
+  answer and no meta template), with BOS, and decodes 64 tokens in one 64-token block with 64
+  steps at temperature 0, for every task.
+- A sample scores the percentage of its reference strings found in the answer, ignoring case
+  (string_match_all); QA scores 100 if any reference is found (string_match_part). A task's
+  score is the mean over samples; a length's score the unweighted mean over the 13 tasks.
+Random draws replay OpenCompass's: one stream per (task, length) seeded 42 (+ --seed), used
+first by the haystack-size search, then by sample 0, 1, 2, ... So sample `index` equals row
+`index` of the dataset OpenCompass builds, and depends on nothing but (task, length, index).
+"""
+import bisect
+import functools
+import json
+import math
+import os
+import random
+import re
+import string
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+import files
+import results
+from tokenizer import cl100k
+
+RULER_SEED = 42  # random_seed of every OpenCompass RULER dataset
+# The model config (max_out_len=64, diffusion_config steps 64, block_length 64) holds for all 13.
+GEN_LENGTH, BLOCK_LENGTH, STEPS = 64, 64, 64
+ROUND_SUFFIX = "\n\n"  # HUMAN '{prompt}' + '\n' + BOT '{answer}\n' with the answer left empty
+MIN_LENGTH = 1024  # below this the answer reserve and templates leave (almost) no haystack
+ALL, PART = "string_match_all", "string_match_part"
+DATA_FILES = {"essays": "PaulGrahamEssays.jsonl", "squad": "SQuAD v2 dev-v2.0.json",
+              "hotpot": "HotpotQA hotpot_dev_distractor_v1.json"}
+
+
+@dataclass(frozen=True)
+class RulerTask:
+    family: str  # the generator that builds it: niah, vt, cwe, fwe, qa
+    category: str  # RULER's grouping, for the per-category averages
+    metric: str  # ALL or PART
+    reserve: int  # tokens_to_generate of the dataset config: kept free when fitting the prompt
+    data: str | None = None  # the file it needs: "essays", "squad" or "hotpot" (a cfg attribute)
+    options: dict = field(default_factory=dict)
+    gen_length: int = GEN_LENGTH  # max_out_len of the model config: what the model decodes
+    name: str = ""  # its key in TASKS, for messages
+
+
+def _niah(haystack, key, value, k=1, v=1, q=1):
+    return RulerTask("niah", "retrieval", ALL, 128, "essays" if haystack == "essay" else None,
+                     dict(haystack=haystack, key=key, value=value, k=k, v=v, q=q))
+
+
+# configs/datasets/ruler/ruler_{niah,vt,cwe,fwe,qa}_gen.py, in the order of OpenCompass's summary.
+TASKS = {name: replace(t, name=name) for name, t in {
+    "niah_single_1": _niah("repeat", "words", "numbers"),
+    "niah_single_2": _niah("essay", "words", "numbers"),
+    "niah_single_3": _niah("essay", "words", "uuids"),
+    "niah_multikey_1": _niah("essay", "words", "numbers", k=4),
+    "niah_multikey_2": _niah("needle", "words", "numbers"),
+    "niah_multikey_3": _niah("needle", "uuids", "uuids"),
+    "niah_multivalue": _niah("essay", "words", "numbers", v=4),
+    "niah_multiquery": _niah("essay", "words", "numbers", q=4),
+    # vt sets no tokens_to_generate: the dataset's default 30 applies
+    "vt": RulerTask("vt", "multi-hop tracing", ALL, 30, options=dict(chains=1, hops=4)),
+    "fwe": RulerTask("fwe", "aggregation", ALL, 50, options=dict(alpha=2.0, coded_wordlen=6)),
+    "cwe": RulerTask("cwe", "aggregation", ALL, 120, options=dict(freq_cw=30, freq_ucw=3, num_cw=10)),
+    "qa_squad": RulerTask("qa", "question answering", PART, 50, "squad"),
+    "qa_hotpotqa": RulerTask("qa", "question answering", PART, 50, "hotpot"),
+}.items()}
+CATEGORIES = {c: [n for n, t in TASKS.items() if t.category == c]
+              for c in ("retrieval", "multi-hop tracing", "aggregation", "question answering")}
+
+
+def ruler_score(task: str, prediction: str, answers: list[str]) -> float:
+    """OpenCompass's RULER evaluators for one sample, 0..100: substring, case-insensitive, no
+    other normalisation (the decoded answer is used as it is)."""
+    found = [1.0 if a.lower() in prediction.lower() else 0.0 for a in answers]
+    return 100.0 * (sum(found) / len(found) if TASKS[task].metric == ALL else max(found))
+
+
+def count_tokens(text: str) -> int:
+    # OpenCompass calls encode(), which refuses text holding "<|endoftext|>"; encode_ordinary
+    # gives the same ids for every other text.
+    return len(cl100k().encode_ordinary(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting a prompt to the length: the search and the retry every task but fwe shares.
+
+def grow(build, measure, length: int, reserve: int, step: int, task: str,
+         cap: int | None = None, cap_next: bool = False) -> int:
+    """OpenCompass's size search: try step, 2 step, ... until measure(prompt, answers) plus the
+    reserve passes the length, and keep the last size that fitted. A haystack with a finite
+    supply stops at `cap` (essay words once the size passes it; cwe words and qa documents once
+    the next size would)."""
+    size, total = step, 0
+    while total + reserve < length:
+        prompt, answers = build(size)
+        total = count_tokens(measure(prompt, answers))
+        if total + reserve > length:
+            size -= step
+            break
+        if cap is not None and not cap_next and size > cap:
+            size = cap
+            break
+        size += step
+        if cap is not None and cap_next and size > cap:
+            size = cap
+            break
+    if size < step:
+        raise ValueError(f"--len {length} is too small for RULER task {task}: its smallest "
+                         f"haystack with template, answer and {reserve}-token reserve takes "
+                         f"{total + reserve} cl100k tokens; pass a longer --len")
+    return size
+
+
+def shrink(build, length: int, reserve: int, size: int, step: int, task: str):
+    """One sample at the fitted size, one step smaller (new draws) while it does not fit."""
+    while True:
+        prompt, answers = build(size)
+        if count_tokens(prompt) + reserve <= length:
+            return prompt, answers
+        if size <= step:  # OpenCompass would retry at this size forever
+            raise ValueError(f"--len {length} is too small for RULER task {task}; pass a longer --len")
+        size -= step
+
+
+# ---------------------------------------------------------------------------------------------
+# Needle in a haystack (ruler_niah.py): 8 variants of key/value needles in 3 haystacks.
+
+NIAH_TEMPLATE = ("Some special magic {type_needle_v} are hidden within the following text. "
+                 "Make sure to memorize it. I will quiz you about the {type_needle_v} afterwards."
+                 "\n{context}\nWhat are all the special magic {type_needle_v} for {query} "
+                 "mentioned in the provided text? The special magic {type_needle_v} for {query} "
+                 "mentioned in the provided text are")
+NIAH_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+DEPTHS = np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()  # percent
+
+
+class AdjNounWords(Sequence):
+    """sorted(set(f"{adj}-{noun}")) over wonderwords' lists, OpenCompass's word needles, without
+    its 6.2 million strings. "a-n" can only interleave with or equal "b-m" when b = a + "-" + more,
+    so adjectives are grouped under their shortest such root; a group of one is the block
+    adj + "-" + each noun in order, larger groups are sorted outright, and the blocks, which no
+    longer interleave, are ordered by their first word."""
+
+    def __init__(self, adjs: list[str], nouns: list[str]):
+        adjs, self.nouns = sorted(set(adjs)), sorted(set(nouns))
+        known, groups = set(adjs), {}
+        for a in adjs:
+            roots = [a[:i] for i, c in enumerate(a) if c == "-" and a[:i] in known]
+            groups.setdefault(roots[0] if roots else a, []).append(a)
+        blocks = []  # (first word, the adjective or the group's sorted words)
+        for members in groups.values():
+            if len(members) == 1:
+                blocks.append((f"{members[0]}-{self.nouns[0]}", members[0]))
+            else:
+                words = sorted({f"{a}-{n}" for a in members for n in self.nouns})
+                blocks.append((words[0], words))
+        blocks.sort(key=lambda b: b[0])
+        self.blocks = [b for _, b in blocks]
+        sizes = [len(self.nouns) if isinstance(b, str) else len(b) for b in self.blocks]
+        self.starts = [0] + list(np.cumsum(sizes)[:-1].tolist())
+        self.size = sum(sizes)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        j = bisect.bisect_right(self.starts, i) - 1
+        block, k = self.blocks[j], i - self.starts[j]
+        return f"{block}-{self.nouns[k]}" if isinstance(block, str) else block[k]
+
+
+@functools.cache
+def wonderwords_lists() -> tuple[list[str], list[str], list[str]]:
+    """wonderwords' nouns, adjectives, verbs (the private reader OpenCompass uses: pin 3.0.1)."""
+    try:
+        from wonderwords import random_word
+    except ImportError:
+        raise ValueError("RULER's word needles and cwe need the wonderwords package: "
+                         "pip install wonderwords==3.0.1") from None
+    read = random_word._get_words_from_text_file
+    return read("nounlist.txt"), read("adjectivelist.txt"), read("verblist.txt")
+
+
+@functools.cache
+def needle_words() -> AdjNounWords:
+    nouns, adjs, _ = wonderwords_lists()
+    return AdjNounWords(adjs, nouns)
+
+
+@functools.cache
+def essay_words(path: str) -> list[str]:
+    """The essays joined and split on single spaces, as OpenCompass does: the essay haystack is
+    a prefix of this word list."""
+    texts = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line).get("text", "").strip() + " ")
+                except (json.JSONDecodeError, AttributeError):
+                    raise files.FileError(f"{path} line {n} is not a JSON object with a 'text' "
+                                          f"field; pass {DATA_FILES['essays']}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise files.FileError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    words = re.sub(r"\s+", " ", "".join(texts)).split(" ")
+    if len(words) < 2:
+        raise files.FileError(f"{path} holds no essay text; pass {DATA_FILES['essays']}")
+    return words
+
+
+NEEDLE_VALUES = {
+    "numbers": lambda rng: str(rng.randint(10 ** 6, 10 ** 7 - 1)),  # 7 digits
+    "words": lambda rng: rng.choice(needle_words()),
+    "uuids": lambda rng: str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+}
+
+
+def niah_context(o, size, needles, path, rng) -> str:
+    if o["haystack"] == "essay":  # needles between sentences at random depths of 40 choices
+        text = " ".join(essay_words(path)[:size])
+        sents = [s.strip() for s in text.split(". ") if s]
+        cuts = [0] + sorted(int(len(sents) * (d / 100)) for d in rng.sample(DEPTHS, len(needles)))
+        cuts.append(len(sents))
+        parts = []
+        for i in range(1, len(cuts)):
+            parts.append(" ".join(sents[cuts[i - 1]:cuts[i]]))
+            if i - 1 < len(needles):
+                parts.append(needles[i - 1])
+        return " ".join(parts)
+    if o["haystack"] == "repeat":
+        lines = [NOISE] * size
+    else:  # "needle": the haystack is distractor needles with other keys
+        lines = [NIAH_NEEDLE.format(type_needle_v=o["value"], key=NEEDLE_VALUES[o["key"]](rng),
+                                    value=NEEDLE_VALUES[o["value"]](rng)) for _ in range(size)]
+    for i, needle in zip(sorted(rng.sample(range(size), len(needles)), reverse=True), needles):
+        lines.insert(i, needle)
+    return "\n".join(lines)
+
+
+def niah_build(t, length, size, index, seed, path, rng, nprng):
+    o = t.options
+    keys, values, needles = [], [], []
+    for _ in range(max(o["k"], o["q"])):
+        keys.append(NEEDLE_VALUES[o["key"]](rng))
+        values.append([])
+        for _ in range(o["v"]):
+            values[-1].append(NEEDLE_VALUES[o["value"]](rng))
+            needles.append(NIAH_NEEDLE.format(type_needle_v=o["value"], key=keys[-1],
+                                              value=values[-1][-1]))
+    random.Random(seed).shuffle(needles)  # the fixed seed, not the stream: OpenCompass's choice
+    context = niah_context(o, size, needles, path, rng)
+    asked = rng.sample(range(len(keys)), o["q"])
+    queries = [keys[i] for i in asked]
+    answers = [v for i in asked for v in values[i]]
+    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+    template, kind = NIAH_TEMPLATE, o["value"]
+    if o["q"] * o["v"] == 1:  # one answer: the template in the singular
+        template = (template.replace("Some", "A").replace("are all", "is").replace("are", "is")
+                    .replace("answers", "answer"))
+        kind = kind[:-1]
+    return template.format(type_needle_v=kind, context=context, query=query), answers
+
+
+def niah_step(t, length):
+    if t.options["haystack"] == "essay":
+        return 500  # words
+    return 25 if length >= 4096 else 5  # sentences
+
+
+def niah_fit(t, length, seed, path, rng, nprng):
+    build = lambda n: niah_build(t, length, n, 0, seed, path, rng, nprng)
+    cap = len(essay_words(path)) if t.options["haystack"] == "essay" else None
+    return grow(build, lambda p, a: p + " ".join(a), length, t.reserve, niah_step(t, length),
+                t.name, cap=cap)
+
+
+def niah_sample(t, length, size, index, seed, path, rng, nprng):
+    build = lambda n: niah_build(t, length, n, index, seed, path, rng, nprng)
+    return shrink(build, length, t.reserve, size, niah_step(t, length), t.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable tracking (ruler_vt.py): a chain VAR B = VAR A ... hidden in repeated noise.
+
+VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following "
+               "text.\n\n{context}\nQuestion: Find all variables that are assigned the value "
+               "{query} in the text above. Answer: According to the chain(s) of variable "
+               "assignment in the text above, {num_v} variables are assigned the value {query}, "
+               "they are: ")
+VT_STEP = 10  # noise lines
+
+
+def vt_build(t, length, size, index, seed, path, rng, nprng):
+    chains, hops = t.options["chains"], t.options["hops"]
+    names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range((hops + 1) * chains)]
+    while len(set(names)) < chains * (hops + 1):
+        names.append("".join(rng.choices(string.ascii_uppercase, k=5)))
+    variables, links = [], []
+    for i in range(0, len(names), hops + 1):
+        v = names[i:i + hops + 1]
+        variables.append(v)
+        links.append([f"VAR {v[0]} = {nprng.randint(10000, 99999)}"] +
+                     [f"VAR {v[j + 1]} = VAR {v[j]} " for j in range(hops)])
+    # OpenCompass splits the noise into sentences when it has no more lines than a chain has
+    # links; sizes here are at least VT_STEP = 10 > 5 links, so that branch never runs.
+    lines = [NOISE + "\n"] * size
+    for chain in links:
+        at = sorted(rng.sample(range(len(lines)), len(chain)))
+        for j, p in enumerate(at):
+            lines.insert(p + j, chain[j])
+    context = " ".join(lines).replace(". \n", ".\n")
+    value = links[0][0].split("=")[-1].strip()
+    return VT_TEMPLATE.format(context=context, query=value, num_v=hops + 1), variables[0]
+
+
+def vt_fit(t, length, seed, path, rng, nprng):
+    build = lambda n: vt_build(t, length, n, 0, seed, path, rng, nprng)
+    return grow(build, lambda p, a: p + f" {a}", length, t.reserve, VT_STEP, t.name)
+
+
+def vt_sample(t, length, size, index, seed, path, rng, nprng):
+    # OpenCompass retries a sample that does not fit at the same size (forever); we go smaller.
+    build = lambda n: vt_build(t, length, n, index, seed, path, rng, nprng)
+    return shrink(build, length, t.reserve, size, VT_STEP, t.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Common words extraction (ruler_cwe.py): 10 words repeated often among words repeated rarely.
+
+CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than "
+                "others. Memorize the ones that appear most often.\n{context}\nQuestion: What are "
+                "the 10 most common words in the above list? Answer: The top 10 words that appear "
+                "most often in the list are:")
+CWE_STEP = 10  # distinct words
+
+
+@functools.cache
+def cwe_words(seed: int) -> list[str]:
+    nouns, adjs, verbs = wonderwords_lists()
+    words = sorted(set(nouns + adjs + verbs))
+    random.Random(seed).shuffle(words)
+    return words
+
+
+def numbered(words: list[str]) -> str:
+    return " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+
+
+def cwe_list(n, common_repeats, rare_repeats, n_common, seed, rng):
+    picked = rng.sample(cwe_words(seed), n)
+    common, rare = picked[:n_common], picked[n_common:]
+    listed = common * common_repeats + rare * rare_repeats
+    random.Random(seed).shuffle(listed)
+    return numbered(listed), common
+
+
+def cwe_build(t, length, size, index, seed, path, rng, nprng):
+    o = t.options
+    # below 4K an example of 20 words (3:1 repeats) and 6:1 repeats, else 40 words (10:3) and 30:3
+    example, repeats = ((20, 3, 1), (6, 1)) if length < 4096 else ((40, 10, 3),
+                                                                     (o["freq_cw"], o["freq_ucw"]))
+    example_list, example_answer = cwe_list(*example, o["num_cw"], seed, rng)
+    context, answers = cwe_list(size, *repeats, o["num_cw"], seed, rng)
+    shown = CWE_TEMPLATE.format(context=example_list) + numbered(example_answer)
+    return shown + "\n" + CWE_TEMPLATE.format(context=context), answers
+
+
+def cwe_fit(t, length, seed, path, rng, nprng):
+    build = lambda n: cwe_build(t, length, n, 0, seed, path, rng, nprng)
+    return grow(build, lambda p, a: p + " " + numbered(a), length, t.reserve, CWE_STEP, t.name,
+                cap=len(cwe_words(seed)), cap_next=True)
+
+
+def cwe_sample(t, length, size, index, seed, path, rng, nprng):
+    build = lambda n: cwe_build(t, length, n, index, seed, path, rng, nprng)
+    return shrink(build, length, t.reserve, size, CWE_STEP, t.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Frequent words extraction (ruler_fwe.py): coded words with Zipf counts, the top one is noise.
+
+FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find "
+                "the three most frequently appeared coded words. {context}\nQuestion: Do not "
+                "provide any explanation. Please ignore the dots '....'. What are the three most "
+                "frequently appeared words in the above coded text? Answer: According to the "
+                "coded text above, the three most frequently appeared words are:")
+ZETA = {2.0: math.pi ** 2 / 6}  # zeta(2), bit-identical to scipy.special.zeta(2.0); config alpha 2
+
+
+def fwe_vocab(o, length, seed, rng) -> list[str]:
+    n, k = length // 50, o["coded_wordlen"]  # vocab_size -1 means length // 50
+    vocab = ["".join(rng.choices(string.ascii_lowercase, k=k)) for _ in range(n)]
+    while len(set(vocab)) < n:
+        vocab.append("".join(rng.choices(string.ascii_lowercase, k=k)))
+    vocab = sorted(set(vocab))
+    random.Random(seed).shuffle(vocab)
+    vocab[0] = "..."  # the most frequent word is noise the prompt says to ignore
+    return vocab
+
+
+def fwe_text(o, vocab, n, seed):
+    rank = np.arange(1, len(vocab) + 1)
+    counts = (n * (rank ** -o["alpha"]) / ZETA[o["alpha"]]).astype(int)  # Zipf: n / zeta / k^a
+    words = [w for w, c in zip(vocab, counts) for _ in range(c)]
+    random.Random(seed).shuffle(words)
+    return FWE_TEMPLATE.format(context=" ".join(words)), vocab[1:4]
+
+
+def fwe_fit(t, length, seed, path, rng, nprng):
+    # fwe fits the prompt alone to the whole length (its reserve is computed but unused there),
+    # growing from length / 6 words in steps of length / 32 while it is shorter than the length
+    o, step = t.options, length // 32
+    vocab = fwe_vocab(o, length, seed, rng)
+    n = length // o["coded_wordlen"]
+    while count_tokens(fwe_text(o, vocab, n, seed)[0]) < length:
+        n += step
+    return n - step
+
+
+def fwe_sample(t, length, size, index, seed, path, rng, nprng):
+    o, step = t.options, length // 32
+    vocab = fwe_vocab(o, length, seed, rng)  # a fresh vocabulary, the same counts and order
+    prompt, answers = fwe_text(o, vocab, size, seed)
+    while count_tokens(prompt) > length:
+        size -= step
+        prompt, answers = fwe_text(o, vocab, size, seed)
+    return prompt, answers
+
+
+# ---------------------------------------------------------------------------------------------
+# Question answering (ruler_qa.py): the gold paragraphs among distractor paragraphs.
+
+QA_TEMPLATE = ("Answer the question based on the given documents. Only give me the answer and do "
+               "not output any other words.\n\nThe following are given documents.\n\n{context}\n\n"
+               "Answer the question based on the given documents. Only give me the answer and do "
+               "not output any other words.\n\nQuestion: {query} Answer:")
+QA_DOCUMENT = "Document {i}:\n{document}"
+QA_STEP = 10  # documents
+
+
+def read_squad(path: str):
+    data = files.read_json(path)
+    try:
+        docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
+        where = {c: i for i, c in enumerate(docs)}
+        qas = []
+        for d in data["data"]:
+            article = [where[p["context"]] for p in d["paragraphs"]]  # same-article distractors first
+            for p in d["paragraphs"]:
+                own = where[p["context"]]
+                qas += [{"query": q["question"], "outputs": [a["text"] for a in q["answers"]],
+                         "context": [own], "more_context": [i for i in article if i != own]}
+                        for q in p["qas"] if not q["is_impossible"]]
+    except (KeyError, TypeError):
+        raise files.FileError(f"{path} is not SQuAD v2 (data[].paragraphs[] with context and "
+                              f"qas[] with is_impossible, answers); pass {DATA_FILES['squad']}") from None
+    return qas, docs
+
+
+def read_hotpot(path: str):
+    data = files.read_json(path)
+    try:
+        paragraph = lambda title, sents: f"{title}\n{''.join(sents)}"
+        docs = sorted({paragraph(t, s) for d in data for t, s in d["context"]})
+        where = {c: i for i, c in enumerate(docs)}
+        qas = [{"query": d["question"], "outputs": [d["answer"]],
+                "context": [where[paragraph(t, s)] for t, s in d["context"]]} for d in data]
+    except (KeyError, TypeError, ValueError):
+        raise files.FileError(f"{path} is not HotpotQA (a list of question, answer, context "
+                              f"[[title, sentences]]); pass {DATA_FILES['hotpot']}") from None
+    return qas, docs
+
+
+@functools.cache
+def qa_data(kind: str, path: str):
+    qas, docs = {"squad": read_squad, "hotpot": read_hotpot}[kind](path)
+    if not qas:
+        raise files.FileError(f"{path} has no answerable question; pass {DATA_FILES[kind]}")
+    return qas, docs
+
+
+def qa_build(t, length, size, index, seed, path, rng, nprng):
+    qas, docs = qa_data(t.data, path)
+    if index >= len(qas):
+        raise ValueError(f"RULER {t.name} sample {index}: {path} has only {len(qas)} answerable "
+                         f"questions; pass --samples {len(qas)} or fewer")
+    q = qas[index]
+    own, more = q["context"], q.get("more_context", [])
+    if size < len(docs):  # the gold paragraphs, then the article's, then random others
+        if size - len(own) > len(more):
+            taken = set(own + more)
+            others = [i for i in range(len(docs)) if i not in taken]
+            chosen = own + more + rng.sample(others, max(0, size - len(own) - len(more)))
+        else:
+            chosen = own + rng.sample(more, size - len(own))
+        chosen = [docs[i] for i in chosen]
+    else:  # every document; OpenCompass shuffles its DOCS list itself here, we shuffle a copy
+        chosen = list(docs)
+    random.Random(seed).shuffle(chosen)
+    context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(chosen))
+    return QA_TEMPLATE.format(context=context, query=q["query"]), q["outputs"]
+
+
+def qa_fit(t, length, seed, path, rng, nprng):
+    build = lambda n: qa_build(t, length, n, 0, seed, path, rng, nprng)  # question 0 sizes all
+    return grow(build, lambda p, a: p + f" {a}", length, t.reserve, QA_STEP, t.name,
+                cap=len(qa_data(t.data, path)[1]), cap_next=True)
+
+
+def qa_sample(t, length, size, index, seed, path, rng, nprng):
+    build = lambda n: qa_build(t, length, n, index, seed, path, rng, nprng)
+    return shrink(build, length, t.reserve, size, QA_STEP, t.name)
+
+
+# family -> (fit: the haystack size for a length, sample: one prompt at that size)
+FAMILIES = {"niah": (niah_fit, niah_sample), "vt": (vt_fit, vt_sample),
+            "cwe": (cwe_fit, cwe_sample), "fwe": (fwe_fit, fwe_sample), "qa": (qa_fit, qa_sample)}
+
+
+# ---------------------------------------------------------------------------------------------
+# One random stream per (task, length), replayed so that sample `index` is OpenCompass's row.
+
+def capture(rng, nprng):
+    return rng.getstate(), nprng.get_state()
+
+
+def restore(state):
+    rng, nprng = random.Random(), np.random.RandomState()
+    rng.setstate(state[0])
+    nprng.set_state(state[1])
+    return rng, nprng
+
+
+@functools.cache
+def stream(task: str, length: int, seed: int, path: str | None) -> dict:
+    """The fitted size and the stream's state before each sample drawn so far: OpenCompass seeds
+    random and numpy with 42 at the start of load(), sizes the haystack, then draws the samples
+    in order, so reaching sample i means replaying samples 0..i-1 once."""
+    rng, nprng = random.Random(seed), np.random.RandomState(seed)
+    size = FAMILIES[TASKS[task].family][0](TASKS[task], length, seed, path, rng, nprng)
+    return {"size": size, "states": [capture(rng, nprng)]}
+
+
+def data_path(task: str, essays_file=None, squad_file=None, hotpot_file=None) -> str | None:
+    kind = TASKS[task].data
+    path = {"essays": essays_file, "squad": squad_file, "hotpot": hotpot_file, None: None}[kind]
+    if kind and path is None:
+        raise ValueError(f"RULER task {task} needs --{kind} FILE ({DATA_FILES[kind]})")
+    return path
+
+
+def ruler_sample(task: str, length: int, index: int, essays_file=None, squad_file=None,
+                 hotpot_file=None, seed: int = RULER_SEED) -> dict:
+    """Sample `index` of a task at `length` cl100k tokens: {"prompt", "answers"}. The prompt is
+    OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX."""
+    if task not in TASKS:
+        raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
+    t, path = TASKS[task], data_path(task, essays_file, squad_file, hotpot_file)
+    s, draw = stream(task, length, seed, path), FAMILIES[t.family][1]
+    while len(s["states"]) <= index:
+        rng, nprng = restore(s["states"][-1])
+        draw(t, length, s["size"], len(s["states"]) - 1, seed, path, rng, nprng)
+        s["states"].append(capture(rng, nprng))
+    prompt, answers = draw(t, length, s["size"], index, seed, path, *restore(s["states"][index]))
+    return {"prompt": prompt, "answers": list(answers)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation-task protocol evaluate.py calls: check, plan, run_cell, report.
+
+def select_tasks(cfg) -> tuple[list[str], list[str]]:
+    """(tasks to run, tasks skipped). The default list skips the tasks whose file was not
+    passed; a task asked for by name without its file is an error."""
+    named = cfg.ruler_tasks is not None
+    unknown = [n for n in (cfg.ruler_tasks or []) if n not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown RULER task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    run, skipped = [], []
+    for name in (cfg.ruler_tasks if named else TASKS):
+        kind = TASKS[name].data
+        if kind and getattr(cfg, kind) is None and not named:
+            skipped.append(name)
+        else:
+            run.append(name)
+    return run, skipped
+
+
+# What a result depends on besides its cell and the model (evaluate.py refuses to mix runs).
+SETTINGS = ("essays", "squad", "hotpot", "ruler_tasks", "samples", "gen_length", "block_length",
+            "steps", "prompt_cache", "seed")
+
+
+def check(cfg) -> None:
+    """Flags and data files, before any model work; one-line ValueError / FileError."""
+    tasks, _ = select_tasks(cfg)
+    for L in cfg.len:
+        if L < MIN_LENGTH:
+            raise ValueError(f"--len {L} is too small for RULER; pass --len {MIN_LENGTH} or more")
+    if cfg.samples < 1:
+        raise ValueError(f"--samples {cfg.samples} must be at least 1")
+    for name in tasks:
+        t = TASKS[name]
+        path = data_path(name, cfg.essays, cfg.squad, cfg.hotpot)
+        if path is not None and not os.path.isfile(path):
+            raise files.FileError(f"--{t.data} {path} does not exist; pass {DATA_FILES[t.data]}")
+        if t.data == "essays":
+            essay_words(path)
+        elif t.family == "qa" and cfg.samples > len(qa_data(t.data, path)[0]):
+            raise ValueError(f"--samples {cfg.samples} exceeds the {len(qa_data(t.data, path)[0])} "
+                             f"answerable questions of {path}")
+        if "words" in (t.options.get("key"), t.options.get("value")) or t.family == "cwe":
+            wonderwords_lists()
+
+
+def files_of(cfg) -> dict:
+    return {"essays_file": cfg.essays, "squad_file": cfg.squad, "hotpot_file": cfg.hotpot}
+
+
+def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
+    """Every cell (task x length x sample) and the data they share. Sizes every haystack now,
+    so a length too small for a task fails before the model loads. `source` names the files
+    and, after "skipped:", the tasks the default list left out for want of a file."""
+    tasks, skipped = select_tasks(cfg)
+    seed = RULER_SEED + cfg.seed  # --seed 0 is OpenCompass's random_seed 42
+    for L in sorted(set(cfg.len)):
+        for name in tasks:
+            stream(name, L, seed, data_path(name, **files_of(cfg)))
+    cells = [dict(task="ruler", ruler_task=name, length=L, index=i, rope=cfg.rope_label,
+                  name=f"ruler_{name}_len{L}_idx{i}_rope-{cfg.rope_label}.json")
+             for L in sorted(set(cfg.len)) for name in tasks for i in range(cfg.samples)]
+    used = [f"{k} {getattr(cfg, k)}" for k in DATA_FILES if getattr(cfg, k) is not None]
+    source = f"RULER {len(tasks)} tasks, seed {seed}" + (f"; {', '.join(used)}" if used else "")
+    if skipped:
+        wanted = sorted({"--" + TASKS[n].data for n in skipped})
+        source += f"; skipped: {', '.join(skipped)} (pass {' and '.join(wanted)})"
+    return cells, {"seed": seed, "files": files_of(cfg)}, source
+
+
+def decoding(task: str, cfg) -> tuple[int, int, int]:
+    """(gen_length, block_length, steps): the task's unless cfg sets them, then the wrapper's
+    rules: the answer rounded up to whole blocks, no more steps than answer tokens."""
+    gen = getattr(cfg, "gen_length", None) or TASKS[task].gen_length
+    block = getattr(cfg, "block_length", None) or BLOCK_LENGTH
+    steps = getattr(cfg, "steps", None) or STEPS
+    gen = -(-gen // block) * block
+    return gen, block, min(steps, gen)
+
+
+def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
+    task = cell["ruler_task"]
+    s = ruler_sample(task, cell["length"], cell["index"], seed=work["seed"], **work["files"])
+    gen, block, steps = decoding(task, cfg)
+    ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX)  # BOS for LLaDA, as the wrapper
+    out = results.decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block,
+                                steps=steps, prompt_cache=cfg.prompt_cache, device=device,
+                                cut_at_eos=False)  # the wrapper decodes every token, no stop words
+    return {**out, "answers": s["answers"], "score": ruler_score(task, out["answer"], s["answers"]),
+            "prompt_cl100k": count_tokens(s["prompt"]), "gen_length": gen,
+            "block_length": block, "steps": steps}
+
+
+def score_table(cells: list[dict]) -> dict:
+    """(rope, length) -> {task: mean score, category: mean of its tasks, "average": mean of tasks}."""
+    scores = {}
+    for c in cells:
+        scores.setdefault((c["rope"], c["length"]), {}).setdefault(c["ruler_task"], []).append(c["score"])
+    table = {}
+    for key, by_task in scores.items():
+        row = {t: sum(v) / len(v) for t, v in by_task.items()}
+        for cat, members in CATEGORIES.items():
+            got = [row[t] for t in members if t in row]
+            row[cat] = sum(got) / len(got) if got else None
+        row["average"] = sum(row[t] for t in by_task) / len(by_task)
+        table[key] = row
+    return table
+
+
+def report(cells: list[dict], cfg, folder: str) -> str:
+    """table_ruler.md (task x length, category and overall averages) and ruler_scores.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = score_table(cells)
+    ropes = sorted({r for r, _ in table})
+    tasks = [t for t in TASKS if any(t in row for row in table.values())]
+    counts = {}
+    for c in cells:
+        counts[c["ruler_task"]] = counts.get(c["ruler_task"], 0) + 1
+    fmt = lambda v: None if v is None else f"{v:.2f}"  # OpenCompass rounds to 2 decimals
+    sections, fig_rows = [], []
+    for rope in ropes:
+        lengths = sorted(L for r, L in table if r == rope)
+        header = ["task", "category"] + [results.short(L) for L in lengths]
+        rows = [[t, TASKS[t].category] + [fmt(table[rope, L].get(t)) for L in lengths] for t in tasks]
+        rows += [[f"**{cat}**", "mean of its tasks"] + [fmt(table[rope, L][cat]) for L in lengths]
+                 for cat in CATEGORIES if any(t in tasks for t in CATEGORIES[cat])]
+        rows.append(["**average**", f"{len(tasks)} tasks"] +
+                    [fmt(table[rope, L]["average"]) for L in lengths])
+        sections.append(f"## rope {rope}\n\n{results.markdown_table(header, rows)}")
+        fig_rows.append((rope, lengths, np.array([[table[rope, L].get(t, np.nan) for L in lengths]
+                                                   for t in tasks], dtype=float)))
+    title = f"RULER, {os.path.basename(os.path.abspath(getattr(cfg, 'model', '') or '.'))}"
+    note = (f"Scores 0..100 per task (mean over samples: {min(counts.values())}.."
+            f"{max(counts.values())} per task), string_match_all except QA (string_match_part); "
+            f"average = unweighted mean over the tasks, as OpenCompass's ruler_<len> group.")
+    text = f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n"
+    files.write_text(os.path.join(folder, "table_ruler.md"), text)
+
+    fig, axes = plt.subplots(1, len(fig_rows), figsize=(2.5 + 1.2 * max(len(r[1]) for r in fig_rows)
+                                                        * len(fig_rows), 1 + 0.45 * len(tasks)),
+                             squeeze=False)
+    for ax, (rope, lengths, grid) in zip(axes[0], fig_rows):
+        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
+        ax.set_yticks(range(len(tasks)), tasks)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"rope {rope}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = os.path.join(folder, "ruler_scores.png")
+    files.write_atomic(path, lambda f: fig.savefig(f, format="png"))
+    plt.close(fig)
+    return f"{title} ({folder}/table_ruler.md, {path})\n" + "\n\n".join(sections)

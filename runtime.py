@@ -1,0 +1,147 @@
+"""
+runtime.py: where a run executes: devices and processes, CPU memory settings, and the GPU
+memory plan of a training run.
+
+Harness, not part of the paper. This is the one place where a CPU run and a GPU run differ in
+set-up: the device, the process-group backend (gloo or NCCL) and the allocator settings. The
+attention kernel is the other such point, in masks.py.
+"""
+import argparse
+import ctypes
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from model import num_params
+
+
+def tune_cpu_memory(reuse_freed: bool = False) -> dict:
+    """Allocator settings that make large CPU tensors cheap; call before the first large tensor.
+
+    Every fresh page of a tensor is a page fault in which the kernel zeroes it, and training
+    makes several tensors of hundreds of MB a step (a chunk of logits over a 100K vocabulary).
+    - Huge pages: PyTorch's THP_MEM_ALLOC_ENABLE puts CPU tensors of 2 MB and more on
+      transparent huge pages, 512 times fewer faults. Read at PyTorch's first large allocation;
+      a user's explicit THP_MEM_ALLOC_ENABLE=0 wins.
+    - reuse_freed (training): glibc serves blocks above 32 MB with their own mmap and unmaps
+      them on free, so the next step faults them in again; these settings serve them from the
+      heap and keep up to 2 GB of freed memory, which is then reused. Memory stays with the
+      process at its peak, so the evaluation and bench scripts, which report peak memory, leave
+      it off. No effect on GPU memory. docs/benchmarks.md has the measured gains.
+    Returns what was applied.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    applied = {"huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1", "reuse_freed": False}
+    if reuse_freed:
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+            return applied
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # from glibc's malloc.h
+        most = 2**31 - 1  # mallopt takes a C int
+        applied["reuse_freed"] = all([mallopt(M_MMAP_MAX, 0),  # large blocks from the heap too
+                                      mallopt(M_TRIM_THRESHOLD, most),  # keep the heap's free top
+                                      mallopt(M_TOP_PAD, most)])
+    return applied
+
+
+def positive(kind=int, zero: bool = False):
+    """An argparse type: a finite number above 0 (or at least 0), so that --lr nan, --lr 0 or
+    --grad-clip -1 are refused with one line instead of training wrongly."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'above 0'}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: torchrun's environment says how many there are and which one this is.
+
+def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group (NCCL on GPUs, gloo on CPUs)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world > 1:
+        dist.init_process_group(backend)  # rendezvous from torchrun's environment
+    elif fsdp:  # fully_shard needs a process group, even a group of one
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """True if any rank says so (e.g. a stop was requested on one of them)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,)):
+    """fn() on rank 0, then on the others: rank 0 builds a cache once, the others read it.
+    If rank 0 fails, every rank stops instead of waiting for it forever."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except errors as e:
+            error = e
+    if any_rank(error is not None, world):
+        raise error or ValueError("rank 0 could not load the corpus")
+    return result if rank == 0 else fn()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def memory_plan(c, seq_len: int, gpu_gib: float = 80.0) -> str:
+    """Per-GPU memory of FSDP training at seq_len tokens per GPU, in GiB, for 1..128 GPUs.
+
+    Sharded over N GPUs: float32 weights, float32 gradients and AdamW's two float32 moments
+    (16 bytes a parameter). Not sharded: the bf16 copy of the two blocks being gathered, the
+    LM head kept gathered, activations (with checkpointing: every block's bf16 input, plus one
+    block's activations while it is recomputed), and the loss, which holds the hidden states
+    of the masked positions (at most all L) and one chunk of float32 logits with its gradient.
+    """
+    gib = 2**30
+    P = num_params(c)
+    L, d, m, V = seq_len, c.d_model, c.mlp_hidden_size, c.embedding_size
+    block_params = 4 * d * d + 3 * d * m
+    gathered = 2 * (2 * block_params + V * d) / gib
+    saved_inputs = 2 * L * d * c.n_layers / gib
+    # One block in backward: norms, q k v (and float32 rotated copies), attention output,
+    # projections, and the four SwiGLU tensors, about 12 d + 4 m bf16 values per token.
+    block_acts = 2 * L * (12 * d + 4 * m) / gib
+    loss = (2 * L * d + 2 * 4 * 4096 * V) / gib
+    rows = [f"Per-GPU memory for {c.n_layers} layers x d_model {d} ({P / 1e9:.2f}B parameters) at "
+            f"{L:,} tokens per GPU, FSDP + bf16 mixed precision + activation checkpointing:",
+            "", "| GPUs | weights+grads+AdamW (sharded) | gathered bf16 weights | activations | loss | "
+            f"total | fits {gpu_gib:.0f} GB? |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for n in (1, 2, 4, 8, 16, 32, 64, 128):
+        sharded = 16 * P / n / gib
+        total = sharded + gathered + saved_inputs + block_acts + loss
+        rows.append(f"| {n} | {sharded:.1f} | {gathered:.1f} | {saved_inputs + block_acts:.1f} | "
+                    f"{loss:.1f} | {total:.1f} | {'yes' if total < 0.9 * gpu_gib else 'no'} |")
+    rows.append("\n(without activation checkpointing every block keeps its activations: "
+                f"{c.n_layers * block_acts:.0f} GiB more)")
+    return "\n".join(rows)

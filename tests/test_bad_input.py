@@ -1,0 +1,265 @@
+"""Bad input and faults, as a user meets them: each case runs the script in a subprocess and
+asserts a one-line error (no traceback), the exit code, and that nothing was corrupted."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
+from files import lock_folder
+from model import LLaDA, preset
+from prepare import SyntheticConfig, synthetic_texts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def script(name: str, *args, check_code: int | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, name, *map(str, args)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    if check_code is not None:
+        assert r.returncode == check_code, r.stderr[-2000:]
+    return r
+
+
+def one_line_error(r, *fragments: str, code: int = 2) -> str:
+    """The run failed with `code` and said so in one line containing every fragment."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    d = tmp_path_factory.mktemp("books")
+    for i, text in enumerate(synthetic_texts(SyntheticConfig(seed=3, n_docs=60))):
+        (d / f"book{i:03d}.txt").write_text(text)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def train_flags(books, cache, out, *extra):
+    return ["--data", books, "--cache-dir", cache, "--out", str(out), "--seq-len", "128",
+            "--warmup", "1", "--log-every", "1", *extra]
+
+
+def strict_log(out) -> list[dict]:
+    """log.jsonl as strict JSON: NaN and Infinity are not JSON and fail here."""
+    def refuse(name):
+        raise ValueError(f"{name} in log.jsonl")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, books, cache):
+    """A finished 2-step run to resume, copy and damage."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    script("train.py", *train_flags(books, cache, out, "--max-steps", "2"), check_code=0)
+    return out
+
+
+def copy_run(trained, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: flags
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--lr", "nan", "--lr: must be above 0"), ("--lr", "0", "--lr: must be above 0"),
+    ("--lr", "-1e-3", "--lr: must be above 0"), ("--grad-clip", "-1", "--grad-clip: must be at least 0"),
+    ("--weight-decay", "-1", "--weight-decay: must be at least 0"),
+    ("--target-len", "-4", "--target-len: must be above 0"),
+    ("--train-len", "-1", "--train-len: must be above 0"), ("--seq-len", "0", "--seq-len"),
+    ("--warmup", "-2", "--warmup"), ("--max-steps", "two", "--max-steps: 'two' is not an integer"),
+    ("--d-crit", "65", "--d-crit must be in 1..64"), ("--mask", "causal", "invalid choice"),
+])
+def test_train_flags_are_checked_before_any_work(tmp_path, books, cache, flag, value, fragment):
+    out = tmp_path / "out"
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1", f"{flag}={value}"))
+    one_line_error(r, fragment)
+    assert not out.exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_never_saves_it(tmp_path, books, cache):
+    out = tmp_path / "out"
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "6", "--save-every", "1",
+                                        "--lr", "1e6"))
+    line = one_line_error(r, "step ", "without updating or saving", code=1)
+    logged = strict_log(out)  # strict JSON, whatever happened
+    assert all(torch.isfinite(torch.tensor(rec["loss"])) for rec in logged)
+    if find_training_checkpoint(str(out / "checkpoint")):  # a save before the divergence
+        model = from_pretrained(str(out / "checkpoint"))  # refuses non-finite weights
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "step" in line and len(logged) < 6
+
+
+def test_resume_refuses_other_settings_unless_allowed(tmp_path, trained, books, cache):
+    out = copy_run(trained, tmp_path)
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume",
+                                        "--seq-len", "256", "--lr", "5e-4"))
+    one_line_error(r, "--seq-len 128 -> 256", "--lr None -> 0.0005", "--allow-changes")
+    assert len(strict_log(out)) == 2  # nothing written by the refused run
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume"))
+    assert r.returncode == 0 and [x["step"] for x in strict_log(out)] == [1, 2, 3]
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "4", "--resume",
+                                        "--lr", "5e-4", "--allow-changes"))
+    assert r.returncode == 0 and strict_log(out)[-1]["lr"] == 5e-4
+
+
+def test_a_kill_between_the_two_renames_of_a_save_resumes_from_the_previous_checkpoint(
+        tmp_path, trained, books, cache):
+    out = copy_run(trained, tmp_path)
+    ckpt = out / "checkpoint"
+    # The state after the first rename (checkpoint -> checkpoint.old) of the next save, with
+    # its new checkpoint.tmp still beside it.
+    os.replace(ckpt, str(ckpt) + ".old")
+    shutil.copytree(str(ckpt) + ".old", str(ckpt) + ".tmp")
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "delete" not in r.stdout + r.stderr
+    assert [x["step"] for x in strict_log(out)] == [1, 2, 3]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_a_cut_off_last_log_line_is_dropped_on_resume(tmp_path, trained, books, cache):
+    out = copy_run(trained, tmp_path)
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 4.')  # the line being written when the run was killed
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["step"] for x in strict_log(out)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("state-json", "train_state.json is not valid JSON"),
+    ("state-fields", "train_state.json is not a training state"),
+    ("shard-truncated", "model.safetensors is damaged"),
+    ("shard-empty", "model.safetensors is damaged"),
+    ("config-json", "config.json is not valid JSON"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line(tmp_path, trained, books, cache, damage, fragment):
+    out = copy_run(trained, tmp_path)
+    ckpt = out / "checkpoint"
+    if damage == "state-json":
+        (ckpt / "train_state.json").write_text('{"step": 2, "con')
+    elif damage == "state-fields":
+        (ckpt / "train_state.json").write_text('{"steps": 2}')
+    elif damage == "shard-truncated":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[:len(data) // 2])
+    elif damage == "shard-empty":
+        (ckpt / "model.safetensors").write_bytes(b"")
+    else:
+        (ckpt / "config.json").write_text("{")
+    before = (out / "log.jsonl").read_text()
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume"))
+    one_line_error(r, fragment)
+    assert (out / "log.jsonl").read_text() == before
+
+
+def test_out_that_is_a_file_or_cannot_be_created(tmp_path, books, cache):
+    (tmp_path / "file").write_text("x")
+    one_line_error(script("train.py", *train_flags(books, cache, tmp_path / "file", "--max-steps", "1")),
+                   "is a file")
+    r = script("train.py", *train_flags(books, cache, "/proc/ultrallada-out", "--max-steps", "1"))
+    one_line_error(r, "/proc/ultrallada-out")
+
+
+def test_an_output_folder_has_one_writer_and_a_stale_lock_does_not_block(tmp_path, books, cache):
+    out = tmp_path / "out"
+    held = lock_folder(str(out))  # another process's run, as far as train.py can tell
+    try:
+        r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1"))
+        one_line_error(r, "is in use by process", "another")
+        assert not (out / "log.jsonl").exists()
+    finally:
+        held.close()
+    # a .lock left by a killed run (its content says who, but nobody holds it)
+    assert (out / ".lock").exists()
+    script("train.py", *train_flags(books, cache, out, "--max-steps", "1"), check_code=0)
+
+
+def test_a_second_interrupt_exits_at_once_and_leaves_no_half_checkpoint(tmp_path, books, cache):
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "train.py", *train_flags(books, cache, out, "--max-steps",
+                                                                   "100000", "--save-every", "100000")],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "Traceback" not in err
+    # either the second signal came first (exit at once, nothing saved) or after the save
+    assert find_training_checkpoint(str(out / "checkpoint")) or not (out / "checkpoint").exists()
+    assert not (out / "checkpoint.tmp").exists() or "second interrupt" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    cfg = preset("tiny", d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64, n_layers=1)
+    cfg.extra["tokenizer"] = "cl100k_base"
+    torch.manual_seed(0)
+    save_pretrained(path, cfg, LLaDA(cfg).state_dict())
+    return path
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--len", "-1"], "--len: must be above 0"),
+    (["--len", "512", "--task", "sudoku"], "invalid choice: 'sudoku'"),
+    (["--len", "512", "--d-crit", "8"], "--train-len and --d-crit only apply with --rope"),
+    (["--len", "512", "--rope", "diffusion", "--d-crit", "99"], "--d-crit must be in 1..16"),
+    (["--len", "512", "--depths", "120"], "--depths must lie in 0..100"),
+    (["--len", "512", "--gen-length", "30"], "multiple of --block-length"),
+    (["--len", "100", "--task", "ppl"], "not a multiple of --chunk-size"),
+    (["--len", "512", "--device", "tpu"], "--device tpu"),
+])
+def test_evaluate_flags_are_checked_before_any_work(tmp_path, tiny_ckpt, args, fragment):
+    results = tmp_path / "res"
+    one_line_error(script("evaluate.py", "--model", tiny_ckpt, "--results", results, *args), fragment)
+    assert not results.exists()
+
+
+def test_evaluate_names_a_damaged_shard(tmp_path, tiny_ckpt):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:100])
+    r = script("evaluate.py", "--model", bad, "--len", "512", "--results", tmp_path / "res")
+    one_line_error(r, "model.safetensors is damaged")
+
+
+def test_an_evaluation_folder_has_one_writer(tmp_path, tiny_ckpt):
+    results = tmp_path / "res"
+    held = lock_folder(str(results))
+    try:
+        r = script("evaluate.py", "--model", tiny_ckpt, "--len", "256", "--depths", "50",
+                   "--results", results)
+        one_line_error(r, "is in use by process")
+    finally:
+        held.close()
+    assert not [n for n in os.listdir(results) if n.endswith(".json")]

@@ -1,0 +1,171 @@
+"""Tests for checkpoint.py: the official Hugging Face layout round-trips, an official
+directory loads, damaged ones fail with one line, saves are atomic, and what every RoPE method
+saves gives the official modeling code the same logits (all but position interpolation)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checkpoint import CheckpointError, from_pretrained, save_pretrained
+from model import LLaDA
+from rope import METHODS, scale_rope
+from test_model import ids, reference_logits, small_config
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return LLaDA(small_config())
+
+
+@pytest.mark.parametrize("shard_bytes,dtype", [(10**12, torch.float32), (200_000, torch.float32),
+                                               (200_000, torch.bfloat16)])
+def test_save_load_round_trip(tmp_path, net, shard_bytes, dtype):
+    net = net.to(dtype)
+    path = tmp_path / "ckpt"
+    save_pretrained(str(path), net.config, net.state_dict(), max_shard_bytes=shard_bytes)
+    files = sorted(os.listdir(path))
+    if shard_bytes < 10**9:
+        assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) >= 2
+    else:
+        assert files == ["config.json", "model.safetensors"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "llada" and cfg["architectures"] == ["LLaDAModelLM"]
+    assert cfg["torch_dtype"] == str(dtype).removeprefix("torch.")
+    loaded = from_pretrained(str(path))
+    assert next(loaded.parameters()).dtype == dtype
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(x), net.logits(x))
+
+
+def test_loads_an_official_layout_directory(tmp_path, net):
+    """A directory as Hugging Face hosts it: the official config keys and shard names."""
+    sd = {k: v.to(torch.bfloat16) for k, v in net.state_dict().items()}
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half],
+              "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, str(tmp_path / name), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 0}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    c = net.config
+    official = {"activation_type": "silu", "alibi": False, "architectures": ["LLaDAModelLM"],
+                "block_type": "llama", "d_model": c.d_model, "n_heads": c.n_heads,
+                "n_kv_heads": c.n_kv_heads, "n_layers": c.n_layers, "mlp_ratio": 4,
+                "mlp_hidden_size": c.mlp_hidden_size, "vocab_size": c.vocab_size,
+                "embedding_size": c.embedding_size, "rope_theta": 500000.0,
+                "rms_norm_eps": 1e-05, "max_sequence_length": 4096, "include_bias": False,
+                "weight_tying": False, "mask_token_id": 299, "eos_token_id": 298,
+                "pad_token_id": 298, "model_type": "llada", "rope": True, "use_cache": False,
+                "transformers_version": "4.46.3"}
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    loaded = from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert loaded.config.extra["transformers_version"] == "4.46.3"
+    x = ids()
+    with torch.no_grad():
+        ref = reference_logits({k: v.float() for k, v in sd.items()}, loaded.config, x)
+        assert torch.allclose(loaded.logits(x), ref, atol=1e-5)
+    # saving it again keeps the keys the official code reads
+    save_pretrained(str(tmp_path / "again"), loaded.config, loaded.state_dict())
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert set(official) <= set(again) and again["transformers_version"] == "4.46.3"
+
+
+def test_clear_errors(tmp_path, net):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        from_pretrained(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        from_pretrained(str(tmp_path / "empty"))
+    good = tmp_path / "good"
+    save_pretrained(str(good), net.config, net.state_dict())
+
+    sd = dict(net.state_dict())
+    del sd["model.transformer.blocks.1.up_proj.weight"]
+    save_pretrained(str(tmp_path / "missing"), net.config, sd)
+    with pytest.raises(CheckpointError, match=r"missing tensor: model\.transformer\.blocks\.1\.up_proj\.weight"):
+        from_pretrained(str(tmp_path / "missing"))
+
+    sd = dict(net.state_dict())
+    sd["model.transformer.ln_f.weight"] = torch.ones(65)
+    save_pretrained(str(tmp_path / "shape"), net.config, sd)
+    with pytest.raises(CheckpointError, match=r"ln_f\.weight is \(65,\), expected \(64,\)"):
+        from_pretrained(str(tmp_path / "shape"))
+
+    sd = {**net.state_dict(), "model.transformer.extra.weight": torch.ones(2)}
+    save_pretrained(str(tmp_path / "extra"), net.config, sd)
+    with pytest.raises(CheckpointError, match="unexpected tensor: model.transformer.extra.weight"):
+        from_pretrained(str(tmp_path / "extra"))
+
+    save_pretrained(str(tmp_path / "sharded"), net.config, net.state_dict(), max_shard_bytes=200_000)
+    second = sorted(f for f in os.listdir(tmp_path / "sharded") if f.startswith("model-"))[1]
+    os.remove(tmp_path / "sharded" / second)
+    with pytest.raises(CheckpointError, match=f"incomplete: missing {second}"):
+        from_pretrained(str(tmp_path / "sharded"))
+
+
+def test_save_is_atomic(tmp_path, net, monkeypatch):
+    path = tmp_path / "ckpt"
+    save_pretrained(str(path), net.config, net.state_dict())
+    before = (path / "model.safetensors").read_bytes()
+    import safetensors.torch
+    calls = []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed while writing the second shard
+        return real(*a, **k)
+
+    real = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    changed = {k: v + 1 for k, v in net.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(str(path), net.config, changed, max_shard_bytes=200_000)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no half-written directory left behind
+    assert (path / "model.safetensors").read_bytes() == before
+
+
+def test_rope_scaling_is_recorded_and_used(tmp_path, net):
+    from rope import scale_rope
+    s = scale_rope("pi", 512, 128, 16, 500000.0)
+    net.config.rope_scaling = s
+    save_pretrained(str(tmp_path / "pi"), net.config, net.state_dict())
+    loaded = from_pretrained(str(tmp_path / "pi"))
+    assert loaded.config.rope_scaling["method"] == "pi"
+    assert loaded.config.position_scale == 0.25
+    x = ids(1, 16)
+    with torch.no_grad():
+        scaled = loaded(x)
+        # positions 0, 4, 8, ... at scale 1 see the same angles as 0, 1, 2, ... at scale 1/4
+        plain = LLaDA(small_config())
+        plain.load_state_dict(net.state_dict())
+        same = plain(x, positions=torch.arange(16)[None] * 0.25)
+    assert torch.allclose(scaled, same, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_rope_gives_the_official_code_the_same_logits_except_for_pi(tmp_path, net, method):
+    # The official modeling code reads rope_theta from config.json and nothing else of ours:
+    # every NTK-family method changes only the base, so it loads there exactly; position
+    # interpolation also squeezes positions, which only our model.py reads (rope_scaling).
+    net.config.set_rope(scale_rope(method, 512, 128, net.config.head_dim, net.config.rope_theta))
+    save_pretrained(str(tmp_path / method), net.config, net.state_dict())
+    official_config = json.loads((tmp_path / method / "config.json").read_text())
+    loaded = from_pretrained(str(tmp_path / method))
+    x = ids(1, 40)
+    with torch.no_grad():
+        ours = loaded.logits(x)
+        official = reference_logits(loaded.state_dict(), type("C", (), {
+            **{k: official_config[k] for k in ("d_model", "n_heads", "n_layers", "rms_norm_eps",
+                                               "rope_theta")}})(), x)
+    if method == "pi":
+        assert not torch.allclose(ours, official, atol=1e-4)
+    else:
+        assert torch.allclose(ours, official, atol=1e-5)

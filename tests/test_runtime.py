@@ -1,0 +1,80 @@
+"""Tests for runtime.py: the CPU memory settings are explicit (nothing happens on import) and
+do what they say, the number flags refuse what would train wrongly, and the memory plan."""
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+
+import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fresh_python(code: str, env_extra: dict | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_importing_the_project_changes_no_allocator_setting():
+    code = ("import os, model, train, evaluate, runtime; "
+            "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
+    assert fresh_python(code) == "None"
+
+
+@pytest.mark.parametrize("user_value, expected", [(None, "1"), ("0", "0")])
+def test_tune_cpu_memory_turns_on_huge_pages_unless_the_user_said_no(user_value, expected):
+    code = ("import os, runtime; applied = runtime.tune_cpu_memory(); "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'], applied['huge_pages'])")
+    env = {} if user_value is None else {"THP_MEM_ALLOC_ENABLE": user_value}
+    assert fresh_python(code, env) == f"{expected} {expected == '1'}"
+
+
+# glibc's mallinfo2: hblkhd is the number of bytes held in blocks that have their own mmap.
+MMAPPED_BYTES = """
+import ctypes, sys, torch
+import runtime
+if sys.argv[1] == "reuse":
+    assert runtime.tune_cpu_memory(reuse_freed=True)["reuse_freed"]
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks",
+                "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+x = torch.empty(16 * 2**20)  # 64 MB, far above glibc's mmap threshold
+print(libc.mallinfo2().hblkhd)
+"""
+
+
+def glibc_has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not glibc_has_mallinfo2(), reason="needs glibc 2.33+ (mallinfo2)")
+def test_reuse_freed_serves_large_blocks_from_the_heap_instead_of_their_own_mmap():
+    off = {"THP_MEM_ALLOC_ENABLE": "0"}  # PyTorch's huge-page allocator would bypass malloc
+    default = int(fresh_python(MMAPPED_BYTES.replace("sys.argv[1]", "'default'"), off))
+    reused = int(fresh_python(MMAPPED_BYTES.replace("sys.argv[1]", "'reuse'"), off))
+    assert default >= 64 * 2**20  # glibc's default: the block is its own mapping, unmapped on free
+    assert reused < 64 * 2**20  # with reuse: from the heap, whose freed space is kept
+
+
+@pytest.mark.parametrize("kind, zero, text, ok", [
+    (float, False, "2e-5", True), (float, False, "0", False), (float, False, "nan", False),
+    (float, False, "inf", False), (float, True, "0", True), (float, True, "-1", False),
+    (int, False, "3", True), (int, False, "-1", False), (int, False, "1.5", False),
+])
+def test_positive_flags_refuse_what_would_train_wrongly(kind, zero, text, ok):
+    parse = runtime.positive(kind, zero=zero)
+    if ok:
+        assert parse(text) == kind(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

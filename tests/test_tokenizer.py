@@ -1,0 +1,58 @@
+"""Tests for tokenizer.py's prompt encoding: BOS exactly where a Hugging Face tokenizer puts
+it (its post-processor, or add_bos_token in tokenizer_config.json), never in corpus text."""
+import json
+import os
+
+import pytest
+from tokenizers import Tokenizer as HF, models, pre_tokenizers, processors
+
+from tokenizer import load_tokenizer, tiktoken_tokenizer
+
+WORDS = ["<|startoftext|>", "<|endoftext|>", "the", "needle", "is", "here"]
+
+
+def make_tokenizer(path, post_processor: bool, add_bos_token: bool | None) -> str:
+    """A word-level tokenizer.json with LLaDA's BOS and EOS strings as special tokens."""
+    hf = HF(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<|endoftext|>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(WORDS[:2])
+    if post_processor:
+        hf.post_processor = processors.TemplateProcessing(single="<|startoftext|> $A",
+                                                          special_tokens=[("<|startoftext|>", 0)])
+    os.makedirs(path, exist_ok=True)
+    hf.save(os.path.join(path, "tokenizer.json"))
+    if add_bos_token is not None:
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({"add_bos_token": add_bos_token,
+                       "bos_token": {"content": "<|startoftext|>"}}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"eos_token_id": 1, "mask_token_id": 5, "vocab_size": 6}, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("post_processor, add_bos_token, bos_expected", [
+    (True, None, True),  # the post-processor inserts BOS
+    (False, True, True),  # tokenizer_config.json asks for it (Llama-style)
+    (True, True, True),  # both: still one BOS
+    (False, False, False), (False, None, False),  # neither: no BOS
+])
+def test_prompts_start_with_bos_exactly_when_the_tokenizer_asks_for_it(
+        tmp_path, post_processor, add_bos_token, bos_expected):
+    tok = load_tokenizer(make_tokenizer(tmp_path / "t", post_processor, add_bos_token))
+    body = [2, 3, 4, 5]  # "the needle is here"
+    expected = ([0] if bos_expected else []) + body
+    assert tok.encode_prompt("the needle is here") == expected
+    assert tok.encode("the needle is here") == body  # corpus text: never a BOS
+
+
+def test_tiktoken_prompts_have_no_bos():
+    tok = tiktoken_tokenizer()
+    assert tok.encode_prompt("Hello world") == tok.encode("Hello world")
+
+
+def test_a_broken_tokenizer_config_is_a_one_line_error_naming_it(tmp_path):
+    path = make_tokenizer(tmp_path / "t", False, True)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(path)

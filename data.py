@@ -184,7 +184,8 @@ def main(argv=None):
         corpus = load_corpus(tokenizer, args.data, args.split, args.heldout, synthetic,
                              args.cache_dir, args.workers)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"tokenizer: {tokenizer.name} (EOS {tokenizer.eos_id}, [MASK] {tokenizer.mask_id})")
     print(describe(corpus, args.seq_len, args.strategy))
 

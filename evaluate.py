@@ -30,7 +30,6 @@ from all of them at the end. One process at a time may use a results folder.
 """
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -48,7 +47,7 @@ from prepare import CACHE_DIR
 from results import (checkpoint_fingerprint, duration, flops_per_second, generation_flops,
                      forward_flops, read_results, results_dir)
 from rope import METHODS, check_scaling_args
-from runtime import positive, tune_cpu_memory
+from runtime import fail, positive, tune_cpu_memory
 from tokenizer import TIKTOKEN_NAME, load_tokenizer, tiktoken_tokenizer
 
 TASKS = {"niah": niah, "needlebench": needlebench, "ruler": ruler, "longbench": longbench,
@@ -115,11 +114,6 @@ class EvalConfig:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-
-
-def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def parse_args(argv=None) -> EvalConfig:

@@ -366,8 +366,11 @@ def main(argv=None):
                   f"query-key pairs computed: {pairs} of {sum(lens) ** 2}")
         print("pass --plot to draw them")
         return
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    plot_strategies(args.out, tuple(args.doc_lens))
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        plot_strategies(args.out, tuple(args.doc_lens))
+    except OSError as e:
+        p.error(f"cannot write {args.out}: {e.strerror or e}")
     print(f"wrote {args.out}")
 
 

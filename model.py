@@ -164,6 +164,9 @@ class PrefixCache:
         return len(self.kv) >= n_layers
 
 
+TOKEN_SLICE = 4096  # tokens per slice of the token-wise work in inference (Block.forward)
+
+
 class Block(nn.Module):
     def __init__(self, c: LLaDAConfig):
         super().__init__()
@@ -180,10 +183,16 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, plan=None, cache=None, layer=0):
         B, L, _ = x.shape
-        n = self.attn_norm(x)
-        q, k, v = (proj(n).view(B, L, self.n_heads, self.head_dim)  # (B, L, H, D)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = apply_rope(q, k, cos, sin)
+        # Everything but attention treats each token alone. Without gradients nothing needs its
+        # intermediates afterwards, so a long input runs it a slice of tokens at a time:
+        # LLaDA-8B's three 12288-wide SwiGLU intermediates never exist for all 128K tokens at
+        # once (3 GB each in bf16), and on a CPU a slice stays in cache.
+        if torch.is_grad_enabled() or L <= TOKEN_SLICE:
+            slices = [slice(None)]
+        else:
+            slices = [slice(s, s + TOKEN_SLICE) for s in range(0, L, TOKEN_SLICE)]
+        parts = [self.rotated_qkv(x[:, s], cos[:, s], sin[:, s]) for s in slices]
+        q, k, v = parts[0] if len(parts) == 1 else (torch.cat(t, 1) for t in zip(*parts))
         if cache is not None:
             if cache.filled(layer + 1):  # decoding: prepend the prompt's stored keys and values
                 pk, pv = cache.kv[layer]
@@ -191,6 +200,22 @@ class Block(nn.Module):
             else:  # first pass of a block: remember the prefix
                 cache.kv.append((k[:, :cache.length], v[:, :cache.length]))
         a = attention(q, k, v, plan).reshape(B, L, -1)
+        if len(slices) == 1:
+            return self.after_attention(x, a)
+        out = torch.empty_like(x)
+        for s in slices:
+            out[:, s] = self.after_attention(x[:, s], a[:, s])
+        return out
+
+    def rotated_qkv(self, x, cos, sin):
+        """q, k and v of each token, (B, L, H, D), q and k rotated by their positions."""
+        B, L, _ = x.shape
+        n = self.attn_norm(x)
+        q, k, v = (proj(n).view(B, L, self.n_heads, self.head_dim)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return (*apply_rope(q, k, cos, sin), v)
+
+    def after_attention(self, x, a):
         h = x + self.attn_out(a)
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))

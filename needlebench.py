@@ -36,7 +36,8 @@ import re
 import numpy as np
 
 import results
-from files import FileError, write_atomic, write_text
+from files import FileError, write_text
+from niah import plot_heatmap, score_grid
 from tokenizer import cl100k
 
 # What a result depends on besides its cell and the model: a rerun with other values starts over.
@@ -305,44 +306,6 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
             "question": sample["question"], "insert_at": sample["insert_at"],
             "haystack_tokens": sample["haystack_tokens"], "model_tokens": out["model_tokens"],
             "seconds": out["seconds"]}
-
-
-def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
-    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
-    depths = sorted({c["depth"] for c in cells})
-    lengths = sorted({c["length"] for c in cells})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for i, d in enumerate(depths):
-        for j, L in enumerate(lengths):
-            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
-            if scores:
-                grid[i, j] = sum(scores) / len(scores)
-    return depths, lengths, grid
-
-
-def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
-
-    # The colours of the NIAH pictures: red 0, yellow 50, green 100; grey for cells not run.
-    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
-        .with_extremes(bad="#dddddd")
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
-    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
-    ax.set_xlabel("context length (cl100k tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="score")
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:

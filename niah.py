@@ -165,21 +165,23 @@ def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # Reports: the mean over repeats per (depth, length), as a table and a heatmap.
 
+def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
+    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
+    depths = sorted({c["depth"] for c in cells})
+    lengths = sorted({c["length"] for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for i, d in enumerate(depths):
+        for j, L in enumerate(lengths):
+            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
+            if scores:
+                grid[i, j] = sum(scores) / len(scores)
+    return depths, lengths, grid
+
+
 def niah_grids(cells: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
-    """Per rope label: depths, lengths and the mean score over repeats, (depths, lengths)."""
-    grids = {}
-    for rope in sorted({c["rope"] for c in cells}):
-        mine = [c for c in cells if c["rope"] == rope]
-        depths = sorted({c["depth"] for c in mine})
-        lengths = sorted({c["length"] for c in mine})
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for i, d in enumerate(depths):
-            for j, L in enumerate(lengths):
-                scores = [c["score"] for c in mine if c["depth"] == d and c["length"] == L]
-                if scores:
-                    grid[i, j] = sum(scores) / len(scores)
-        grids[rope] = (depths, lengths, grid)
-    return grids
+    """score_grid per rope label."""
+    return {rope: score_grid([c for c in cells if c["rope"] == rope])
+            for rope in sorted({c["rope"] for c in cells})}
 
 
 def niah_table(depths, lengths, grid) -> str:
@@ -204,10 +206,9 @@ def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
         .with_extremes(bad="#dddddd")  # grey: cells not evaluated
     fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(lengths)), [short(L) for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
     ax.set_xlabel("context length (cl100k tokens)")

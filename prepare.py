@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from files import read_json, write_json
+from files import FileError, read_json, write_json
 from tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
@@ -312,6 +312,8 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
     if not 0 <= heldout < 1:
         raise ValueError(f"--heldout must be in [0, 1), got {heldout}")
     if data is None:
+        if synthetic.n_docs < 1:
+            raise ValueError(f"the synthetic corpus needs at least one document, got {synthetic.n_docs}")
         if split == "test":
             raise ValueError("the synthetic corpus has train and validation splits only")
         step = 100
@@ -396,7 +398,12 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
     path = os.path.join(cache_dir, dirname)
     reused = os.path.isfile(os.path.join(path, "meta.json"))
     if not reused:
-        build_cache(path, name, key, tasks, tokenizer, select, split != "train", workers, progress)
+        try:
+            build_cache(path, name, key, tasks, tokenizer, select, split != "train", workers,
+                        progress)
+        except OSError as e:  # a cache folder that cannot be created, a full disk
+            raise FileError(f"cannot write the token cache in {cache_dir}: "
+                            f"{e.strerror or e}; pass --cache-dir DIR") from None
     corpus = open_cache(path, tokenizer.eos_id, reused)
     if corpus.n_skipped:
         report_skipped(corpus)

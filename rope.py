@@ -149,13 +149,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k, (B, L, H, D), by tables (B or 1, L, D); rotation in float32 at least."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (B, L, 1, D): same angle for every head
+    half = cos.shape[-1] // 2  # both halves of a table hold the same angles
+    c, s = cos[..., None, :half], sin[..., None, :half]  # (B, L, 1, D/2): same for every head
 
     def rotate(t):
         # bf16 has 8 bits of mantissa: rotating in it would blur positions that differ by
         # less than 1/256 of the angle, so the reference upcasts.
-        wide = t.to(torch.promote_types(t.dtype, cos.dtype))
-        return ((wide * cos) + (rotate_half(wide) * sin)).to(t.dtype)
+        x1, x2 = t.to(torch.promote_types(t.dtype, cos.dtype)).chunk(2, dim=-1)
+        # t * cos + rotate_half(t) * sin, written per half: the same roundings (x1*c + (-x2)*s
+        # is x1*c - x2*s exactly), without building rotate_half's copy and the negation.
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(t.dtype)
 
     return rotate(q), rotate(k)
 

@@ -10,6 +10,8 @@ import argparse
 import ctypes
 import math
 import os
+import signal
+import sys
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,31 @@ def positive(kind=int, zero: bool = False):
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def fail(message: str, code: int = 2):
+    """A user's mistake or a file problem: one line, no traceback, and an exit code (2 for bad
+    input). Under torchrun every rank gets the same answer, so only rank 0 says it."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def stop_on_signals() -> dict:
+    """The first Ctrl-C or SIGTERM (a scheduler's) ends the run after the current step, with a
+    checkpoint, instead of losing everything since the last save; a second one exits at once
+    (a checkpoint being written stays the previous complete one: saves are atomic)."""
+    stop = {"signal": None}
+
+    def handler(sig, _frame):
+        if stop["signal"] is not None:
+            print("\nsecond interrupt: exiting without saving", file=sys.stderr)
+            os._exit(128 + sig)
+        stop["signal"] = sig
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
 
 
 # ---------------------------------------------------------------------------------------------

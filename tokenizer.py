@@ -16,10 +16,11 @@ so for the small presets both are the same.
 """
 import functools
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable
+
+from files import read_json
 
 TIKTOKEN_NAME = "cl100k_base"  # also the marker a tiny checkpoint's config.json carries
 TIKTOKEN_VOCAB = 100277  # cl100k_base's n_vocab: EOS and [MASK] of the small presets come after
@@ -96,10 +97,7 @@ def json_tokenizer(path: str) -> Tokenizer:
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ValueError(f"cannot read {file}: {str(e).splitlines()[0][:100]}") from None
     hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
-    config = {}
-    if os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json"), "rb") as f:
-            config = json.loads(f.read())
+    config = read_json(os.path.join(path, "config.json"), missing_ok=True)
     eos = config.get("eos_token_id", LLADA_EOS)
     mask = config.get("mask_token_id", LLADA_MASK)
     vocab = config.get("vocab_size", max(hf.get_vocab_size(with_added_tokens=True), eos + 1, mask + 1))
@@ -123,15 +121,8 @@ def prompt_bos(path: str, hf, config: dict) -> int | None:
     it (then hf.encode(add_special_tokens=True) already has it), or tokenizer_config.json says
     "add_bos_token": true, which transformers applies at load time for Llama-style tokenizers.
     """
-    file = os.path.join(path, "tokenizer_config.json")
-    settings = {}
-    if os.path.isfile(file):
-        try:
-            with open(file, "rb") as f:
-                settings = json.loads(f.read())
-        except (OSError, ValueError):
-            raise ValueError(f"{file} is not valid JSON; restore it") from None
-    if not settings.get("add_bos_token"):
+    settings = read_json(os.path.join(path, "tokenizer_config.json"), missing_ok=True)
+    if not isinstance(settings, dict) or not settings.get("add_bos_token"):
         return None
     token = settings.get("bos_token")
     token = token.get("content") if isinstance(token, dict) else token
@@ -160,13 +151,7 @@ def load_tokenizer(source: str) -> Tokenizer:
     if not os.path.isdir(source):
         raise ValueError(f"{source!r} is neither {TIKTOKEN_NAME} nor a checkpoint directory")
     if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-        config_path = os.path.join(source, "config.json")
-        if os.path.isfile(config_path):
-            try:
-                with open(config_path, "rb") as f:
-                    config = json.loads(f.read())
-            except (OSError, ValueError):
-                raise ValueError(f"{config_path} is not valid JSON; restore it") from None
-            if isinstance(config, dict) and uses_tiktoken(config):
-                return tiktoken_tokenizer()
+        config = read_json(os.path.join(source, "config.json"), missing_ok=True)
+        if isinstance(config, dict) and uses_tiktoken(config):
+            return tiktoken_tokenizer()
     return json_tokenizer(source)  # raises when there is no tokenizer.json

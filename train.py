@@ -48,8 +48,8 @@ from masks import STRATEGIES, document_positions, isolates_documents
 from model import PRESETS, LLaDA, num_params, preset
 from prepare import CACHE_DIR, load_corpus
 from rope import METHODS, check_scaling_args
-from runtime import (any_rank, mean_over_ranks, memory_plan, positive, rank_zero_first,
-                     setup_distributed, tune_cpu_memory)
+from runtime import (any_rank, fail, mean_over_ranks, memory_plan, positive, rank_zero_first,
+                     setup_distributed, stop_on_signals, tune_cpu_memory)
 
 
 @dataclass
@@ -160,12 +160,6 @@ def parse_args(argv=None) -> TrainConfig:
 
 class UserError(Exception):
     """Bad input: reported as one line, exit code 2."""
-
-
-def fail(message: str, code: int = 2):
-    if int(os.environ.get("RANK", 0)) == 0:  # every rank gets the same answer: say it once
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,23 +336,6 @@ def start(cfg: TrainConfig, rank: int, world: int):
     return ckpt, tokenizer, corpus, schedule, model
 
 
-def stop_on_signals() -> dict:
-    """The first Ctrl-C or SIGTERM (a scheduler's) ends the run after the current step, with a
-    checkpoint, instead of losing everything since the last save; a second one exits at once
-    (a checkpoint being written stays the previous complete one: saves are atomic)."""
-    stop = {"signal": None}
-
-    def handler(sig, _frame):
-        if stop["signal"] is not None:
-            print("\nsecond interrupt: exiting without saving", file=sys.stderr)
-            os._exit(128 + sig)
-        stop["signal"] = sig
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-    return stop
-
-
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.memory_plan:
@@ -389,64 +366,73 @@ def main(argv=None):
     model = parallelize(model, cfg, world, device)
     optimizer = make_optimizer(model, cfg, peak_lr)
     first = 0
-    log_path = os.path.join(cfg.out, "log.jsonl")
     try:
         if cfg.resume:
             first = read_training_state(ckpt)["step"]
             load_optimizer_state(ckpt, model, optimizer)
         if rank == 0:
-            truncate_log(log_path, first)  # steps past the checkpoint are about to be redone
+            # the steps past the checkpoint are about to be redone
+            truncate_log(os.path.join(cfg.out, "log.jsonl"), first)
     except ValueError as e:
         fail(str(e))
     if first >= cfg.max_steps:
         say(f"{ckpt} is already at step {first} of --max-steps {cfg.max_steps}: nothing to do")
         return
 
+    try:
+        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, tokenizer_files,
+                  rank, world, device)
+    except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
+        fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
+             f"checkpoint is intact, free space and --resume")
+    if world > 1:
+        dist.destroy_process_group()
+    del lock
+
+
+def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int, peak_lr: float,
+              ckpt: str, tokenizer_files: dict, rank: int, world: int, device) -> None:
+    """Steps first..max_steps: log each, save every save_every and at the end, stop cleanly."""
     stop = stop_on_signals()
+    log_path = os.path.join(cfg.out, "log.jsonl")
     # The bar only on a terminal (disable=None): in a log file the step lines say the same.
     bar = tqdm(total=cfg.max_steps, initial=first, disable=None if rank == 0 else True,
                unit="step", dynamic_ncols=True)
     tokens_seen, t_run = first * schedule.per_step * cfg.seq_len, time.perf_counter()
     run_config = asdict(cfg)
-    try:
-        for step in range(first, cfg.max_steps):
-            record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
-            if not record.pop("finite"):
-                bar.close()
-                fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
-                     f"{record['grad_norm']}; stopped without updating or saving (the last "
-                     f"checkpoint is intact). Lower --lr or raise --warmup, then --resume "
-                     f"--allow-changes", 1)
-            tokens_seen += schedule.per_step * cfg.seq_len
-            record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
+    for step in range(first, cfg.max_steps):
+        record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
+        if not record.pop("finite"):
+            bar.close()
+            fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
+                 f"{record['grad_norm']}; stopped without updating or saving (the last "
+                 f"checkpoint is intact). Lower --lr or raise --warmup, then --resume "
+                 f"--allow-changes", 1)
+        tokens_seen += schedule.per_step * cfg.seq_len
+        record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                bar.write(f"step {step + 1:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                          f"{record['tokens_per_s']:,.0f} tokens/s | grad norm {record['grad_norm']:.2f}")
+        stopping = any_rank(stop["signal"] is not None, world)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
+            if not weights_finite(model, world):  # the last update overflowed
+                fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
+                     f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
+            save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
+                                     tokenizer_files, rank, world)
             if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record, allow_nan=False) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                    bar.write(f"step {step + 1:>5} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                              f"{record['tokens_per_s']:,.0f} tokens/s | grad norm {record['grad_norm']:.2f}")
-            stopping = any_rank(stop["signal"] is not None, world)
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
-                if not weights_finite(model, world):  # the last update overflowed
-                    fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
-                         f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
-                save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
-                                         tokenizer_files, rank, world)
-                if rank == 0:
-                    bar.write(f"saved {ckpt} at step {step + 1}")
-            if stopping:
-                bar.close()
-                say(f"stopped at step {step + 1}; continue with the same flags plus --resume")
-                sys.exit(128 + (stop["signal"] or signal.SIGTERM))
-    except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
-        fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
-             f"checkpoint is intact, free space and --resume")
+                bar.write(f"saved {ckpt} at step {step + 1}")
+        if stopping:
+            bar.close()
+            if rank == 0:
+                print(f"stopped at step {step + 1}; continue with the same flags plus --resume")
+            sys.exit(128 + (stop["signal"] or signal.SIGTERM))
     bar.close()
-    if world > 1:
-        dist.destroy_process_group()
-    del lock
 
 
 if __name__ == "__main__":

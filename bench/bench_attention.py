@@ -28,6 +28,8 @@ from memory import memory_mb, reset_peak  # noqa: E402
 def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
     """Runs in the child process: time the case, report time and peak memory above baseline."""
     import torch
+    from runtime import tune_cpu_memory
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from masks import attention, attention_plan
     from model import LLaDA, preset
 

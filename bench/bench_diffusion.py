@@ -34,6 +34,8 @@ from memory import memory_mb, reset_peak  # noqa: E402
 def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> dict:
     """Runs in the child process: one forward+backward of the masked loss through the head."""
     import torch
+    from runtime import tune_cpu_memory
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     import torch.nn.functional as F
     from diffusion import masked_cross_entropy
 
@@ -96,6 +98,8 @@ def bench_loss(args) -> None:
 
 def bench_sampler(args) -> None:
     import torch
+    from runtime import tune_cpu_memory
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from diffusion import generate
     from checkpoint import from_pretrained
     from model import LLaDA, PrefixCache, preset

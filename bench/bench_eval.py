@@ -31,6 +31,8 @@ from memory import memory_mb, reset_peak  # noqa: E402
 def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
     import torch
+    from runtime import tune_cpu_memory
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     import evaluate
     import niah
     from checkpoint import from_pretrained
@@ -84,6 +86,8 @@ def main(argv=None):
         p.error(f"--model {args.model} is not a directory")
 
     import torch
+    from runtime import tune_cpu_memory
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from checkpoint import read_config
     from model import preset
     from results import generation_flops

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import LLaDA, preset  # noqa: E402
+from runtime import tune_cpu_memory  # noqa: E402
 
 
 def best_times(cases: dict, rounds: int) -> dict:
@@ -77,6 +78,7 @@ def matmul_peak(cfg, tokens, dtype, rounds) -> float:
 
 
 def main(argv=None):
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", help="model preset (default small)")

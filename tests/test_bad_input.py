@@ -263,3 +263,29 @@ def test_an_evaluation_folder_has_one_writer(tmp_path, tiny_ckpt):
     finally:
         held.close()
     assert not [n for n in os.listdir(results) if n.endswith(".json")]
+
+
+# ---------------------------------------------------------------------------------------------
+# The other scripts: the same rule.
+
+@pytest.mark.parametrize("args, fragment", [
+    (["data.py", "--synthetic-docs", "0"], "needs at least one document"),
+    (["data.py", "--data", "/no/such/books"], "--data /no/such/books does not exist"),
+    (["data.py", "--heldout", "2"], "--heldout must be in [0, 1)"),
+    (["data.py", "--cache-dir", "/proc/ultrallada-cache"], "cannot write the token cache"),
+    (["masks.py", "--plot", "--out", "/proc/ultrallada/masks.png"], "cannot write /proc/ultrallada"),
+    (["masks.py", "--doc-lens", "0"], "--doc-lens must all be positive"),
+    (["model.py", "--preset", "huge"], "unknown preset 'huge'"),
+    (["rope.py", "--target-len", "0"], "must be positive"),
+    (["rope.py", "--base", "nan"], "--base must be above 1"),
+])
+def test_the_other_scripts_answer_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and fragment in r.stderr
+
+
+def test_an_unwritable_token_cache_is_named(tmp_path, books):
+    r = script("train.py", *train_flags(books, "/proc/ultrallada-cache", tmp_path / "out",
+                                        "--max-steps", "1"))
+    one_line_error(r, "cannot write the token cache in /proc/ultrallada-cache")

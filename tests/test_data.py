@@ -455,5 +455,7 @@ def test_cli_prints_stats_and_one_line_errors(tmp_path, capsys):
     data.main(["--cache-dir", str(tmp_path), "--synthetic-docs", "40", "--seq-len", "256", "--workers", "1"])
     out = capsys.readouterr().out
     assert "corpus: synthetic (built-in, seed 0, train)" in out and "packed sequences of 256" in out
-    with pytest.raises(SystemExit, match=r"^error: --data .*missing does not exist; pass"):
+    with pytest.raises(SystemExit) as exit_:
         data.main(["--data", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert re.match(r"^error: --data .*missing does not exist; pass", capsys.readouterr().err)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
-import results
 import niah
 import prepare
+import results
 from checkpoint import read_config, save_pretrained
 from model import LLaDA, preset
 from tokenizer import tiktoken_tokenizer
@@ -182,6 +183,26 @@ def test_score_is_100_with_the_keyword_else_a_fifth_of_the_edit_similarity():
 
 # ---------------------------------------------------------------------------------------------
 # Resuming, the heatmap, RoPE overrides
+
+def test_the_time_estimate_never_runs_a_long_forward_and_is_compared_at_the_end(
+        ckpt, tmp_path, monkeypatch, capsys):
+    # At 131072 tokens one forward takes minutes on a CPU: the estimate times a short input
+    # and scales it by FLOPs, so the only forwards before the first cell are short ones.
+    lengths = []
+    real_forward = LLaDA.forward
+
+    def spy(self, input_ids, *a, **kw):
+        lengths.append(input_ids.shape[1])
+        return real_forward(self, input_ids, *a, **kw)
+    monkeypatch.setattr(LLaDA, "forward", spy)
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], []))  # no forwards at all
+    assert run(["--model", ckpt, "--len", "8192", "--depths", "50",
+                "--results", str(tmp_path / "res")]) == 0
+    assert lengths and max(lengths) <= 1024
+    printed = capsys.readouterr().out
+    assert re.search(r"1 cells to run \(0 already done\); estimate \d+ s", printed)
+    assert re.search(r"ran 1 cells in \d+ s \(estimated \d+ s\)", printed)
+
 
 def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "res")
@@ -439,3 +460,20 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, ckpt, no_tokeni
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "results")
+
+
+def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_written(
+        ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+    import files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], []))
+    monkeypatch.setattr(files.os, "fsync", full)  # every atomic write fails at its flush
+    out = tmp_path / "res"
+    assert run(["--model", ckpt, "--len", "300", "--depths", "50", "--results", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write ") and \
+        "No space left on device" in err[0] and "niah_len300_depth050" in err[0]
+    assert not [n for n in os.listdir(out) if n.endswith(".json") or n.endswith(".tmp")]

@@ -160,3 +160,15 @@ def test_unknown_preset(capsys):
     with pytest.raises(SystemExit):
         model_py.main(["--preset", "huge"])
     assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("doc_lens", [None, [[7, 20, 13], [40]]])
+def test_inference_in_token_slices_equals_the_whole_sequence(net, monkeypatch, doc_lens):
+    # Without gradients, long inputs run everything but attention a slice of tokens at a time;
+    # slices of 16 tokens here (one of them partial) must give the logits of the plain path.
+    x = ids(2, 40)
+    whole = net.logits(x, doc_lens=doc_lens).detach()  # gradients on: never sliced
+    monkeypatch.setattr(model_py, "TOKEN_SLICE", 16)
+    with torch.no_grad():
+        sliced = net.logits(x, doc_lens=doc_lens)
+    assert torch.allclose(sliced, whole, atol=1e-6, rtol=1e-6)

@@ -130,3 +130,14 @@ def test_cli_rejects_bad_head_dim(capsys):
         main(["--head-dim", "7"])
     assert e.value.code == 2
     assert "--head-dim must be an even number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_is_bit_identical_to_the_reference_rotate_half_formula(dtype):
+    # The reference computes q * cos + rotate_half(q) * sin in float32; apply_rope works per
+    # half to skip a copy and a negation, and must round exactly the same way.
+    q = torch.randn(2, 300, 4, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, sin = rope_tables(torch.arange(300)[None] * 997, 64, 5e5)
+    ours, _ = apply_rope(q, q, cos, sin)
+    c, s, wide = cos.unsqueeze(-2), sin.unsqueeze(-2), q.float()
+    assert torch.equal(ours, ((wide * c) + (rotate_half(wide) * s)).to(dtype))

@@ -1,0 +1,77 @@
+"""
+estimate_paper.py: how long the paper's evaluations take for LLaDA-8B on one GPU, estimated
+from FLOPs (evaluate.py's own cost model), not measured: no GPU has run them here yet.
+
+Each benchmark's cells are costed as evaluate.py runs them (exact decoding, the authors'
+decoding settings; results.generation_flops and ppl.cell_flops) and divided by an assumed
+sustained throughput: --peak-tflops (the H200's dense bf16 peak, about 790) times --mfu (the
+share a long-context forward sustains; 0.4 is a guess to be replaced by bench/gpu_check.py's
+measured MFU). The README's wall times come from this script.
+
+    python bench/estimate_paper.py [--peak-tflops 790] [--mfu 0.4]
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longbench import DATASETS, answer_tokens  # noqa: E402
+from model import preset  # noqa: E402
+from results import forward_flops, generation_flops  # noqa: E402
+
+NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # the authors' NeedleBench config: 8K..128K
+RULER_LENGTHS = [4096, 8192, 16384, 32768]  # the paper's RULER table
+# Rows of the official LongBench files (200 each, 150 for multifieldqa_en, 500 for the two
+# code datasets); the prompts are cut to 16000 tokens, and most are longer, so all count 16000.
+LONGBENCH_ROWS = {name: 500 if name in ("lcc", "repobench-p") else 150
+                  if name == "multifieldqa_en" else 200 for name in DATASETS}
+
+
+def ppl_flops(c, length: int, chunk: int = 64, draws: int = 8) -> float:
+    return sum(draws * forward_flops(c, end, end, (chunk + 1) / 2)
+               for end in range(2 * chunk, length + 1, chunk))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Estimated one-GPU wall time of the paper's "
+                                            "evaluations for LLaDA-8B (FLOPs / throughput).")
+    p.add_argument("--peak-tflops", type=float, default=790.0,
+                   help="the GPU's dense bf16 peak in TFLOP/s (H200: about 790)")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="assumed share of the peak sustained at long context (default 0.4)")
+    args = p.parse_args(argv)
+    if not (args.peak_tflops > 0 and 0 < args.mfu <= 1):
+        p.error("--peak-tflops must be positive and --mfu in (0, 1]")
+    c = preset("llada-8b")
+    speed = args.peak_tflops * 1e12 * args.mfu
+
+    def hours(flops):
+        return flops / speed / 3600
+
+    rows = []
+    per_cell = {L: generation_flops(c, L, 32, 32, 16, False) for L in NIAH_LENGTHS}
+    rows.append(("NeedleBench NIAH, 8K..128K x 11 depths x 10 repeats", 11 * 10 * 16,
+                 f"{per_cell[8192] / speed:.0f} s at 8K, {per_cell[131072] / speed / 60:.1f} min at 128K",
+                 hours(110 * sum(per_cell.values()))))
+    per_cell = {L: generation_flops(c, L, 64, 64, 64, False) for L in RULER_LENGTHS}
+    rows.append(("RULER, 13 tasks x 100 samples x 4K..32K", 13 * 100 * 4,
+                 f"{per_cell[4096] / speed:.1f} s at 4K, {per_cell[32768] / speed:.0f} s at 32K",
+                 hours(1300 * sum(per_cell.values()))))
+    lb = {d: generation_flops(c, 16000, answer_tokens(d), 64, answer_tokens(d), False)
+          for d in DATASETS}
+    rows.append(("LongBench, 21 datasets at 16K", sum(LONGBENCH_ROWS.values()),
+                 f"{lb['hotpotqa'] / speed:.0f} s (64 tokens) to {lb['gov_report'] / speed:.0f} s "
+                 f"(512 tokens)", hours(sum(LONGBENCH_ROWS[d] * f for d, f in lb.items()))))
+    rows.append(("Perplexity, one 128K-token document", 1, "",
+                 hours(ppl_flops(c, 131072))))
+    print(f"LLaDA-8B on one GPU at {args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s "
+          f"(estimated from FLOPs, exact decoding)\n")
+    print("| evaluation | cells | one cell | total (GPU hours) |")
+    print("|---|---:|---|---:|")
+    for name, n, cell, total in rows:
+        print(f"| {name} | {n:,} | {cell} | {total:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -271,12 +271,13 @@ def rope_for_length(config, cfg: EvalConfig, length: int) -> dict:
     return config.scaled_rope(cfg.rope, length, cfg.train_len, cfg.d_crit)
 
 
-def settings(cfg: EvalConfig, dtype: str, source: str) -> dict:
-    """What a cell's result depends on besides its coordinates: a rerun with other settings
-    into the same folder is refused instead of mixing two runs' cells."""
+def settings(cfg: EvalConfig, dtype: str) -> dict:
+    """What a cell's result depends on besides its coordinates (the cell's name): a rerun with
+    other settings into the same folder is refused instead of mixing two runs' cells, while
+    more lengths, depths, samples or tasks only add cells."""
     task = {name: getattr(cfg, name) for name in TASKS[cfg.task].SETTINGS}
     return {"model": os.path.abspath(cfg.model), "checkpoint": checkpoint_fingerprint(cfg.model),
-            "dtype": dtype, "source": source, **task}
+            "dtype": dtype, **task}
 
 
 def cell_flops(task, c, cfg: EvalConfig, cell: dict) -> float:
@@ -300,7 +301,7 @@ def prepare_run(cfg: EvalConfig, dtype: str, device):
     cells, work, source = task.plan(cfg, tokenizer, counter)
     folder = results_dir(cfg.model, cfg.task, cfg.results)
     lock = lock_folder(folder)
-    current = settings(cfg, dtype, source)
+    current = settings(cfg, dtype)
     done = read_results(folder, cfg.task)
     other = [n for n, c in done.items() if c.get("settings") != current]
     if other and not cfg.overwrite:

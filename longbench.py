@@ -402,7 +402,7 @@ def load_rows(path: str, dataset: str) -> list[dict]:
 # The task, as evaluate.py runs it: check, plan, run_cell per cell, report
 
 # What a result depends on besides its cell and the model (evaluate.py refuses to mix runs).
-SETTINGS = ("data", "datasets", "max_len", "samples", "prompt_cache")
+SETTINGS = ("data", "max_len", "prompt_cache")
 
 
 def check(cfg) -> None:

@@ -187,12 +187,13 @@ class Block(nn.Module):
         # intermediates afterwards, so a long input runs it a slice of tokens at a time:
         # LLaDA-8B's three 12288-wide SwiGLU intermediates never exist for all 128K tokens at
         # once (3 GB each in bf16), and on a CPU a slice stays in cache.
-        if torch.is_grad_enabled() or L <= TOKEN_SLICE:
-            slices = [slice(None)]
+        sliced = not torch.is_grad_enabled() and L > TOKEN_SLICE
+        slices = [slice(s, s + TOKEN_SLICE) for s in range(0, L, TOKEN_SLICE)]
+        if sliced:
+            q, k, v = (torch.cat(t, 1) for t in zip(*(self.rotated_qkv(x[:, s], cos[:, s], sin[:, s])
+                                                     for s in slices)))
         else:
-            slices = [slice(s, s + TOKEN_SLICE) for s in range(0, L, TOKEN_SLICE)]
-        parts = [self.rotated_qkv(x[:, s], cos[:, s], sin[:, s]) for s in slices]
-        q, k, v = parts[0] if len(parts) == 1 else (torch.cat(t, 1) for t in zip(*parts))
+            q, k, v = self.rotated_qkv(x, cos, sin)
         if cache is not None:
             if cache.filled(layer + 1):  # decoding: prepend the prompt's stored keys and values
                 pk, pv = cache.kv[layer]
@@ -200,7 +201,7 @@ class Block(nn.Module):
             else:  # first pass of a block: remember the prefix
                 cache.kv.append((k[:, :cache.length], v[:, :cache.length]))
         a = attention(q, k, v, plan).reshape(B, L, -1)
-        if len(slices) == 1:
+        if not sliced:
             return self.after_attention(x, a)
         out = torch.empty_like(x)
         for s in slices:

@@ -609,8 +609,8 @@ def select_tasks(cfg) -> tuple[list[str], list[str]]:
 
 
 # What a result depends on besides its cell and the model (evaluate.py refuses to mix runs).
-SETTINGS = ("essays", "squad", "hotpot", "ruler_tasks", "samples", "gen_length", "block_length",
-            "steps", "prompt_cache", "seed")
+SETTINGS = ("essays", "squad", "hotpot", "gen_length", "block_length", "steps", "prompt_cache",
+            "seed")
 
 
 def check(cfg) -> None:

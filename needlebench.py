@@ -165,9 +165,12 @@ def needlebench_score(prediction: str, needle: str, keyword: str) -> float:
 
 def read_jsonl(path: str, flag: str) -> list[dict]:
     """origin.py reads every line with json.loads(line.strip()): a blank line is an error too."""
+    official = {"--haystack": "en_un_asr.jsonl", "--needles": "needles.jsonl"}[flag]
+    if path is None:
+        raise FileError(f"needlebench needs {flag} FILE, OpenCompass NeedleBench's {official}")
     if not os.path.isfile(path):
-        raise FileError(f"{flag} {path} does not exist; pass the NeedleBench file "
-                        f"(opencompass/needlebench/{os.path.basename(path)})")
+        raise FileError(f"{flag} {path} does not exist or is not a file; pass OpenCompass "
+                        f"NeedleBench's {official}")
     rows = []
     try:
         with open(path, encoding="utf-8") as f:

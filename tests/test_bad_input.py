@@ -237,6 +237,12 @@ def tiny_ckpt(tmp_path_factory):
     (["--len", "512", "--gen-length", "30"], "multiple of --block-length"),
     (["--len", "100", "--task", "ppl"], "not a multiple of --chunk-size"),
     (["--len", "512", "--device", "tpu"], "--device tpu"),
+    (["--task", "needlebench", "--len", "8192"], "needlebench needs --needles FILE"),
+    (["--task", "ruler", "--len", "100"], "--len 100 is too small for RULER"),
+    (["--task", "ruler", "--len", "4096", "--ruler-tasks", "qa_squad"], "qa_squad needs --squad FILE"),
+    (["--task", "longbench"], "LongBench needs --data DIR"),
+    (["--task", "longbench", "--len", "4096"], "--len does not apply to longbench"),
+    (["--task", "longbench", "--data", "/proc/self"], "narrativeqa.jsonl does not exist"),
 ])
 def test_evaluate_flags_are_checked_before_any_work(tmp_path, tiny_ckpt, args, fragment):
     results = tmp_path / "res"

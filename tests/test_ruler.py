@@ -5,15 +5,12 @@ import json
 import os
 import random
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import files  # noqa: E402
-import ruler  # noqa: E402
-from tokenizer import cl100k  # noqa: E402
+import ruler
+from tokenizer import cl100k
 
 L = 2048  # small enough for CPU tests, big enough for one 500-word step of essay haystack
 

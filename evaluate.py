@@ -20,7 +20,7 @@ cells, so an interrupted run loses at most the cell in progress, and the reports
 from all of them at the end. One process at a time may use a results folder.
 
     python evaluate.py --task niah --len 131072                 # out/checkpoint, synthetic haystack
-    python evaluate.py --task niah --len 8192 16384 --rope critical --prompt-cache
+    python evaluate.py --task niah --len 8192 16384 --rope critical --prompt-cache   # approximate, faster
     python evaluate.py --task ppl --len 4096 --data /path/pg19
     python evaluate.py --model /path/UltraLLaDA --task needlebench --len 8192 131072 \
         --haystack en_un_asr.jsonl --needles needles.jsonl
@@ -306,7 +306,8 @@ def prepare_run(cfg: EvalConfig, dtype: str, device):
     other = [n for n, c in done.items() if c.get("settings") != current]
     if other and not cfg.overwrite:
         old = done[other[0]].get("settings") or {}
-        diff = [f"{k} {old.get(k)!r} there, {v!r} here" for k, v in current.items() if old.get(k) != v]
+        diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
+                for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
         raise ValueError(f"{folder} holds {len(other)} results made with other settings "
                          f"({'; '.join(diff[:2])}); pass --results DIR for this run, or "
                          f"--overwrite to redo them")

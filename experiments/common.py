@@ -1,7 +1,7 @@
 """
-common.py: what the three experiments share: a tiny model with a word-level vocabulary, the
+common.py: what the experiments share: a tiny model with a word-level vocabulary, the
 pre-trained base model they all start from, running train.py and evaluate.py, and writing the
-README's results sections.
+results files experiments/results/*.md.
 
 Why a word-level vocabulary: the built-in synthetic corpus uses about 1,100 distinct words, and
 with tiktoken's 100K-token output layer 90% of a tiny model's training FLOPs go into that layer.
@@ -11,7 +11,6 @@ Everything else is the project's own code, run through its command lines.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,10 +20,11 @@ sys.path.insert(0, ROOT)
 
 import random  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from checkpoint import from_pretrained, save_pretrained  # noqa: E402
+from diffusion import sft_loss  # noqa: E402
 from model import LLaDA, preset  # noqa: E402
 from prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence,  # noqa: E402
                      filler_text, synthetic_texts)
@@ -107,35 +107,48 @@ def train(out: str, *args: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def base_model() -> tuple[str, dict]:
-    """The base model every experiment starts from: pre-trained with the masked-diffusion loss
-    at a 512-token window on the built-in synthetic corpus, then fine-tuned to answer questions
-    about a fact inside that window (retrieval_finetune). Returns its checkpoint and a dict of
-    how it was made (for the README)."""
+def pretrained_lm() -> tuple[str, float]:
+    """The language model before any fine-tuning: masked-diffusion pre-training at a 512-token
+    window on the built-in synthetic corpus. Returns its checkpoint and the seconds it took."""
     out = os.path.join(RUNS, "base")
     init = initial_checkpoint(os.path.join(RUNS, "init"))
-    pretrain_seconds = train(
+    seconds = train(
         out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
         "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
         "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
         "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"),
     )[-1]["elapsed_s"]
+    return os.path.join(out, "checkpoint"), seconds
+
+
+def base_model() -> tuple[str, dict]:
+    """The base model every experiment starts from: pre-trained with the masked-diffusion loss
+    at a 512-token window on the built-in synthetic corpus, then fine-tuned to answer questions
+    about a fact inside that window (retrieval_finetune). Returns its checkpoint and a dict of
+    how it was made (for the results files)."""
+    lm, pretrain_seconds = pretrained_lm()
     sft = os.path.join(RUNS, "retrieval")
-    sft_seconds, accuracy = retrieval_finetune(os.path.join(out, "checkpoint"), sft)
-    info = {"pretrain_s": pretrain_seconds, "sft_s": sft_seconds, "accuracy": accuracy,
-            "lm": os.path.join(out, "checkpoint")}
+    sft_seconds, accuracy = retrieval_finetune(lm, sft)
+    info = {"pretrain_s": pretrain_seconds, "sft_s": sft_seconds, "accuracy": accuracy, "lm": lm}
+    # what the fine-tuning does to language modelling: perplexity inside the window, both models
+    ppl = {name: evaluate(path, os.path.join(RUNS, f"window-ppl-{name}"), *PPL_FLAGS,
+                          "--len", str(WINDOW))[0][0]["perplexity"]
+           for name, path in (("lm", lm), ("sft", sft))}
     info["text"] = (
         f"Base model: tiny LLaDA (2 layers, d_model 128, word-level vocabulary), seed {SEED}. "
         f"Pre-trained with the masked-diffusion loss for {BASE_STEPS} steps x 8 sequences of "
         f"{WINDOW} tokens on the built-in synthetic corpus ({minutes(pretrain_seconds)}), then "
-        f"fine-tuned {SFT_STEPS} steps x 16 prompts to answer a question about a fact stated in "
-        f"a haystack inside the window, codes {CODES[0]}-{CODES[1]} "
-        f"({minutes(sft_seconds)}); it then answers {accuracy:.0%} of 64 held-out prompts "
-        f"(chance: {1 / (CODES[1] - CODES[0] + 1):.1%}). Why the fine-tuning: after pre-training "
-        f"alone the model never retrieved a needle, and a 2-layer model learns to copy one of "
-        f"900 codes far more slowly than one of 64. The fine-tuning trains answers only and "
-        f"wrecks language modelling (perplexity above 10^11 inside the window), so perplexity "
-        f"is measured on the pre-trained model and NIAH on the fine-tuned one.")
+        f"fine-tuned {SFT_STEPS} steps x 16 prompts with LLaDA's SFT loss (diffusion.sft_loss: "
+        f"the prompt never masked, the masked-answer cross-entropy / p normalised by the answer "
+        f"length) to answer a question about a fact stated in a haystack inside the window, "
+        f"codes {CODES[0]}-{CODES[1]}, haystacks growing to the full window over the first 60% "
+        f"of the steps ({minutes(sft_seconds)}); it then answers {accuracy:.0%} of 64 held-out "
+        f"prompts with every answer token masked (chance: {1 / (CODES[1] - CODES[0] + 1):.1%}). "
+        f"Why the fine-tuning: in an earlier run, pre-training alone never taught the model to "
+        f"retrieve a needle, and a 2-layer model learns to copy one of 900 codes far more slowly "
+        f"than one of 64. The fine-tuning trains answers only and costs language modelling "
+        f"(perplexity at {WINDOW} tokens: {ppl['lm']:.2f} before it, {ppl['sft']:.3g} after), so "
+        f"perplexity is measured on the pre-trained model and NIAH on the fine-tuned one.")
     return sft, info
 
 
@@ -164,31 +177,35 @@ def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes: tuple 
 
 
 def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 16, gen: int = 8,
-                       lr: float = 1e-3) -> tuple[float, float]:
-    """Supervised fine-tuning on retrieval prompts inside the window, so that the base model
-    answers a question about a fact it was told. The loss is LLaDA's SFT loss at t = 1: the
-    prompt stays visible, every answer token is masked (what the sampler's first step sees),
-    cross-entropy over the answer. Haystacks grow from 16 tokens to the full window over the
-    first 60% of the steps. Returns (seconds, retrieval accuracy on 64 held-out prompts)."""
+                       lr: float = 1e-3, seed: int = SEED) -> tuple[float, float]:
+    """Supervised fine-tuning on retrieval prompts inside the window, so that the model answers
+    a question about a fact it was told. The objective is LLaDA's SFT loss (diffusion.sft_loss):
+    the prompt is never masked, each answer token is masked with probability p ~ U(eps, 1) per
+    row, and the masked-answer cross-entropy / p is normalised by the answer length (`gen`
+    tokens: the code, ".", EOS padding). Haystacks grow from 16 tokens to the full window over
+    the first 60% of the steps (a curriculum), and the codes are CODES. Returns (seconds,
+    retrieval accuracy on 64 held-out prompts, judged at t = 1: every answer token masked, which
+    is what the sampler's first step sees)."""
     done = os.path.join(dst, "finetune.json")
     if os.path.isfile(done):
         with open(done) as f:
             info = json.load(f)
         return info["seconds"], info["accuracy"]
     t = time.perf_counter()
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model, tok = from_pretrained(src), load_tokenizer(src)
     mask = model.config.mask_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng, longest = random.Random(SEED), WINDOW - 48
+    rng, longest = random.Random(seed), WINDOW - 48
+    noise = torch.Generator().manual_seed(seed)  # the forward process's masks
 
     def answer_logits(x):
         return model.head(model(torch.cat([x[:, :-gen], torch.full_like(x[:, -gen:], mask)], 1))[:, -gen:])
 
     for step in range(steps):
         grow = min(1.0, step / (0.6 * steps))
-        x = retrieval_batch(tok, rng, batch, gen, longest=int(16 + (longest - 16) * grow))
-        loss = F.cross_entropy(answer_logits(x).flatten(0, 1).float(), x[:, -gen:].flatten())
+        x = retrieval_batch(tok, rng, batch, gen, longest=int(16 + (longest - 16) * grow))  # (B, L)
+        loss = sft_loss(model, x, [x.shape[1] - gen] * batch, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -207,7 +224,7 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
                     extra_files={"tokenizer.json": os.path.join(src, "tokenizer.json")})
     with open(done, "w") as f:
         json.dump({"seconds": seconds, "accuracy": accuracy, "steps": steps, "lr": lr,
-                   "batch": batch, "codes": CODES}, f)
+                   "batch": batch, "codes": CODES, "seed": seed, "objective": "diffusion.sft_loss"}, f)
     return seconds, accuracy
 
 
@@ -225,21 +242,32 @@ def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:
 
 
 def write_section(name: str, markdown: str) -> None:
-    """Replace the README's results section `name` (between its markers) and save a copy."""
+    """Write experiments/results/<name>.md (the README links these files; it holds no results)."""
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    path = os.path.join(RESULTS, f"{name}.md")
+    with open(path + ".tmp", "w") as f:
         f.write(markdown + "\n")
-    readme = os.path.join(ROOT, "README.md")
-    with open(readme) as f:
-        text = f.read()
-    begin, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-    if begin not in text:
-        raise SystemExit(f"README.md has no {begin} marker")
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: f"{begin}\n{markdown}\n{end}", text)
-    with open(readme, "w") as f:
-        f.write(text)
-    log(f"wrote README section {name} and {os.path.relpath(os.path.join(RESULTS, name + '.md'), ROOT)}")
+    os.replace(path + ".tmp", path)
+    log(f"wrote {os.path.relpath(path, ROOT)}")
+
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n - 1 for n seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_sd(values, digits: int = 1) -> str:
+    """'mean ± sd' over seeds (sample standard deviation), the spread every table carries."""
+    v = np.asarray(values, dtype=float)
+    sd = v.std(ddof=1) if len(v) > 1 else float("nan")
+    return f"{v.mean():.{digits}f} ± {sd:.{digits}f}"
+
+
+def paired_interval(a, b) -> tuple[float, float, float]:
+    """Mean of the per-seed differences a - b and its 95% t-interval (low, high): the seeds pair
+    the runs (same data order and evaluation prompts), so the difference is the fair test."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    half = T95[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
+    return d.mean(), d.mean() - half, d.mean() + half
 
 
 def minutes(seconds: float) -> str:

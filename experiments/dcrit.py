@@ -6,7 +6,7 @@ the paper reports 73 worked best). For the base model of experiment 1 (head size
 window 512) the computed value is 36. Training-free, as in experiment 1, the diffusion-aware
 base is recomputed with d_crit forced to each value of a sweep around it (`--d-crit`), and the
 model is evaluated: needle in a haystack at 8x and 16x its window, perplexity at 4x and 8x.
-Writes experiments/results/dcrit.md and the README section "dcrit".
+Writes experiments/results/dcrit.md.
 
     python experiments/dcrit.py            # about 10 minutes on 2 CPU cores after experiment 1
 """

@@ -7,7 +7,7 @@ further training it is then evaluated at 2x, 4x and 8x its window with each RoPE
 rope.py: none, ntk, critical (LongLLaDA), diffusion (UltraLLaDA) and pi (NIAH also at 16x). Needle in a haystack
 (evaluate.py --task niah) and perplexity of a held-out document (evaluate.py --task ppl, the
 LongLLaDA protocol), each length with its own scaled base.
-Writes experiments/results/extension.{md,png} and the README section "extension".
+Writes experiments/results/extension.{md,png}.
 
     python experiments/extension.py        # about 35 minutes on 2 CPU cores from scratch (base model:
                                            # 24 of them, shared by the other two), 10 without
@@ -104,7 +104,7 @@ def main():
         "Lowest perplexity beyond the window: " +
         ", ".join(f"{L // WINDOW}x {best[L]}" for L in LENGTHS[1:]) + ".",
         "",
-        "![extension](experiments/results/extension.png)",
+        "![extension](extension.png)",
         "",
         f"Written by `python experiments/extension.py` ({minutes(total)} this run; the evaluation "
         f"cells took {minutes(eval_seconds)} in all, a rerun reuses finished cells).",

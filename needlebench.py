@@ -28,6 +28,7 @@ where origin.py silently builds a shorter prompt.
     python evaluate.py --task needlebench --len 8192 16384 \
         --haystack needlebench/en_un_asr.jsonl --needles needlebench/needles.jsonl
 """
+import functools
 import json
 import os
 import random
@@ -223,6 +224,21 @@ def read_needles(path: str, language: str) -> list[dict]:
     return needles
 
 
+def haystack_ids(path: str) -> list[list[int]]:
+    """The haystack's lines in cl100k ids, read and encoded once per file version: check() and
+    plan() both need them, and 128K-token haystacks take seconds to encode."""
+    stamp = None
+    if path is not None and os.path.isfile(path):
+        st = os.stat(path)
+        stamp = (st.st_mtime_ns, st.st_size)
+    return _haystack_ids(path, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _haystack_ids(path: str, stamp) -> list[list[int]]:
+    return encode_lines(read_haystack(path), path)
+
+
 def encode_lines(texts: list[str], path: str) -> list[list[int]]:
     """cl100k ids of each line, with OpenCompass's call: tiktoken `encode` with its defaults,
     which refuses special-token text such as "<|endoftext|>" (our tokenizer's encode would not)."""
@@ -262,7 +278,7 @@ def check(cfg) -> None:
         raise ValueError(f"--len {min(cfg.len)} leaves no haystack after the "
                          f"{cfg.length_buffer}-token --length-buffer; pass a longer --len")
     needles = read_needles(cfg.needles, cfg.language)
-    total = sum(map(len, encode_lines(read_haystack(cfg.haystack), cfg.haystack)))
+    total = sum(map(len, haystack_ids(cfg.haystack)))
     # A short haystack would silently give a shorter prompt in origin.py; here it is an error.
     for r in range(cfg.repeats):
         needle = pick_needle(needles, r)["needle"]
@@ -281,13 +297,12 @@ def cell_name(cfg, length: int, depth: int, repeat: int) -> str:
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     """Every (length, depth, repeat) cell, the haystack in cl100k ids and the needles.
     Lengths are counted with OpenCompass's own tiktoken call, not with `counter`."""
-    texts = read_haystack(cfg.haystack)
-    line_ids = encode_lines(texts, cfg.haystack)
+    line_ids = haystack_ids(cfg.haystack)
     needles = read_needles(cfg.needles, cfg.language)
     cells = [dict(task="needlebench", length=L, depth=d, repeat=r, rope=cfg.rope_label,
                   name=cell_name(cfg, L, d, r))
              for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in cfg.depths]
-    source = (f"NeedleBench origin: {cfg.haystack} ({len(texts)} lines, "
+    source = (f"NeedleBench origin: {cfg.haystack} ({len(line_ids)} lines, "
               f"{sum(map(len, line_ids)):,} cl100k tokens), {len(needles)} {cfg.language} needles "
               f"from {cfg.needles}")
     return cells, {"line_ids": line_ids, "needles": needles}, source

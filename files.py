@@ -85,6 +85,20 @@ def replace_dir(src: str, dst: str) -> None:
         shutil.rmtree(old)
 
 
+def publish_dir(src: str, dst: str) -> bool:
+    """Move a finished folder `src` to `dst` unless another process published `dst` first
+    (caches: whoever finishes first wins, the other copy is dropped). True if ours went in."""
+    os.chmod(src, 0o755)  # mkdtemp makes it private; a cache is shared by every user's runs
+    try:
+        os.rename(src, dst)
+        return True
+    except OSError:
+        if not os.path.isdir(dst):
+            raise
+        shutil.rmtree(src)
+        return False
+
+
 def recover_dir(dst: str) -> None:
     """After a crash inside replace_dir: if `dst` is gone but `dst.old` exists, put it back."""
     old = dst + ".old"

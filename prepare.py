@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from files import FileError, read_json, write_json
+from files import FileError, publish_dir, read_json, write_json
 from tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
@@ -456,12 +456,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 "n_tokens": int(offsets[-1]), "n_skipped": n_skipped, "skipped": skipped,
                 "build_seconds": round(time.time() - started, 2), "key": key}
         write_json(os.path.join(tmp, "meta.json"), meta)  # last: marks the cache complete
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a cache is shared by every user's runs
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same cache first: keep theirs
-            if not os.path.isfile(os.path.join(path, "meta.json")):
-                raise
+        publish_dir(tmp, path)  # another process may have finished the same cache first
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

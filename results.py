@@ -6,7 +6,6 @@ Harness, not part of the paper: the tasks themselves (niah.py, needlebench.py, r
 longbench.py, ppl.py) hold the protocols; evaluate.py runs them.
 """
 import hashlib
-import json
 import os
 import time
 
@@ -14,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
+from files import FileError, read_json
 
 
 def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,
@@ -90,9 +90,8 @@ def read_results(folder: str, task: str) -> dict[str, dict]:
         for name in sorted(os.listdir(folder)):
             if name.startswith(task + "_") and name.endswith(".json"):
                 try:
-                    with open(os.path.join(folder, name), "rb") as f:
-                        cell = json.loads(f.read())
-                except (OSError, ValueError):
+                    cell = read_json(os.path.join(folder, name))
+                except FileError:
                     continue
                 if isinstance(cell, dict):
                     found[name] = cell

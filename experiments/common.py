@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from checkpoint import from_pretrained, save_pretrained  # noqa: E402
 from diffusion import sft_loss  # noqa: E402
+from files import write_json, write_text  # noqa: E402
 from model import LLaDA, preset  # noqa: E402
 from prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence,  # noqa: E402
                      filler_text, synthetic_texts)
@@ -222,9 +223,8 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
     log(f"retrieval fine-tuning done: {accuracy:.0%} of 64 held-out prompts answered ({minutes(seconds)})")
     save_pretrained(dst, model.config, model.state_dict(),
                     extra_files={"tokenizer.json": os.path.join(src, "tokenizer.json")})
-    with open(done, "w") as f:
-        json.dump({"seconds": seconds, "accuracy": accuracy, "steps": steps, "lr": lr,
-                   "batch": batch, "codes": CODES, "seed": seed, "objective": "diffusion.sft_loss"}, f)
+    write_json(done, {"seconds": seconds, "accuracy": accuracy, "steps": steps, "lr": lr,
+                   "batch": batch, "codes": CODES, "seed": seed, "objective": "diffusion.sft_loss"})
     return seconds, accuracy
 
 
@@ -243,11 +243,8 @@ def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:
 
 def write_section(name: str, markdown: str) -> None:
     """Write experiments/results/<name>.md (the README links these files; it holds no results)."""
-    os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(markdown + "\n")
-    os.replace(path + ".tmp", path)
+    write_text(path, markdown + "\n")
     log(f"wrote {os.path.relpath(path, ROOT)}")
 
 

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import tempfile
 import time
 
 import numpy as np
@@ -41,6 +42,7 @@ from common import (CODES, NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_m
                     write_section)
 from checkpoint import from_pretrained  # noqa: E402
 from diffusion import generate  # noqa: E402
+from files import publish_dir, write_json  # noqa: E402
 from masks import STRATEGIES  # noqa: E402
 from prepare import FACT, NAMES, QUESTION, SyntheticConfig, filler_text, synthetic_texts  # noqa: E402
 from tokenizer import load_tokenizer, tiktoken_tokenizer  # noqa: E402
@@ -59,12 +61,12 @@ def corpus() -> str:
     64 codes the base model was fine-tuned on (CODES), so post-training does not teach other ones."""
     folder = os.path.join(RUNS, "corpus-codes")
     if not os.path.isdir(folder):
-        tmp = folder + ".tmp"
-        os.makedirs(tmp, exist_ok=True)
+        os.makedirs(RUNS, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="corpus-codes.tmp-", dir=RUNS)
         for i, text in enumerate(synthetic_texts(SyntheticConfig(seed=0, codes=CODES))):
             with open(os.path.join(tmp, f"doc{i:05d}.txt"), "w") as f:
                 f.write(text)
-        os.rename(tmp, folder)
+        publish_dir(tmp, folder)
     return folder
 
 
@@ -137,9 +139,7 @@ def one_run(base: str, strategy: str, seed: int) -> tuple[dict, float, float]:
     else:
         t = time.perf_counter()
         mix = {**mixing(sft, strategy), "seconds": time.perf_counter() - t}
-        with open(mix_file + ".tmp", "w") as f:
-            json.dump(mix, f)
-        os.replace(mix_file + ".tmp", mix_file)
+        write_json(mix_file, mix)
     row = {"loss": float(np.mean([r["loss"] for r in records[-30:]])), "refresh": 100 * accuracy,
            **{f"niah{L}": float(np.mean([c["score"] for c in niah if c["length"] == L])) for L in EVAL_LENGTHS},
            **{f"ppl{L}": float(np.mean([c["perplexity"] for c in ppl if c["length"] == L])) for L in EVAL_LENGTHS},

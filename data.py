@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from harness.prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus
+from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer
 from masks import STRATEGIES, check_strategy, num_packed_sequences, pack_sequence
-from prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus
-from tokenizer import TIKTOKEN_NAME, load_tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Packing and batches. Packed sequence n is tokens [n*L, (n+1)*L) of the document stream

@@ -36,19 +36,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-import longbench
-import needlebench
-import niah
-import ppl
-import ruler
-from checkpoint import from_pretrained, read_config
-from files import lock_folder, write_json
-from prepare import CACHE_DIR
-from results import (checkpoint_fingerprint, duration, flops_per_second, generation_flops,
-                     forward_flops, read_results, results_dir)
+from evaluations import longbench, needlebench, niah, ppl, ruler
+from harness.checkpoint import from_pretrained, read_config
+from harness.files import lock_folder, write_json
+from harness.prepare import CACHE_DIR
+from harness.results import (
+    checkpoint_fingerprint,
+    duration,
+    flops_per_second,
+    forward_flops,
+    generation_flops,
+    read_results,
+    results_dir,
+)
+from harness.runtime import fail, positive, tune_cpu_memory
+from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer, tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
-from runtime import fail, positive, tune_cpu_memory
-from tokenizer import TIKTOKEN_NAME, load_tokenizer, tiktoken_tokenizer
 
 TASKS = {"niah": niah, "needlebench": needlebench, "ruler": ruler, "longbench": longbench,
          "ppl": ppl}

@@ -20,8 +20,9 @@ sequence with LLaDA's 126464-token vocabulary would need 33 GB of float32 logits
 Run `python model.py --preset llada-8b` for the parameter count and memory, allocating nothing.
 """
 import argparse
+import copy
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from masks import attention, attention_plan
 from rope import apply_rope, rope_tables, scale_rope
-from tokenizer import TIKTOKEN_VOCAB
+
 
 @dataclass
 class LLaDAConfig:
@@ -52,7 +53,7 @@ class LLaDAConfig:
     init_std: float = 0.02
     # Ours: how rope_theta was scaled for context extension (rope.scale_rope), None if it wasn't.
     rope_scaling: dict | None = None
-    # Every other config.json key, kept verbatim so a saved config still loads in the official code.
+    # Every other key of the checkpoint's config.json, kept verbatim (harness/checkpoint.py).
     extra: dict = field(default_factory=dict)
 
     @property
@@ -76,37 +77,8 @@ class LLaDAConfig:
         """Use a scale_rope result: the model builds its RoPE tables from these on every forward."""
         self.rope_theta, self.rope_scaling = scaling["rope_theta"], scaling
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "LLaDAConfig":
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: v for k, v in d.items() if k in names}
-        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
-    def to_dict(self) -> dict:
-        d = {**OFFICIAL_CONFIG, **self.extra, **asdict(self)}
-        d.pop("extra")
-        if d["rope_scaling"] is None:
-            d.pop("rope_scaling")
-        return dict(sorted(d.items()))
-
-
-# Keys the official code reads beyond the ones above, with LLaDA-8B's values (all dropouts 0).
-OFFICIAL_CONFIG = {
-    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-    "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
-    "attention_layer_norm_with_affine": True,
-    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                 "AutoModel": "modeling_llada.LLaDAModelLM"},
-    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
-    "embedding_dropout": 0.0, "flash_attention": False, "include_qkv_bias": False,
-    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
-    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
-    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
-    "precision": "amp_bf16", "residual_dropout": 0.0, "rope": True, "rope_full_precision": True,
-    "scale_logits": False, "use_cache": False,
-}
-
+TIKTOKEN_VOCAB = 100277  # tiktoken cl100k_base's vocabulary size (its n_vocab)
 # Small presets use tiktoken cl100k_base; EOS and [MASK] are the two ids after its vocabulary.
 # Their RoPE base is 10000: at the tiny model's 512-token window that puts the critical
 # dimension at half the head (32 of 64), where LLaDA's sits at 4096 tokens (64 of 128), so
@@ -128,7 +100,7 @@ PRESETS = {
 def preset(name: str, **overrides) -> LLaDAConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return LLaDAConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+    return replace(copy.deepcopy(PRESETS[name]), **overrides)  # a copy: callers may edit it
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,18 +38,35 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import (find_training_checkpoint, from_pretrained,
-                        load_optimizer_state, model_tokenizer, read_config, read_training_state,
-                        record_tokenizer, save_training_checkpoint, truncate_log)
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from files import FileError, lock_folder
+from harness.checkpoint import (
+    find_training_checkpoint,
+    from_pretrained,
+    load_optimizer_state,
+    model_tokenizer,
+    read_config,
+    read_training_state,
+    record_tokenizer,
+    save_training_checkpoint,
+    truncate_log,
+)
+from harness.files import FileError, lock_folder
+from harness.prepare import CACHE_DIR, load_corpus
+from harness.runtime import (
+    any_rank,
+    fail,
+    mean_over_ranks,
+    memory_plan,
+    positive,
+    rank_zero_first,
+    setup_distributed,
+    stop_on_signals,
+    tune_cpu_memory,
+)
 from masks import STRATEGIES, document_positions, isolates_documents
 from model import PRESETS, LLaDA, num_params, preset
-from prepare import CACHE_DIR, load_corpus
 from rope import METHODS, check_scaling_args
-from runtime import (any_rank, fail, mean_over_ranks, memory_plan, positive, rank_zero_first,
-                     setup_distributed, stop_on_signals, tune_cpu_memory)
 
 
 @dataclass

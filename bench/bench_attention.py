@@ -10,7 +10,7 @@ Prints a markdown table and the goals as ratios:
   adaptive / documents run separately <= 1.2;  full / adaptive at 64K >= 10;
   full / adaptive with 1024 documents >= 100;  peak at 131072 / peak at 65536 <= 2.2.
 
-    python bench/bench_attention.py [--lengths 4096 16384 65536 131072] [--doc-len 4096]
+    python -m bench.bench_attention [--lengths 4096 16384 65536 131072] [--doc-len 4096]
 """
 import argparse
 import json
@@ -19,16 +19,16 @@ import subprocess
 import sys
 import time
 
+from bench.memory import memory_mb, reset_peak
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import memory_mb, reset_peak  # noqa: E402
 
 
 def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
     """Runs in the child process: time the case, report time and peak memory above baseline."""
     import torch
-    from runtime import tune_cpu_memory
+
+    from harness.runtime import tune_cpu_memory
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from masks import attention, attention_plan
     from model import LLaDA, preset
@@ -65,8 +65,9 @@ def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
 
 
 def measure(what, L, doc_len, repeats):
-    out = subprocess.run([sys.executable, __file__, "--child", what, str(L), str(doc_len), str(repeats)],
-                         capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "bench.bench_attention", "--child", what, str(L), str(doc_len),
+           str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

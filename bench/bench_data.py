@@ -11,8 +11,8 @@ Two measurements, printed as markdown tables:
 The books are written from the synthetic generator (no downloads): English-like text with a
 small vocabulary, so absolute tokens/s may differ from PG19; the ratio is what matters.
 
-    python bench/bench_data.py                # about 1-2 minutes on 2 cores
-    python bench/bench_data.py --mb 8         # quicker
+    python -m bench.bench_data                # about 1-2 minutes on 2 cores
+    python -m bench.bench_data --mb 8         # quicker
 """
 import argparse
 import os
@@ -24,10 +24,9 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-import prepare  # noqa: E402
-from tokenizer import tiktoken_tokenizer  # noqa: E402
+import data
+from harness import prepare
+from harness.tokenizer import tiktoken_tokenizer
 
 
 def write_books(folder: str, megabytes: float, book_bytes: int = 400_000) -> list[str]:

@@ -15,7 +15,7 @@ takes about 10 minutes with the defaults (the sampler at 4K and 32K prompts, 32 
 block, 8 steps: about 4 of them); a 131072-token prompt costs about 6 minutes per exact step
 there, so ask for it with fewer steps: `--parts sampler --lengths 131072 --steps 2`.
 
-    python bench/bench_diffusion.py [--parts loss sampler] [--lengths 4096 32768]
+    python -m bench.bench_diffusion [--parts loss sampler] [--lengths 4096 32768]
                                     [--steps 8] [--gen-length 32] [--block-length 32]
 """
 import argparse
@@ -25,18 +25,19 @@ import subprocess
 import sys
 import time
 
+from bench.memory import memory_mb, reset_peak
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import memory_mb, reset_peak  # noqa: E402
 
 
 def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> dict:
     """Runs in the child process: one forward+backward of the masked loss through the head."""
     import torch
-    from runtime import tune_cpu_memory
+
+    from harness.runtime import tune_cpu_memory
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     import torch.nn.functional as F
+
     from diffusion import masked_cross_entropy
 
     torch.manual_seed(0)
@@ -61,9 +62,9 @@ def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> 
 
 
 def measure_loss(method, tokens, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, str(tokens), str(args.vocab), str(args.d),
-           str(args.chunk_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "bench.bench_diffusion", "--child", method, str(tokens),
+           str(args.vocab), str(args.d), str(args.chunk_size)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -98,10 +99,11 @@ def bench_loss(args) -> None:
 
 def bench_sampler(args) -> None:
     import torch
-    from runtime import tune_cpu_memory
+
+    from harness.runtime import tune_cpu_memory
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from diffusion import generate
-    from checkpoint import from_pretrained
+    from harness.checkpoint import from_pretrained
     from model import LLaDA, PrefixCache, preset
 
     torch.manual_seed(0)

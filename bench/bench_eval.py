@@ -13,7 +13,7 @@ other 15 run the 32 answer tokens against the cached keys. One exact forward of 
 131072 tokens takes minutes on two cores, so the exact 131072 cell (about half an hour) only runs
 with --exact-131072; everything else takes about 10 minutes.
 
-    python bench/bench_eval.py [--lengths 8192 32768 131072] [--exact-131072] [--model DIR]
+    python -m bench.bench_eval [--lengths 8192 32768 131072] [--exact-131072] [--model DIR]
 """
 import argparse
 import json
@@ -22,22 +22,22 @@ import subprocess
 import sys
 import time
 
+from bench.memory import memory_mb, reset_peak
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from memory import memory_mb, reset_peak  # noqa: E402
 
 
 def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
     import torch
-    from runtime import tune_cpu_memory
+
+    from harness.runtime import tune_cpu_memory
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     import evaluate
-    import niah
-    from checkpoint import from_pretrained
+    from evaluations import niah
+    from harness.checkpoint import from_pretrained
+    from harness.tokenizer import tiktoken_tokenizer
     from model import LLaDA, preset
-    from tokenizer import tiktoken_tokenizer
 
     torch.manual_seed(0)
     model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
@@ -62,7 +62,7 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
 
 
 def measure(length: int, mode: str, model_dir: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(length), mode, model_dir or ""]
+    cmd = [sys.executable, "-m", "bench.bench_eval", "--child", str(length), mode, model_dir or ""]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"error: the {length} {mode} case failed:\n{out.stderr[-2000:]}")
@@ -86,11 +86,12 @@ def main(argv=None):
         p.error(f"--model {args.model} is not a directory")
 
     import torch
-    from runtime import tune_cpu_memory
+
+    from harness.runtime import tune_cpu_memory
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
-    from checkpoint import read_config
+    from harness.checkpoint import read_config
+    from harness.results import generation_flops
     from model import preset
-    from results import generation_flops
 
     config = read_config(args.model) if args.model else preset("tiny")
     print(f"## One NIAH cell: {args.model or 'tiny preset, random weights'} ({config.n_layers} "

@@ -19,19 +19,16 @@ The matmuls and the model passes are timed in interleaved rounds and each keeps 
 on a shared machine a slow spell then slows every measurement alike, instead of deflating the
 peak (and flattering every fraction) or the model.
 
-    python bench/bench_model.py [--preset small] [--lengths 256 1024 2048] [--rounds 8]
+    python -m bench.bench_model [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import LLaDA, preset  # noqa: E402
-from runtime import tune_cpu_memory  # noqa: E402
+from harness.runtime import tune_cpu_memory
+from model import LLaDA, preset
 
 
 def best_times(cases: dict, rounds: int) -> dict:

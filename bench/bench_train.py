@@ -8,7 +8,7 @@ of the blocks per token, 6 d V per masked token for the LM head (half the tokens
 since the masking rate is uniform), and 12 L d per token per layer for attention; it is divided
 by the torch.mm peak of this machine's cores, measured in the same run. Prints a markdown table.
 
-    python bench/bench_train.py [--lengths 256 1024] [--steps 8] [--preset small]
+    python -m bench.bench_train [--lengths 256 1024] [--steps 8] [--preset small]
 """
 import argparse
 import json
@@ -19,11 +19,10 @@ import tempfile
 
 import torch
 
+from bench.bench_model import matmul_peak
+from model import preset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import matmul_peak  # noqa: E402
-from model import preset  # noqa: E402
 
 
 def train_flops_per_token(cfg, seq_len: int, masked_fraction: float = 0.5) -> float:

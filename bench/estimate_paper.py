@@ -8,17 +8,13 @@ sustained throughput: --peak-tflops (the H200's dense bf16 peak, about 790) time
 share a long-context forward sustains; 0.4 is a guess to be replaced by bench/gpu_check.py's
 measured MFU). The README's wall times come from this script.
 
-    python bench/estimate_paper.py [--peak-tflops 790] [--mfu 0.4]
+    python -m bench.estimate_paper [--peak-tflops 790] [--mfu 0.4]
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longbench import DATASETS, answer_tokens  # noqa: E402
-from model import preset  # noqa: E402
-from results import forward_flops, generation_flops  # noqa: E402
+from evaluations.longbench import DATASETS, answer_tokens
+from harness.results import forward_flops, generation_flops
+from model import preset
 
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # the authors' NeedleBench config: 8K..128K
 RULER_LENGTHS = [4096, 8192, 16384, 32768]  # the paper's RULER table

@@ -1,9 +1,9 @@
 """
 gpu_check.py: is a GPU machine ready for UltraLLaDA? One command, one table, a few minutes.
 
-    python bench/gpu_check.py                          # every check, on one 80-140 GB GPU
-    python bench/gpu_check.py --only attention         # the three attention rows
-    python bench/gpu_check.py --seq-len 8192 --layers 2 --out gpu_check.md
+    python -m bench.gpu_check                          # every check, on one 80-140 GB GPU
+    python -m bench.gpu_check --only attention         # the three attention rows
+    python -m bench.gpu_check --seq-len 8192 --layers 2 --out gpu_check.md
 
 Each GPU path of the project (flash-attn, SDPA in bf16 and float32, FSDP with NCCL, the memory
 plan, evaluation at 128K) runs once, in a check that is a function returning one row (name,
@@ -53,12 +53,12 @@ from io import StringIO
 import numpy as np
 import torch
 
+import masks
+from harness import runtime
+from harness.tokenizer import TIKTOKEN_NAME, TIKTOKEN_VOCAB
+from model import LLaDA, LLaDAConfig, preset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import masks  # noqa: E402
-import runtime  # noqa: E402
-from model import LLaDA, LLaDAConfig, preset  # noqa: E402
-from tokenizer import TIKTOKEN_NAME, TIKTOKEN_VOCAB  # noqa: E402
 
 GIB = 2**30
 # Scaled error (max |x - ref| / max |ref|) a correct result stays under. A bf16 result is the
@@ -302,6 +302,7 @@ def check_train_step(s: Settings) -> Row:
     """train.py's 8B set-up at full width and few layers: FSDP (a group of one), bf16 mixed
     precision, activation checkpointing, AdamW; random tokens in s.documents documents."""
     import torch.distributed as dist
+
     import train
     from diffusion import diffusion_loss, forward_process
 
@@ -493,7 +494,7 @@ def check_niah(s: Settings) -> Row:
     """Random weights (the timing and memory do not depend on them), saved in bf16 with
     checkpoint.save_pretrained, then evaluate.py's main as a user calls it, once per decoding."""
     import evaluate
-    from checkpoint import save_pretrained
+    from harness.checkpoint import save_pretrained
 
     device = torch.device(s.device)
     length = 2 * s.seq_len  # the paper trains at 64K and evaluates at 128K
@@ -730,7 +731,7 @@ def main(argv=None):
 
     def run_one(name: str) -> Row:
         row_file = os.path.join(logs, f"{name}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--row-file", row_file,
+        cmd = [sys.executable, "-m", "bench.gpu_check", "--child", name, "--row-file", row_file,
                "--seq-len", str(args.seq_len), "--layers", str(args.layers),
                "--timeout", str(args.timeout)]
         return run_child(cmd, row_file, os.path.join(logs, f"{name}.log"), args.timeout, name)

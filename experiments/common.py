@@ -11,25 +11,30 @@ Everything else is the project's own code, run through its command lines.
 """
 import json
 import os
+import random
 import subprocess
 import sys
 import time
 
+import numpy as np
+import torch
+
+from diffusion import sft_loss
+from harness.checkpoint import from_pretrained, save_pretrained
+from harness.files import write_json, write_text
+from harness.prepare import (
+    FACT,
+    NAMES,
+    QUESTION,
+    SyntheticConfig,
+    filler_sentence,
+    filler_text,
+    synthetic_texts,
+)
+from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
+from model import LLaDA, preset
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import random  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from checkpoint import from_pretrained, save_pretrained  # noqa: E402
-from diffusion import sft_loss  # noqa: E402
-from files import write_json, write_text  # noqa: E402
-from model import LLaDA, preset  # noqa: E402
-from prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence,  # noqa: E402
-                     filler_text, synthetic_texts)
-from tokenizer import load_tokenizer, tiktoken_tokenizer  # noqa: E402
 
 RUNS = os.path.join(ROOT, "experiments", "runs")  # checkpoints and raw results (git-ignored)
 RESULTS = os.path.join(ROOT, "experiments", "results")  # tables and plots (committed)

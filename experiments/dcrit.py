@@ -8,15 +8,25 @@ base is recomputed with d_crit forced to each value of a sweep around it (`--d-c
 model is evaluated: needle in a haystack at 8x and 16x its window, perplexity at 4x and 8x.
 Writes experiments/results/dcrit.md.
 
-    python experiments/dcrit.py            # about 10 minutes on 2 CPU cores after experiment 1
+    python -m experiments.dcrit            # about 10 minutes on 2 CPU cores after experiment 1
 """
 import os
 import time
 
 import numpy as np
 
-from common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model, evaluate, log,
-                    minutes, write_section)
+from experiments.common import (
+    NIAH_FLAGS,
+    PPL_FLAGS,
+    PROTOCOL,
+    RUNS,
+    WINDOW,
+    base_model,
+    evaluate,
+    log,
+    minutes,
+    write_section,
+)
 from rope import critical_dim, rope_lambda
 
 LENGTHS = [4 * WINDOW, 8 * WINDOW]  # perplexity (the longest held-out documents are ~8K)
@@ -54,7 +64,7 @@ def main():
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Written by `python experiments/dcrit.py` ({minutes(time.perf_counter() - started)} this run).",
+        f"Written by `python -m experiments.dcrit` ({minutes(time.perf_counter() - started)} this run).",
     ])
     write_section("dcrit", text)
 

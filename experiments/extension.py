@@ -9,7 +9,7 @@ rope.py: none, ntk, critical (LongLLaDA), diffusion (UltraLLaDA) and pi (NIAH al
 LongLLaDA protocol), each length with its own scaled base.
 Writes experiments/results/extension.{md,png}.
 
-    python experiments/extension.py        # about 35 minutes on 2 CPU cores from scratch (base model:
+    python -m experiments.extension        # about 35 minutes on 2 CPU cores from scratch (base model:
                                            # 24 of them, shared by the other two), 10 without
 """
 import os
@@ -17,8 +17,19 @@ import time
 
 import numpy as np
 
-from common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RESULTS, RUNS, WINDOW, base_model, evaluate,
-                    log, minutes, write_section)
+from experiments.common import (
+    NIAH_FLAGS,
+    PPL_FLAGS,
+    PROTOCOL,
+    RESULTS,
+    RUNS,
+    WINDOW,
+    base_model,
+    evaluate,
+    log,
+    minutes,
+    write_section,
+)
 from rope import METHODS
 
 LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW, 8 * WINDOW]  # perplexity: the longest documents are ~8K
@@ -106,7 +117,7 @@ def main():
         "",
         "![extension](extension.png)",
         "",
-        f"Written by `python experiments/extension.py` ({minutes(total)} this run; the evaluation "
+        f"Written by `python -m experiments.extension` ({minutes(total)} this run; the evaluation "
         f"cells took {minutes(eval_seconds)} in all, a rerun reuses finished cells).",
     ])
     write_section("extension", text)

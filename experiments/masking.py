@@ -22,10 +22,10 @@ lengths, adaptive overtaking at the longest) is tested with paired 95% t-interva
 eod - adaptive per length.
 Writes experiments/results/masking.md.
 
-    python experiments/masking.py          # about 45 minutes of one CPU core after the base
+    python -m experiments.masking          # about 45 minutes of one CPU core after the base
                                            # model; or one worker per seed in parallel:
-    python experiments/masking.py --seed 1 &  python experiments/masking.py --seed 2 &
-    python experiments/masking.py          # seed 0, then the results from all three
+    python -m experiments.masking --seed 1 &  python -m experiments.masking --seed 2 &
+    python -m experiments.masking          # seed 0, then the results from all three
 """
 import argparse
 import json
@@ -37,15 +37,29 @@ import time
 import numpy as np
 import torch
 
-from common import (CODES, NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model, evaluate,
-                    log, mean_sd, minutes, paired_interval, retrieval_finetune, train,
-                    write_section)
-from checkpoint import from_pretrained  # noqa: E402
-from diffusion import generate  # noqa: E402
-from files import publish_dir, write_json  # noqa: E402
-from masks import STRATEGIES  # noqa: E402
-from prepare import FACT, NAMES, QUESTION, SyntheticConfig, filler_text, synthetic_texts  # noqa: E402
-from tokenizer import load_tokenizer, tiktoken_tokenizer  # noqa: E402
+from diffusion import generate
+from experiments.common import (
+    CODES,
+    NIAH_FLAGS,
+    PPL_FLAGS,
+    PROTOCOL,
+    RUNS,
+    WINDOW,
+    base_model,
+    evaluate,
+    log,
+    mean_sd,
+    minutes,
+    paired_interval,
+    retrieval_finetune,
+    train,
+    write_section,
+)
+from harness.checkpoint import from_pretrained
+from harness.files import publish_dir, write_json
+from harness.prepare import FACT, NAMES, QUESTION, SyntheticConfig, filler_text, synthetic_texts
+from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
+from masks import STRATEGIES
 
 EVAL_LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW]  # short, medium, long for this model
 SEQ_LEN = max(EVAL_LENGTHS)  # post-train for the longest evaluated length
@@ -295,7 +309,7 @@ def report(runs: dict, seeds: list[int], train_seconds: float, eval_seconds: flo
         "",
         *per_seed,
         "",
-        f"Written by `python experiments/masking.py` (post-training and refresh "
+        f"Written by `python -m experiments.masking` (post-training and refresh "
         f"{minutes(train_seconds)} as logged, evaluation {minutes(eval_seconds)}; "
         f"{minutes(total)} this run, which reuses finished steps and cells).",
     ])

@@ -14,7 +14,7 @@ twice, exactly and with the cache, and compared:
   - the NIAH score of each, and the decoding time of each.
 Writes experiments/results/prompt_cache.md.
 
-    python experiments/prompt_cache.py     # about 10 minutes on 2 CPU cores after experiment 1
+    python -m experiments.prompt_cache     # about 10 minutes on 2 CPU cores after experiment 1
 
 Every command that reproduces a paper number (extension.py, masking.py, dcrit.py) decodes
 exactly: none of them passes --prompt-cache.
@@ -24,9 +24,19 @@ import time
 
 import numpy as np
 
-from common import (DEPTHS, NIAH_FLAGS, RUNS, WINDOW, base_model, evaluate, log, mean_sd,
-                    minutes, write_section)
-from tokenizer import load_tokenizer
+from experiments.common import (
+    DEPTHS,
+    NIAH_FLAGS,
+    RUNS,
+    WINDOW,
+    base_model,
+    evaluate,
+    log,
+    mean_sd,
+    minutes,
+    write_section,
+)
+from harness.tokenizer import load_tokenizer
 
 LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW, 8 * WINDOW, 16 * WINDOW]
 REPEATS = 4  # twice the experiments' NIAH repeats: 20 prompts per length
@@ -93,7 +103,7 @@ def main():
         "masking.py and dcrit.py never pass --prompt-cache (its mixing test calls "
         "diffusion.generate without a cache).",
         "",
-        f"Written by `python experiments/prompt_cache.py` (decoding {minutes(s1)} exact, "
+        f"Written by `python -m experiments.prompt_cache` (decoding {minutes(s1)} exact, "
         f"{minutes(s2)} cached, as logged; {minutes(time.perf_counter() - started)} this run, "
         "which reuses finished cells).",
     ])

@@ -11,10 +11,10 @@ import time
 import pytest
 import torch
 
-from checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
-from files import lock_folder
+from harness.checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
+from harness.files import lock_folder
+from harness.prepare import SyntheticConfig, synthetic_texts
 from model import LLaDA, preset
-from prepare import SyntheticConfig, synthetic_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

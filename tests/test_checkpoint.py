@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_model import ids, reference_logits, small_config
 
-from checkpoint import CheckpointError, from_pretrained, save_pretrained
+from harness.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from model import LLaDA
 from rope import METHODS, scale_rope
-from test_model import ids, reference_logits, small_config
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import data
-import prepare
-from checkpoint import model_tokenizer
 from data import Schedule
+from harness import prepare
+from harness.checkpoint import config_to_dict, model_tokenizer
+from harness.prepare import Corpus, SyntheticConfig
+from harness.tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 from model import preset
-from prepare import Corpus, SyntheticConfig
-from tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 
 EOS = 10**9  # a separator id no test token can equal
 
@@ -356,7 +356,8 @@ def test_tiktoken_round_trip_and_reserved_ids(tok):
 
 def make_json_tokenizer(path, config=None) -> str:
     """A small byte-level BPE tokenizer.json, trained here, in a checkpoint-like directory."""
-    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
     hf = HF(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
@@ -391,12 +392,12 @@ def test_load_tokenizer_for_presets_and_our_tiny_checkpoints(tmp_path):
         model_tokenizer("llada-8b")
     with pytest.raises(ValueError, match="neither a preset"):
         model_tokenizer(str(tmp_path / "nope"))
-    marked = {**preset("tiny").to_dict(), "tokenizer": "cl100k_base"}  # what train.py writes
+    marked = {**config_to_dict(preset("tiny")), "tokenizer": "cl100k_base"}  # what train.py writes
     write(tmp_path / "tiny" / "config.json", json.dumps(marked))
     assert load_tokenizer(str(tmp_path / "tiny")).source == "cl100k_base"
-    write(tmp_path / "old" / "config.json", json.dumps(preset("tiny").to_dict()))  # no marker
+    write(tmp_path / "old" / "config.json", json.dumps(config_to_dict(preset("tiny"))))  # no marker
     assert load_tokenizer(str(tmp_path / "old")).source == "cl100k_base"
-    write(tmp_path / "llada" / "config.json", json.dumps(preset("llada-8b").to_dict()))
+    write(tmp_path / "llada" / "config.json", json.dumps(config_to_dict(preset("llada-8b"))))
     with pytest.raises(ValueError, match="has no tokenizer.json"):
         load_tokenizer(str(tmp_path / "llada"))
 

@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
-import niah
-import prepare
-import results
-from checkpoint import read_config, save_pretrained
+from evaluations import niah
+from harness import prepare, results
+from harness.checkpoint import read_config, save_pretrained
+from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
-from tokenizer import tiktoken_tokenizer
 from rope import scale_rope
 
 
@@ -465,7 +464,8 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, ckpt, no_tokeni
 def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_written(
         ckpt, tmp_path, monkeypatch, capsys):
     import errno
-    import files
+
+    from harness import files
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

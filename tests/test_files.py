@@ -1,7 +1,7 @@
 """Tests for files.py's folder publishing: the first finished copy wins, the loser is dropped."""
 import os
 
-from files import publish_dir
+from harness.files import publish_dir
 
 
 def test_publish_dir_moves_a_finished_folder_in_and_keeps_the_first_one(tmp_path):

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 import masks
-import results
+from bench import gpu_check as g
+from harness import results
+from harness.checkpoint import config_to_dict
+from harness.tokenizer import TIKTOKEN_VOCAB, uses_tiktoken
 from model import num_params, preset
-from tokenizer import TIKTOKEN_VOCAB, uses_tiktoken
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import gpu_check as g  # noqa: E402
 
 # Small heads so that the attention checks take a fraction of a second on the CPU.
 SMALL = dict(d_model=64, n_heads=2, n_kv_heads=2, mlp_hidden_size=128, vocab_size=126464,
@@ -31,7 +30,7 @@ def small(**kw) -> g.Settings:
 
 def script(*args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
 
 
@@ -140,7 +139,7 @@ def test_cut_down_model_keeps_the_8b_shapes_and_fits_cl100k():
     assert (c.d_model, c.n_heads, c.mlp_hidden_size, c.embedding_size, c.n_layers) == \
         (4096, 32, 12288, 126464, 4)
     assert c.mask_token_id == TIKTOKEN_VOCAB + 1 and c.eos_token_id == TIKTOKEN_VOCAB
-    assert uses_tiktoken(c.to_dict()) and c.to_dict()["tokenizer"] == "cl100k_base"
+    assert uses_tiktoken(config_to_dict(c)) and config_to_dict(c)["tokenizer"] == "cl100k_base"
     assert c.embedding_size >= TIKTOKEN_VOCAB + 2
 
 

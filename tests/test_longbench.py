@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import longbench as lb
+from evaluations import longbench as lb
+from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
-from tokenizer import tiktoken_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +259,9 @@ def test_row_score_equals_opencompass_evaluators(dataset, prediction, answers, c
 
 
 def test_metric_packages_are_imported_lazily():
-    code = ("import sys, longbench; bad = {'jieba', 'rapidfuzz'} & set(sys.modules); "
+    code = ("import sys; from evaluations import longbench; bad = {'jieba', 'rapidfuzz'} & set(sys.modules); "
             "sys.exit(f'imported {bad}' if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(lb.__file__),
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-500:]
 

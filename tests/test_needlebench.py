@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import needlebench
-from files import FileError
-from needlebench import check, needlebench_sample, needlebench_score
-from tokenizer import cl100k, tiktoken_tokenizer
+from evaluations import needlebench
+from evaluations.needlebench import check, needlebench_sample, needlebench_score
+from harness.files import FileError
+from harness.tokenizer import cl100k, tiktoken_tokenizer
 
 # Multi-byte words too, so that cuts fall inside characters as they do in real text.
 WORDS = ("harbor lantern council meadow orbit ledger quarry violet summit ferry canal delegate "

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-import ruler
-from tokenizer import cl100k
+from evaluations import ruler
+from harness.tokenizer import cl100k
 
 L = 2048  # small enough for CPU tests, big enough for one 500-word step of essay haystack
 
@@ -269,8 +269,9 @@ def test_decoding_defaults_to_authors_64_64_64_and_follows_wrapper_rules(data):
 
 def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path):
     import torch
+
+    from harness.tokenizer import tiktoken_tokenizer
     from model import LLaDA, preset
-    from tokenizer import tiktoken_tokenizer
 
     torch.manual_seed(0)
     mc = preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)

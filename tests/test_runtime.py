@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import runtime
+from harness import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def test_tune_cpu_memory_turns_on_huge_pages_unless_the_user_said_no(user_value,
 # glibc's mallinfo2: hblkhd is the number of bytes held in blocks that have their own mmap.
 MMAPPED_BYTES = """
 import ctypes, sys, torch
-import runtime
+from harness import runtime
 if sys.argv[1] == "reuse":
     assert runtime.tune_cpu_memory(reuse_freed=True)["reuse_freed"]
 class MallInfo2(ctypes.Structure):

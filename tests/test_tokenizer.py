@@ -4,9 +4,10 @@ import json
 import os
 
 import pytest
-from tokenizers import Tokenizer as HF, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as HF
+from tokenizers import models, pre_tokenizers, processors
 
-from tokenizer import load_tokenizer, tiktoken_tokenizer
+from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
 
 WORDS = ["<|startoftext|>", "<|endoftext|>", "the", "needle", "is", "here"]
 

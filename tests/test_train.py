@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import train
-from checkpoint import from_pretrained, save_training_checkpoint
+from harness.checkpoint import from_pretrained, save_training_checkpoint
+from harness.prepare import SyntheticConfig, filler_text, synthetic_texts
+from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
-from prepare import SyntheticConfig, filler_text, synthetic_texts
-from tokenizer import tiktoken_tokenizer
 from rope import scale_rope
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,8 +26,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
-import files
-import results
+from harness import files, results
 
 MAX_LEN = 16000  # the wrapper's max_seq_len: model ids kept, BOS included
 BLOCK_LENGTH = 64  # the config's diffusion_config block_length

@@ -20,9 +20,9 @@ import torch
 
 from data import long_documents
 from diffusion import chunk_nll, cumulative_perplexity
-from files import write_atomic, write_text
-from prepare import SPLITS, load_corpus
-from results import short
+from harness.files import write_atomic, write_text
+from harness.prepare import SPLITS, load_corpus
+from harness.results import short
 
 SETTINGS = ("data", "split", "chunk_size", "draws", "seed")
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-import files
-import results
-from tokenizer import cl100k
+from harness import files, results
+from harness.tokenizer import cl100k
 
 RULER_SEED = 42  # random_seed of every OpenCompass RULER dataset
 # The model config (max_out_len=64, diffusion_config steps 64, block_length 64) holds for all 13.

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from files import FileError, read_json
+from harness.files import FileError, read_json
 
 
 def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,

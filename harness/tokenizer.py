@@ -20,10 +20,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from files import read_json
+from harness.files import read_json
+from model import TIKTOKEN_VOCAB
 
 TIKTOKEN_NAME = "cl100k_base"  # also the marker a tiny checkpoint's config.json carries
-TIKTOKEN_VOCAB = 100277  # cl100k_base's n_vocab: EOS and [MASK] of the small presets come after
 LLADA_BOS, LLADA_EOS, LLADA_MASK = 126080, 126081, 126336
 
 

@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from files import FileError, publish_dir, read_json, write_json
-from tokenizer import Tokenizer, load_tokenizer
+from harness.files import FileError, publish_dir, read_json, write_json
+from harness.tokenizer import Tokenizer, load_tokenizer
 
-CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
+CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
 CACHE_VERSION = 1  # bump when the cache layout or the document reading rules change
 SPLITS = ("train", "validation", "test")
 

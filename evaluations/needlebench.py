@@ -36,10 +36,10 @@ import re
 
 import numpy as np
 
-import results
-from files import FileError, write_text
-from niah import plot_heatmap, score_grid
-from tokenizer import cl100k
+from evaluations.niah import plot_heatmap, score_grid
+from harness import results
+from harness.files import FileError, write_text
+from harness.tokenizer import cl100k
 
 # What a result depends on besides its cell and the model: a rerun with other values starts over.
 SETTINGS = ("haystack", "needles", "length_buffer", "guide", "language", "gen_length",

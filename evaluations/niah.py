@@ -24,10 +24,10 @@ import re
 
 import numpy as np
 
-from files import write_atomic, write_text
-from prepare import filler_text
-from results import decode_answer, short
-from tokenizer import TIKTOKEN_NAME
+from harness.files import write_atomic, write_text
+from harness.prepare import filler_text
+from harness.results import decode_answer, short
+from harness.tokenizer import TIKTOKEN_NAME
 
 # A fact in the format of the synthetic corpus (prepare.py), which is what our tiny models
 # learn; for LLaDA-8B use needlebench.py, or pass a needle, question and keyword.

@@ -17,17 +17,40 @@ import shutil
 import tempfile
 import time
 import warnings
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 
-from files import FileError, read_json, recover_dir, replace_dir, write_json, write_text
+from harness.files import FileError, read_json, recover_dir, replace_dir, write_json, write_text
+from harness.tokenizer import (
+    TIKTOKEN_NAME,
+    Tokenizer,
+    load_tokenizer,
+    tiktoken_tokenizer,
+    uses_tiktoken,
+)
 from model import PRESETS, LLaDA, LLaDAConfig, preset
-from tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer,
-                       uses_tiktoken)
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 STATE = "train_state.json"
+
+# Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
+OFFICIAL_CONFIG = {
+    "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
+    "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True,
+    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+                 "AutoModel": "modeling_llada.LLaDAModelLM"},
+    "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+    "embedding_dropout": 0.0, "flash_attention": False, "include_qkv_bias": False,
+    "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
+    "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+    "precision": "amp_bf16", "residual_dropout": 0.0, "rope": True, "rope_full_precision": True,
+    "scale_logits": False, "use_cache": False,
+}
 
 
 class CheckpointError(ValueError):
@@ -42,7 +65,23 @@ def read_config(path: str) -> LLaDAConfig:
     config = read_json(os.path.join(path, CONFIG))
     if not isinstance(config, dict):
         raise CheckpointError(f"{os.path.join(path, CONFIG)} is not a JSON object")
-    return LLaDAConfig.from_dict(config)
+    return config_from_dict(config)
+
+
+def config_from_dict(d: dict) -> LLaDAConfig:
+    """config.json -> LLaDAConfig: the fields model.py uses, every other key kept in `extra`."""
+    names = {f.name for f in fields(LLaDAConfig)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    return LLaDAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+def config_to_dict(config: LLaDAConfig) -> dict:
+    """LLaDAConfig -> config.json, complete enough for the official modeling_llada.py."""
+    d = {**OFFICIAL_CONFIG, **config.extra, **asdict(config)}
+    d.pop("extra")
+    if d["rope_scaling"] is None:
+        d.pop("rope_scaling")
+    return dict(sorted(d.items()))
 
 
 def checkpoint_files(path: str) -> list[str]:
@@ -152,7 +191,7 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
         shutil.copyfile(src, os.path.join(path, name))
     dtype = next(iter(state_dict.values())).dtype
     write_json(os.path.join(path, CONFIG),
-               {**config.to_dict(), "torch_dtype": str(dtype).removeprefix("torch.")})
+               {**config_to_dict(config), "torch_dtype": str(dtype).removeprefix("torch.")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +202,7 @@ def model_tokenizer(init: str) -> Tokenizer:
     """The tokenizer of `init`: a preset name (the small ones use cl100k_base), "cl100k_base",
     or a checkpoint directory (tokenizer.load_tokenizer)."""
     if init in PRESETS:
-        if not uses_tiktoken(preset(init).to_dict()):
+        if not uses_tiktoken(config_to_dict(preset(init))):
             raise ValueError(f"preset {init} uses LLaDA's tokenizer.json; pass the checkpoint "
                              f"directory that holds it instead of the preset name")
         return tiktoken_tokenizer()
@@ -192,8 +231,11 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
     """Every rank writes its optimizer shard, rank 0 the gathered weights and train_state.json,
     all into path.tmp, which rank 0 then swaps into place."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
     tmp = path + ".tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)  # left by a run killed mid-save
@@ -231,8 +273,10 @@ def read_training_state(path: str) -> dict:
 
 def load_optimizer_state(path: str, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     try:
         with warnings.catch_warnings():

@@ -27,7 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
 from model import PrefixCache
 
@@ -336,7 +335,7 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
 @torch.no_grad()
 def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
               mask_id: int | None = None, generator: torch.Generator | None = None,
-              progress: bool = False) -> torch.Tensor:
+              on_chunk=None) -> torch.Tensor:
     """LongLLaDA's per-token NLL (L / chunk_size - 1,) of each chunk of a long text (L,) after
     the first, given the text before it.
 
@@ -348,7 +347,7 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
     mean over draws of (sum of CE at the masked tokens) / k.
     Cost: one forward of `draws` rows per chunk, each as long as the text up to the chunk's end,
     about draws * L^2 / (2 chunk_size) tokens in all: 2048 forwards averaging 64K tokens for a
-    128K-token text. Pass progress=True for a progress bar.
+    128K-token text. on_chunk() is called after each chunk (e.g. a progress bar's update).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     usable = len(tokens) // chunk_size * chunk_size
@@ -358,8 +357,7 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
                          f"pass tokens[:{usable}]")
     dev = rng_device(generator, tokens.device)
     nll = []
-    for end in tqdm(range(2 * chunk_size, len(tokens) + 1, chunk_size), disable=not progress,
-                    desc="chunks", unit="chunk"):
+    for end in range(2 * chunk_size, len(tokens) + 1, chunk_size):
         seq = tokens[:end][None].repeat(draws, 1)  # (draws, end)
         k = torch.randint(1, chunk_size + 1, (draws,), generator=generator, device=dev)  # (draws,)
         # A random permutation per row; its k smallest entries mark k random positions.
@@ -369,6 +367,8 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
         hidden = model(torch.where(is_mask, mask_id, seq))[is_mask]  # (N, d)
         weights = (1 / k.to(seq.device).float())[:, None].expand_as(is_mask)[is_mask]  # (N,)
         nll.append(masked_cross_entropy(model.head, hidden, seq[is_mask], weights) / draws)
+        if on_chunk is not None:
+            on_chunk()
     return torch.stack(nll).cpu()
 
 
@@ -379,3 +379,45 @@ def cumulative_perplexity(nll: torch.Tensor) -> torch.Tensor:
     chunk_size, for plotting perplexity against length.
     """
     return torch.exp(torch.cumsum(nll, 0) / torch.arange(1, len(nll) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# A demo that needs nothing but this file, model.py, masks.py and rope.py: train a tiny model on
+# counting sequences (3 4 5 6 ...) with the loss above, then let the sampler continue one.
+
+def demo(steps: int = 300, seed: int = 0) -> None:
+    from model import LLaDA, LLaDAConfig
+
+    torch.manual_seed(seed)
+    V, L = 16, 24  # token ids 0..15 are numbers mod 16; id 16 is [MASK]
+    config = LLaDAConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, mlp_hidden_size=128,
+                         vocab_size=V + 1, embedding_size=V + 1, mask_token_id=V,
+                         eos_token_id=V, pad_token_id=V, max_sequence_length=L, rope_theta=1e4)
+    model = LLaDA(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        starts = torch.randint(0, V, (32, 1))
+        batch = (starts + torch.arange(L)) % V  # (32, L): counting from a random number
+        loss = diffusion_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"step {step:>4}  loss {loss.item():.3f}")
+    model.eval()
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    out = generate(model, prompt, steps=8, gen_length=8, block_length=8)
+    print(f"prompt {prompt[0].tolist()} -> answer {out[0, 4:].tolist()} (counting on would be "
+          f"{[n % V for n in range(9, 17)]})")
+    nll = -log_likelihood(model, prompt[0], torch.tensor([9, 10, 11]), mc_num=32, batch_size=8)
+    print(f"-log p(9 10 11 | 5 6 7 8) <= {nll:.3f} nats (Monte Carlo bound, 32 draws)")
+
+
+if __name__ == "__main__":
+    import argparse
+    p = argparse.ArgumentParser(description="Train a tiny masked-diffusion model on counting "
+                                            "sequences, then sample from it (CPU, seconds).")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    args = p.parse_args()
+    demo(args.steps, args.seed)

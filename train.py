@@ -40,30 +40,14 @@ from tqdm import tqdm
 
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from harness.checkpoint import (
-    find_training_checkpoint,
-    from_pretrained,
-    load_optimizer_state,
-    model_tokenizer,
-    read_config,
-    read_training_state,
-    record_tokenizer,
-    save_training_checkpoint,
-    truncate_log,
-)
+from harness.checkpoint import (find_training_checkpoint, from_pretrained, load_optimizer_state,
+                                model_tokenizer, read_config, read_training_state,
+                                record_tokenizer, save_training_checkpoint, truncate_log)
 from harness.files import FileError, lock_folder
+from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
 from harness.prepare import CACHE_DIR, load_corpus
-from harness.runtime import (
-    any_rank,
-    fail,
-    mean_over_ranks,
-    memory_plan,
-    positive,
-    rank_zero_first,
-    setup_distributed,
-    stop_on_signals,
-    tune_cpu_memory,
-)
+from harness.runtime import (any_rank, fail, mean_over_ranks, memory_plan, rank_zero_first,
+                             setup_distributed, stop_on_signals, tune_cpu_memory)
 from masks import STRATEGIES, document_positions, isolates_documents
 from model import PRESETS, LLaDA, num_params, preset
 from rope import METHODS, check_scaling_args
@@ -71,35 +55,63 @@ from rope import METHODS, check_scaling_args
 
 @dataclass
 class TrainConfig:
-    init: str = "tiny"
-    data: str | None = None
-    seq_len: int = 2048
-    train_len: int | None = None
-    target_len: int | None = None
-    rope: str = "diffusion"
-    d_crit: int | None = None
-    mask: str = "adaptive"
-    positions: str = "continuous"
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float | None = None
-    schedule: str = "constant"
-    warmup: int = 10
-    max_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str | None = None
-    compile: bool = False
-    activation_checkpointing: bool = False
-    fsdp: bool = False
-    out: str = "out"
-    resume: bool = False
-    allow_changes: bool = False
-    save_every: int = 50
-    log_every: int = 10
-    cache_dir: str = CACHE_DIR
-    seed: int = 0
-    memory_plan: bool = False
+    """Every flag of train.py, with its default (python train.py --help)."""
+    init: str = flag("tiny", f"a preset ({', '.join(PRESETS)}; trained from scratch) or a LLaDA "
+                     "checkpoint directory such as LLaDA-8B-Base")
+    data: str | None = flag(None, "PG19-style folder of .txt books or .jsonl files with a 'text' "
+                            "field (default: the built-in synthetic corpus)")
+    seq_len: int = flag(2048, "tokens per packed sequence (paper: 65536)", type=count)
+    train_len: int | None = flag(None, "the context the model was pre-trained at, T_train "
+                                 "(default: the checkpoint's max_sequence_length, 4096 for "
+                                 "LLaDA, 512 for tiny)", type=count)
+    target_len: int | None = flag(None, "the context to extend RoPE to, T_target (default: "
+                                  "--seq-len; the paper trains at 64K for a 128K target)",
+                                  type=count)
+    rope: str = flag("diffusion", "RoPE scaling: none, ntk (plain NTK), critical (LongLLaDA), "
+                     "diffusion (UltraLLaDA) or pi (position interpolation)", choices=METHODS)
+    d_crit: int | None = flag(None, "override the critical dimension of critical/diffusion "
+                              "(1..head size; the paper's later version reports 73 for LLaDA)",
+                              type=count)
+    mask: str = flag("adaptive", "document strategy: concat (full attention), eod (separator "
+                     "token, full attention) or adaptive (attention inside each document)",
+                     choices=list(STRATEGIES))
+    positions: str = flag("continuous", "RoPE positions run over the packed sequence, or "
+                          "restart at each document", choices=("continuous", "document"))
+    batch_size: int = flag(1, "sequences per process per micro step", type=count)
+    grad_accum: int = flag(1, "micro steps per optimizer step", type=count)
+    lr: float | None = flag(None, "peak learning rate (default: 2e-5 from a checkpoint, 1e-3 "
+                            "for a preset trained from scratch)", type=positive)
+    schedule: str = flag("constant", "after warm-up: constant, or cosine decay to 10% at "
+                         "--max-steps", choices=("constant", "cosine"))
+    warmup: int = flag(10, "linear warm-up steps", type=count0)
+    max_steps: int = flag(100, "optimizer steps in total (paper: about 600); may grow when "
+                          "resuming", type=count)
+    weight_decay: float = flag(0.1, "AdamW weight decay of matrices", type=positive0)
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", type=positive0)
+    dtype: str | None = flag(None, "compute dtype: bfloat16 autocast (mixed precision under "
+                             "--fsdp), weights stay float32 (default: bfloat16 on CUDA, float32 "
+                             "on CPU)", choices=("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile every transformer block")
+    activation_checkpointing: bool = flag(False, "recompute each block in backward instead of "
+                                          "storing its activations (needed at 64K tokens for "
+                                          "the 8B model)")
+    fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes "
+                      "(FSDP2); without it several processes replicate them (DDP)")
+    out: str = flag("out", "output folder: checkpoint/ and log.jsonl; one run at a time may "
+                    "use it")
+    resume: bool = flag(False, "continue from OUT/checkpoint (the latest complete save) with the "
+                        "same flags; only --max-steps, --save-every, --log-every and how it runs "
+                        "(--compile, --fsdp, --activation-checkpointing) may differ")
+    allow_changes: bool = flag(False, "with --resume: accept other values of the run's defining "
+                               "flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower "
+                               "the rate")
+    save_every: int = flag(50, "save a checkpoint every N steps, and at the end", type=count)
+    log_every: int = flag(10, "print a log line every N steps", type=count)
+    cache_dir: str = flag(CACHE_DIR, "where tokenized corpora are cached")
+    seed: int = flag(0, "seed of the initial weights, data order and noise", type=count0)
+    memory_plan: bool = flag(False, "print the per-GPU memory of this run for 1 to 128 GPUs "
+                             "(weights, gradients, optimizer, activations, loss) and exit; "
+                             "allocates nothing")
 
 
 # What a resumed run must share with the run it continues: these shape the model, the data or
@@ -114,62 +126,9 @@ def parse_args(argv=None) -> TrainConfig:
         description="UltraLLaDA post-training: masked-diffusion training at a long context with "
                     "a scaled RoPE base and a document masking strategy. With no flags: the tiny "
                     "preset on the built-in synthetic corpus, on the CPU, in a few minutes.")
-    p.error = lambda message: fail(message)  # one line, not the usage block
-    a = p.add_argument
-    count, count0 = positive(int), positive(int, zero=True)
-    a("--init", default="tiny", help=f"a preset ({', '.join(PRESETS)}; trained from scratch) or a "
-      "LLaDA checkpoint directory such as LLaDA-8B-Base (default tiny)")
-    a("--data", default=None, help="PG19-style folder of .txt books or .jsonl files with a 'text' "
-      "field; default: the built-in synthetic corpus")
-    a("--seq-len", type=count, default=2048, help="tokens per packed sequence (paper: 65536; default 2048)")
-    a("--train-len", type=count, default=None, help="the context the model was pre-trained at, "
-      "T_train (default: the checkpoint's max_sequence_length, 4096 for LLaDA, 512 for tiny)")
-    a("--target-len", type=count, default=None, help="the context to extend RoPE to, T_target "
-      "(default: --seq-len; the paper trains at 64K for a 128K target)")
-    a("--rope", default="diffusion", choices=METHODS, help="RoPE scaling: none, ntk (plain NTK), "
-      "critical (LongLLaDA), diffusion (UltraLLaDA, default) or pi (position interpolation)")
-    a("--d-crit", type=count, default=None, help="override the critical dimension of critical/"
-      "diffusion (1..head size; the paper's later version reports 73 for LLaDA)")
-    a("--mask", default="adaptive", choices=list(STRATEGIES), help="document strategy: concat (full "
-      "attention), eod (separator token, full attention) or adaptive (attention inside each "
-      "document; default)")
-    a("--positions", default="continuous", choices=("continuous", "document"),
-      help="RoPE positions run over the packed sequence (default), or restart at each document")
-    a("--batch-size", type=count, default=1, help="sequences per process per micro step (default 1)")
-    a("--grad-accum", type=count, default=1, help="micro steps per optimizer step (default 1)")
-    a("--lr", type=positive(float), default=None, help="peak learning rate (default: 2e-5 from a "
-      "checkpoint, 1e-3 for a preset trained from scratch)")
-    a("--schedule", default="constant", choices=("constant", "cosine"),
-      help="after warm-up: constant, or cosine decay to 10%% at --max-steps (default constant)")
-    a("--warmup", type=count0, default=10, help="linear warm-up steps (default 10)")
-    a("--max-steps", type=count, default=100, help="optimizer steps in total (paper: about 600; "
-      "default 100); may grow when resuming")
-    a("--weight-decay", type=positive(float, zero=True), default=0.1,
-      help="AdamW weight decay of matrices (default 0.1)")
-    a("--grad-clip", type=positive(float, zero=True), default=1.0,
-      help="clip the gradient norm to this (0: off; default 1)")
-    a("--dtype", default=None, choices=("float32", "bfloat16"), help="compute dtype: bfloat16 "
-      "autocast (mixed precision under --fsdp), weights stay float32 (default: bfloat16 on CUDA, "
-      "float32 on CPU)")
-    a("--compile", action="store_true", help="torch.compile every transformer block")
-    a("--activation-checkpointing", action="store_true", help="recompute each block in backward "
-      "instead of storing its activations (needed at 64K tokens for the 8B model)")
-    a("--fsdp", action="store_true", help="shard weights, gradients and optimizer state over the "
-      "processes (FSDP2); default with several processes: replicate them (DDP)")
-    a("--out", default="out", help="output folder: checkpoint/ and log.jsonl (default out); one "
-      "run at a time may use it")
-    a("--resume", action="store_true", help="continue from OUT/checkpoint (the latest complete "
-      "save) with the same flags; only --max-steps, --save-every, --log-every and how it runs "
-      "(--compile, --fsdp, --activation-checkpointing) may differ")
-    a("--allow-changes", action="store_true", help="with --resume: accept other values of the "
-      "run's defining flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower the rate")
-    a("--save-every", type=count, default=50, help="save a checkpoint every N steps, and at the end (default 50)")
-    a("--log-every", type=count, default=10, help="print a log line every N steps (default 10)")
-    a("--cache-dir", default=CACHE_DIR, help=f"where tokenized corpora are cached (default {CACHE_DIR})")
-    a("--seed", type=count0, default=0, help="seed of the initial weights, data order and noise (default 0)")
-    a("--memory-plan", action="store_true", help="print the per-GPU memory of this run for 1 to 128 "
-      "GPUs (weights, gradients, optimizer, activations, loss) and exit; allocates nothing")
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    p.error = fail  # one line, not the usage block
+    add_flags(p, TrainConfig)
+    cfg = from_args(TrainConfig, p.parse_args(argv))
     if cfg.allow_changes and not cfg.resume:
         fail("--allow-changes only applies with --resume")
     return cfg

@@ -43,7 +43,7 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
     counter = tiktoken_tokenizer()
     counter.decode([0])  # builds decode's table of known ids once, outside the measurement
-    cfg = evaluate.EvalConfig(len=[length], depths=[50], prompt_cache=mode == "prefix")
+    cfg = evaluate.task_config("niah")(len=[length], depths=[50], prompt_cache=mode == "prefix")
     with torch.no_grad():
         model(torch.zeros(1, 64, dtype=torch.long))  # warm-up: threads, allocator
     base = memory_mb("VmRSS")

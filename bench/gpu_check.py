@@ -55,6 +55,7 @@ import torch
 
 import masks
 from harness import runtime
+from harness.flags import count, positive
 from harness.tokenizer import TIKTOKEN_NAME, TIKTOKEN_VOCAB
 from model import LLaDA, LLaDAConfig, preset
 
@@ -692,14 +693,13 @@ def parse_args(argv=None):
         epilog="checks:\n" + "\n".join(f"  {n:<20}{c.summary}" for n, c in CHECKS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = fail  # one line, not the usage block
-    count = runtime.positive(int)
     p.add_argument("--only", nargs="+", metavar="NAME", default=None,
                    help="run these checks only: names, or a prefix such as 'attention'")
     p.add_argument("--seq-len", type=count, default=65536, help="tokens of the training step and "
                    "of each attention sequence; NIAH runs at twice this (default 65536)")
     p.add_argument("--layers", type=count, default=4, help="blocks of the cut-down 8B-shaped "
                    "model of train-step and niah (default 4)")
-    p.add_argument("--timeout", type=runtime.positive(float), default=300.0,
+    p.add_argument("--timeout", type=positive, default=300.0,
                    help="seconds each check may take before it is killed and fails (default 300)")
     p.add_argument("--out", default=None, help="also write the table as markdown to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one check

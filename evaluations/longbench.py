@@ -17,7 +17,6 @@ The metrics compute what OpenCompass's LongBench evaluators compute with the pac
 import (`rouge` 1.0.1, `fuzzywuzzy` with python-Levenshtein, jieba): ROUGE-L is written out
 here, fuzz.ratio comes from rapidfuzz; both are imported only inside the metric functions.
 """
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from harness import files, results
+from harness.flags import count, flag
 
 MAX_LEN = 16000  # the wrapper's max_seq_len: model ids kept, BOS included
 BLOCK_LENGTH = 64  # the config's diffusion_config block_length
@@ -122,6 +122,23 @@ DATASETS = {
                 64, "code_sim", CODE, "code"),
     "repobench-p": Spec(CODE_PROMPT, 64, "code_sim", CODE, "code"),
 }
+
+
+@dataclass
+class Options(results.PromptCache):
+    """LongBench's own flags (python evaluate.py --task longbench --help). Decoding follows the
+    authors' config per dataset: blocks of 64, as many steps as answer tokens."""
+    data: str | None = flag(None, "the folder of LongBench's .jsonl files (THUDM/LongBench "
+                            "data.zip; required)")
+    datasets: list[str] | None = flag(None, f"datasets to run (default: all 21): "
+                                      f"{', '.join(DATASETS)}", nargs="+", choices=list(DATASETS),
+                                      metavar="NAME", setting=False)
+    samples: int | None = flag(None, "the first N rows of each dataset (default: all)",
+                               type=count, setting=False)
+    max_len: int = flag(MAX_LEN, "model tokens a prompt is cut to, in the middle (paper: 16000)",
+                        type=count)
+
+
 FIRST_LINE = {"trec", "triviaqa", "samsum", "lsht"}  # few-shot: the answer ends at its first line
 
 
@@ -364,34 +381,25 @@ def load_rows(path: str, dataset: str) -> list[dict]:
     if not os.path.isfile(path):
         raise files.FileError(f"{path} does not exist; download LongBench's data (THUDM/LongBench,"
                               f" data.zip) and pass the folder of its .jsonl files as --data")
-    needs_classes = DATASETS[dataset].metric == "classification"
     fields = {"context": str, "answers": list}
     if "{input}" in DATASETS[dataset].template:
         fields["input"] = str
-    rows = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise files.FileError(f"{where} is not valid JSON ({e.__class__.__name__}: "
-                                      f"{str(e).splitlines()[0][:60]}); re-download the file")
-            if not isinstance(row, dict):
-                raise files.FileError(f"{where} is not a JSON object; re-download the file")
-            for name, kind in fields.items():
-                if not isinstance(row.get(name), kind):
-                    raise files.FileError(f"{where} has no {kind.__name__} field {name!r}; "
-                                          f"is it a LongBench file?")
-            if not all(isinstance(a, str) for a in row["answers"]):
-                raise files.FileError(f"{where}: 'answers' must be a list of strings")
-            classes = row.get("all_classes")
-            if needs_classes and not (isinstance(classes, list) and classes):
-                raise files.FileError(f"{where} has no 'all_classes', which {dataset} is "
-                                      f"scored with")
-            rows.append(row)
+
+    def check_row(row: dict) -> str | None:
+        for name, kind in fields.items():
+            if not isinstance(row.get(name), kind):
+                return f"no {kind.__name__} field {name!r} (is it a LongBench file?)"
+        if not row["answers"] or not all(isinstance(a, str) for a in row["answers"]):
+            # without a reference every answer would score 0 (or break the best-of metrics)
+            return "'answers' must be a non-empty list of strings"
+        classes = row.get("all_classes")
+        if DATASETS[dataset].metric == "classification" and not (
+                isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            return f"no 'all_classes', which {dataset} is scored with"
+        return None
+
+    rows = files.read_jsonl(path, "re-download LongBench's data (THUDM/LongBench, data.zip)",
+                            check=check_row)
     if not rows:
         raise files.FileError(f"{path} has no rows; re-download the file")
     return rows
@@ -399,10 +407,6 @@ def load_rows(path: str, dataset: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it: check, plan, run_cell per cell, report
-
-# What a result depends on besides its cell and the model (evaluate.py refuses to mix runs).
-SETTINGS = ("data", "max_len", "prompt_cache")
-
 
 def check(cfg) -> None:
     """Everything that can be wrong with the input, before a model is loaded."""
@@ -462,6 +466,11 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
             "prompt_tokens": len(ids), "model_tokens": out["model_tokens"],
             "gen_length": gen_length, "steps": steps, "block_length": BLOCK_LENGTH,
             "seconds": out["seconds"]}
+
+
+def cell_flops(c, cfg, cell: dict) -> float:
+    n = answer_tokens(cell["dataset"])
+    return results.generation_flops(c, cfg.max_len, n, BLOCK_LENGTH, n, cfg.prompt_cache)
 
 
 def mean(values):

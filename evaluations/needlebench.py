@@ -29,21 +29,36 @@ where origin.py silently builds a shorter prompt.
         --haystack needlebench/en_un_asr.jsonl --needles needlebench/needles.jsonl
 """
 import functools
-import json
 import os
 import random
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-from evaluations.niah import plot_heatmap, score_grid
 from harness import results
-from harness.files import FileError, write_text
+from harness.files import FileError, read_jsonl, write_atomic, write_text
+from harness.flags import count, count0, flag
 from harness.tokenizer import cl100k
 
-# What a result depends on besides its cell and the model: a rerun with other values starts over.
-SETTINGS = ("haystack", "needles", "length_buffer", "guide", "language", "gen_length",
-            "block_length", "steps", "prompt_cache")
+
+@dataclass
+class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
+    """NeedleBench's own flags (python evaluate.py --task needlebench --help)."""
+    haystack: str | None = flag(None, "NeedleBench's en_un_asr.jsonl (JSON lines with a \"text\" "
+                                "field; required)")
+    needles: str | None = flag(None, "NeedleBench's needles.jsonl (fields needle, "
+                               "retrieval_question, arg2 = keyword, language; required)")
+    depths: list[int] = flag(list(range(0, 101, 10)), "needle depths in percent of the haystack",
+                             type=int, nargs="+", setting=False)
+    repeats: int = flag(10, "haystacks per (length, depth), each a different shuffle of the "
+                        "lines (paper: 10)", type=count, setting=False)
+    length_buffer: int = flag(600, "cl100k tokens of each length kept free of haystack for the "
+                              "template and question (OpenCompass: 600 for English)", type=count0)
+    guide: bool = flag(True, "the question with OpenCompass's guide sentence, as the authors "
+                       "ran it")
+    language: str = flag("English", "needle language (Chinese needs NeedleBench's Chinese "
+                         "haystack)", choices=("English", "Chinese"))
 
 # ---------------------------------------------------------------------------------------------
 # The prompt. Template strings are origin.py's (position "End"), character for character.
@@ -139,13 +154,10 @@ def needlebench_sample(haystack_file: str, needle_file: str, length: int, depth:
 # The score: NeedleBenchOriginEvaluator with its defaults (use_trim=False; the prediction and
 # dataset post-processors of the config return the text unchanged).
 
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
+def edit_similarity(a: str, b: str) -> float:
+    """100 * (1 - Levenshtein distance / longer length), 100 for two empty strings."""
+    from rapidfuzz.distance import Levenshtein
+    return 100 * Levenshtein.normalized_similarity(a, b)
 
 
 def needlebench_score(prediction: str, needle: str, keyword: str) -> float:
@@ -155,48 +167,33 @@ def needlebench_score(prediction: str, needle: str, keyword: str) -> float:
     # "*"; rebuilding it keeps its reading of a needle that itself holds a "*".
     gold = "\n" + needle + "\n*" + keyword
     reference, keyword = gold.split("*")[0], gold.split("*")[1]
-    a, b = re.sub(r"\s+", "", prediction), re.sub(r"\s+", "", reference)
-    longest = max(len(a), len(b))
-    similarity = 100 * (1 - levenshtein(a, b) / longest) if longest else 100
-    return 100.0 if keyword in prediction else 0.2 * similarity
+    if keyword in prediction:
+        return 100.0
+    return 0.2 * edit_similarity(re.sub(r"\s+", "", prediction), re.sub(r"\s+", "", reference))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the data files, with one-line errors that name the file and line.
 
-def read_jsonl(path: str, flag: str) -> list[dict]:
+def read_rows(path: str | None, flag: str) -> list[dict]:
     """origin.py reads every line with json.loads(line.strip()): a blank line is an error too."""
     official = {"--haystack": "en_un_asr.jsonl", "--needles": "needles.jsonl"}[flag]
     if path is None:
         raise FileError(f"needlebench needs {flag} FILE, OpenCompass NeedleBench's {official}")
-    if not os.path.isfile(path):
-        raise FileError(f"{flag} {path} does not exist or is not a file; pass OpenCompass "
-                        f"NeedleBench's {official}")
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line.strip())
-                except json.JSONDecodeError as e:
-                    raise FileError(f"{flag} {path} line {number} is not JSON ({e.msg}); "
-                                    f"the file must hold one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise FileError(f"{flag} {path} line {number} is not a JSON object")
-                rows.append(row)
-    except UnicodeDecodeError:
-        raise FileError(f"{flag} {path} is not UTF-8 text") from None
-    return rows
+    return read_jsonl(path, f"pass OpenCompass NeedleBench's {official} as {flag}",
+                      skip_blank=False)
 
 
 def require_text(row: dict, keys: tuple, path: str, number: int, flag: str) -> None:
     for key in keys:
         if not isinstance(row.get(key), str):
             raise FileError(f"{flag} {path} line {number} has no text field {key!r}")
+        if not row[key].strip():  # an empty keyword is "found" in every answer: a score of 100
+            raise FileError(f"{flag} {path} line {number}: {key!r} is empty")
 
 
 def read_haystack(path: str) -> list[str]:
-    rows = read_jsonl(path, "--haystack")
+    rows = read_rows(path, "--haystack")
     for number, row in enumerate(rows, 1):
         require_text(row, ("text",), path, number, "--haystack")
     if not rows:
@@ -208,7 +205,7 @@ def read_needles(path: str, language: str) -> list[dict]:
     """The entries of one language, in file order (the order random.choice draws from)."""
     if language not in QUESTION:
         raise ValueError(f"--language {language!r} is not one of {', '.join(QUESTION)}")
-    rows = read_jsonl(path, "--needles")
+    rows = read_rows(path, "--needles")
     needles = []
     for number, row in enumerate(rows, 1):
         require_text(row, ("language",), path, number, "--needles")
@@ -267,6 +264,7 @@ def check(cfg) -> None:
     for value in cfg.len:  # the decoding flags are the runner's to check (evaluate.check_config)
         positive_int("len", value)
     positive_int("repeats", cfg.repeats)
+    results.check_decoding(cfg)
     bad = [d for d in cfg.depths if not isinstance(d, int) or not 0 <= d <= 100]
     if not cfg.depths or bad:
         raise ValueError(f"--depths {bad or '(none)'}: a depth is a whole percentage 0..100")
@@ -326,25 +324,79 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
             "seconds": out["seconds"]}
 
 
-def report(cells: list[dict], cfg, folder: str) -> str:
-    """Per rope label a heatmap PNG and a markdown table (depth x length, the mean over repeats,
-    an average row per length); the overall score is the plain mean of the heatmap's cells, as
-    OpenCompass's summarizer averages its (length, depth) datasets."""
+def cell_flops(c, cfg, cell: dict) -> float:
+    return results.generation_flops(c, cell["length"], cfg.gen_length, cfg.block_length,
+                                    cfg.steps, cfg.prompt_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports: the mean over repeats per (depth, length), as a table and a heatmap. NIAH (niah.py)
+# draws the same pictures.
+
+def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
+    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
+    depths = sorted({c["depth"] for c in cells})
+    lengths = sorted({c["length"] for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for i, d in enumerate(depths):
+        for j, L in enumerate(lengths):
+            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
+            if scores:
+                grid[i, j] = sum(scores) / len(scores)
+    return depths, lengths, grid
+
+
+def nan_mean(values) -> float | None:
+    """The mean of the values that exist (not NaN), None if there are none."""
+    values = np.asarray(values, dtype=float)
+    return None if np.all(np.isnan(values)) else float(np.nanmean(values))
+
+
+def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap
+
+    # The colours of the original NIAH pictures (gkamradt): red 0, yellow 50, green 100.
+    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
+        .with_extremes(bad="#dddddd")  # grey: cells not evaluated
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
+    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("context length (cl100k tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="score")
+    fig.tight_layout()
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def heatmap_report(cells: list[dict], folder: str, name: str, title: str) -> str:
+    """Per rope label NAME_heatmap_rope-X.png and NAME_table_rope-X.md (depth x length, the
+    mean over repeats, an average row per length); the overall score is the plain mean of the
+    heatmap's cells with two decimals, as OpenCompass's summarizer averages its (length,
+    depth) datasets. Returns the summary to print."""
     lines = []
     for rope in sorted({c["rope"] for c in cells}):
         depths, lengths, grid = score_grid([c for c in cells if c["rope"] == rope])
-        per_length = [float(np.nanmean(col)) if not np.all(np.isnan(col)) else None
-                      for col in grid.T]
-        rows = [[f"{d}%"] + [None if np.isnan(v) else float(v) for v in row]
-                for d, row in zip(depths, grid)]
-        rows.append(["average"] + per_length)
+        fmt = lambda v: "-" if v is None or np.isnan(v) else f"{v:.2f}"  # noqa: E731
+        rows = [[f"{d}%"] + [fmt(v) for v in row] for d, row in zip(depths, grid)]
+        rows.append(["**average**"] + [f"**{fmt(nan_mean(col))}**" for col in grid.T])
         table = results.markdown_table(["depth \\ length"] + [results.short(L) for L in lengths],
                                        rows)
-        title = (f"NeedleBench origin ({cfg.language}), rope {rope}: "
-                 f"average {float(np.nanmean(grid)):.1f}")
-        png = os.path.join(folder, f"needlebench_heatmap_rope-{rope}.png")
-        plot_heatmap(png, depths, lengths, grid, title)
-        write_text(os.path.join(folder, f"needlebench_table_rope-{rope}.md"),
-                   f"# {title}\n\n{table}\n")
-        lines += [f"{title} ({png})", table, ""]
-    return "\n".join(lines) if lines else "no results yet"
+        heading = f"{title}, rope {rope}: average {fmt(nan_mean(grid))}"
+        png = os.path.join(folder, f"{name}_heatmap_rope-{rope}.png")
+        plot_heatmap(png, depths, lengths, grid, heading)
+        write_text(os.path.join(folder, f"{name}_table_rope-{rope}.md"), f"# {heading}\n\n{table}\n")
+        lines += [f"{heading} ({png})", table, ""]
+    return "\n".join(lines)
+
+
+def report(cells: list[dict], cfg, folder: str) -> str:
+    return heatmap_report(cells, folder, "needlebench", f"NeedleBench origin ({cfg.language})")

@@ -21,22 +21,37 @@ end (so at depth 100% the needle is the last sentence before the question) and s
 """
 import os
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-from harness.files import write_atomic, write_text
+from evaluations.needlebench import heatmap_report, needlebench_score
+from harness import results
+from harness.flags import count, count0, flag
 from harness.prepare import filler_text
-from harness.results import decode_answer, short
 from harness.tokenizer import TIKTOKEN_NAME
 
-# A fact in the format of the synthetic corpus (prepare.py), which is what our tiny models
-# learn; for LLaDA-8B use needlebench.py, or pass a needle, question and keyword.
-DEFAULT_NEEDLE = "The secret code of Mira Holt is 417."
-DEFAULT_QUESTION = "What is the secret code of Mira Holt? It is"
-DEFAULT_KEYWORD = "417"
-# What a result depends on besides its cell and the model: a rerun with other values starts over.
-SETTINGS = ("needle", "question", "keyword", "separator", "gen_length", "block_length", "steps",
-            "prompt_cache", "seed", "haystack")
+
+@dataclass
+class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
+    """NIAH's own flags (python evaluate.py --task niah --help)."""
+    depths: list[int] = flag(list(range(0, 101, 10)), "needle depths in percent of the haystack",
+                             type=int, nargs="+", setting=False)
+    repeats: int = flag(1, "haystacks per (length, depth), each a different stretch of text",
+                        type=count, setting=False)
+    haystack: str | None = flag(None, "folder of long .txt texts (PG19 books, essays), read in "
+                                "name order (default: filler sentences of the synthetic corpus, "
+                                "without its facts)")
+    # A fact in the format of the synthetic corpus (prepare.py), which is what our tiny models
+    # learn; for LLaDA-8B use needlebench, or pass a needle, question and keyword.
+    needle: str = flag("The secret code of Mira Holt is 417.", "the sentence hidden in the "
+                       "haystack")
+    question: str = flag("What is the secret code of Mira Holt? It is", "appended after the "
+                         "haystack")
+    keyword: str = flag("417", "an answer containing it scores 100; it must occur in the needle")
+    separator: str = flag(" ", "text between the haystack and the question (a space, as in the "
+                          "synthetic corpus; for LLaDA-8B e.g. $'\\n\\n')")
+    seed: int = flag(0, "seed of the synthetic haystack", type=count0)
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")  # a sentence's last token, closing quotes allowed
 
@@ -128,30 +143,6 @@ def niah_prompt(window: np.ndarray, bounds: np.ndarray, needle: list[int], tail:
     return window[:p].tolist() + needle + window[p:].tolist() + tail, p
 
 
-def levenshtein(a: str, b: str) -> int:
-    """Edit distance: insertions, deletions and substitutions of one character each."""
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
-
-
-def niah_score(answer: str, needle: str, keyword: str) -> float:
-    """OpenCompass NeedleBench: 100 if the keyword is in the answer, otherwise 0.2 x the edit
-    similarity 100 * (1 - distance / longer length) of answer and needle without whitespace."""
-    if keyword in answer:
-        return 100.0
-    a, n = re.sub(r"\s+", "", answer), re.sub(r"\s+", "", needle)
-    longest = max(len(a), len(n))
-    similarity = 100.0 * (1 - levenshtein(a, n) / longest) if longest else 100.0
-    return 0.2 * similarity
-
-
-
-
 def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
     """The prompt in the model's tokens: the counted ids themselves for a cl100k model, so it
     reads exactly --len tokens; otherwise the prompt's text encoded by its own tokenizer, with
@@ -163,68 +154,10 @@ def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reports: the mean over repeats per (depth, length), as a table and a heatmap.
-
-def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
-    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
-    depths = sorted({c["depth"] for c in cells})
-    lengths = sorted({c["length"] for c in cells})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for i, d in enumerate(depths):
-        for j, L in enumerate(lengths):
-            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
-            if scores:
-                grid[i, j] = sum(scores) / len(scores)
-    return depths, lengths, grid
-
-
-def niah_grids(cells: list[dict]) -> dict[str, tuple[list, list, np.ndarray]]:
-    """score_grid per rope label."""
-    return {rope: score_grid([c for c in cells if c["rope"] == rope])
-            for rope in sorted({c["rope"] for c in cells})}
-
-
-def niah_table(depths, lengths, grid) -> str:
-    rows = ["| depth \\ length | " + " | ".join(short(L) for L in lengths) + " |",
-            "|---:|" + "---:|" * len(lengths)]
-    for d, row in zip(depths, grid):
-        rows.append(f"| {d}% | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in row) + " |")
-    means = [np.nanmean(col) if not np.all(np.isnan(col)) else np.nan for col in grid.T]
-    rows.append("| **average** | " + " | ".join("-" if np.isnan(v) else f"**{v:.1f}**" for v in means)
-                + " |")
-    return "\n".join(rows)
-
-
-def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap
-
-    # The colours of the original NIAH pictures (gkamradt): red 0, yellow 50, green 100.
-    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
-        .with_extremes(bad="#dddddd")  # grey: cells not evaluated
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
-    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [short(L) for L in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
-    ax.set_xlabel("context length (cl100k tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="score")
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
-
-# ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it.
 
 def check(cfg) -> None:
+    results.check_decoding(cfg)
     bad = [d for d in cfg.depths if not 0 <= d <= 100]
     if bad:
         raise ValueError(f"--depths must lie in 0..100 (percent of the haystack), got {bad[0]}")
@@ -262,21 +195,20 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
         work["windows"] = {key: (window, sentence_boundaries(window, counter))}
     window, bounds = work["windows"][key]
     ids, p = niah_prompt(window, bounds, work["needle"], work["tail"], cell["depth"])
-    out = decode_answer(model, tokenizer, model_prompt(ids, tokenizer, counter), cfg.gen_length,
+    out = results.decode_answer(model, tokenizer, model_prompt(ids, tokenizer, counter), cfg.gen_length,
                         cfg.block_length, cfg.steps, cfg.prompt_cache, device)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
-            "score": niah_score(out["answer"], cfg.needle, cfg.keyword)}
+            # scored as NeedleBench scores: 100 with the keyword, else 0.2 x edit similarity
+            "score": needlebench_score(out["answer"], cfg.needle, cfg.keyword)}
+
+
+def cell_flops(c, cfg, cell: dict) -> float:
+    return results.generation_flops(c, cell["length"], cfg.gen_length, cfg.block_length,
+                                    cfg.steps, cfg.prompt_cache)
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:
-    """A heatmap and a markdown table per RoPE label; the summary to print."""
-    lines = []
-    model_name = os.path.basename(os.path.abspath(cfg.model))
-    for rope, (depths, lengths, grid) in niah_grids(cells).items():
-        title = f"NIAH, {model_name}, rope {rope}: average {float(np.nanmean(grid)):.1f}"
-        table = niah_table(depths, lengths, grid)
-        plot_heatmap(os.path.join(folder, f"heatmap_rope-{rope}.png"), depths, lengths, grid, title)
-        write_text(os.path.join(folder, f"table_rope-{rope}.md"), f"# {title}\n\n{table}\n")
-        lines += [f"{title} ({folder}/heatmap_rope-{rope}.png)", table, ""]
-    return "\n".join(lines)
+    """A heatmap and a markdown table per RoPE label (needlebench.heatmap_report)."""
+    return heatmap_report(cells, folder, "niah",
+                          f"NIAH, {os.path.basename(os.path.abspath(cfg.model))}")

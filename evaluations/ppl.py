@@ -12,19 +12,34 @@ k ~ U{1..64} of its tokens and scores them with the masked-diffusion bound,
 mean exp(mean of NLL_1..NLL_c). Reported at 128K: UltraLLaDA 10.45, LLaDA 343.88.
 """
 import os
-import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data import long_documents
 from diffusion import chunk_nll, cumulative_perplexity
 from harness.files import write_atomic, write_text
-from harness.prepare import SPLITS, load_corpus
-from harness.results import short
+from harness.flags import count, count0, flag
+from harness.prepare import CACHE_DIR, SPLITS, load_corpus
+from harness.results import forward_flops, short
 
-SETTINGS = ("data", "split", "chunk_size", "draws", "seed")
+
+@dataclass
+class Options:
+    """Perplexity's own flags (python evaluate.py --task ppl --help)."""
+    data: str | None = flag(None, "folder of long .txt/.jsonl documents (default: the built-in "
+                            "synthetic corpus)")
+    split: str = flag("validation", "the split of the synthetic corpus or of a --data folder "
+                      "with split folders; a plain folder uses every document",
+                      choices=SPLITS)
+    docs: int = flag(1, "documents per length, longest first", type=count, setting=False)
+    chunk_size: int = flag(64, "tokens per chunk (paper: 64)", type=count)
+    draws: int = flag(8, "Monte Carlo draws per chunk (paper: 8)", type=count)
+    seed: int = flag(0, "seed of the masks", type=count0)
+    cache_dir: str = flag(CACHE_DIR, "token cache of the corpus", setting=False)
 
 
 def check(cfg) -> None:
@@ -62,16 +77,19 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     tokens = work["docs"][cell["length"]][cell["doc"]]
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + cell["doc"])  # same masks on rerun
     t = time.perf_counter()
-    nll = chunk_nll(model, torch.from_numpy(tokens[:cell["length"]]).to(device), cfg.chunk_size,
-                    cfg.draws, generator=generator,
-                    progress=sys.stderr.isatty())  # (length / chunk_size,)
+    # Inner bar only on a terminal (disable=None): in a log file the cell bar says enough.
+    with tqdm(total=cell["length"] // cfg.chunk_size - 1, desc="  chunks", unit="chunk",
+              leave=False, dynamic_ncols=True, disable=None) as bar:
+        nll = chunk_nll(model, torch.from_numpy(tokens[:cell["length"]]).to(device),
+                        cfg.chunk_size, cfg.draws, generator=generator,
+                        on_chunk=lambda: bar.update(1))  # (length / chunk_size - 1,)
     ppl = cumulative_perplexity(nll.double())
     return {"document_tokens": len(tokens), "perplexity": float(ppl[-1]),
             "chunk_nll": nll.tolist(), "cumulative_perplexity": ppl.tolist(),
             "seconds": round(time.perf_counter() - t, 3)}
 
 
-def cell_flops(c, cfg, cell, forward_flops) -> float:
+def cell_flops(c, cfg, cell) -> float:
     """`draws` rows of every prefix that ends a chunk, about chunk/2 of them masked."""
     return sum(cfg.draws * forward_flops(c, end, end, (cfg.chunk_size + 1) / 2)
                for end in range(2 * cfg.chunk_size, cell["length"] + 1, cfg.chunk_size))

@@ -22,40 +22,39 @@ first by the haystack-size search, then by sample 0, 1, 2, ... So sample `index`
 """
 import bisect
 import functools
-import json
 import math
 import os
 import random
 import re
 import string
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from harness import files, results
+from harness.flags import count, count0, flag
 from harness.tokenizer import cl100k
 
 RULER_SEED = 42  # random_seed of every OpenCompass RULER dataset
-# The model config (max_out_len=64, diffusion_config steps 64, block_length 64) holds for all 13.
-GEN_LENGTH, BLOCK_LENGTH, STEPS = 64, 64, 64
 ROUND_SUFFIX = "\n\n"  # HUMAN '{prompt}' + '\n' + BOT '{answer}\n' with the answer left empty
 MIN_LENGTH = 1024  # below this the answer reserve and templates leave (almost) no haystack
 ALL, PART = "string_match_all", "string_match_part"
+# The data files, each under the name of the flag that passes it.
 DATA_FILES = {"essays": "PaulGrahamEssays.jsonl", "squad": "SQuAD v2 dev-v2.0.json",
               "hotpot": "HotpotQA hotpot_dev_distractor_v1.json"}
 
 
 @dataclass(frozen=True)
 class RulerTask:
-    family: str  # the generator that builds it: niah, vt, cwe, fwe, qa
+    family: str  # the generator that builds it: niah, vt, cwe, fwe, qa (FAMILIES below)
     category: str  # RULER's grouping, for the per-category averages
     metric: str  # ALL or PART
     reserve: int  # tokens_to_generate of the dataset config: kept free when fitting the prompt
-    data: str | None = None  # the file it needs: "essays", "squad" or "hotpot" (a cfg attribute)
-    options: dict = field(default_factory=dict)
-    gen_length: int = GEN_LENGTH  # max_out_len of the model config: what the model decodes
+    data: str | None = None  # the file it needs: a key of DATA_FILES
+    options: dict = field(default_factory=dict)  # the family's settings for this task
     name: str = ""  # its key in TASKS, for messages
 
 
@@ -85,6 +84,24 @@ CATEGORIES = {c: [n for n, t in TASKS.items() if t.category == c]
               for c in ("retrieval", "multi-hop tracing", "aggregation", "question answering")}
 
 
+@dataclass
+class Options(results.decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
+    """RULER's own flags (python evaluate.py --task ruler --help)."""
+    ruler_tasks: list[str] | None = flag(None, "tasks to run (default: all 13, less those whose "
+                                         f"data file is not given): {', '.join(TASKS)}",
+                                         nargs="+", choices=list(TASKS), metavar="TASK",
+                                         setting=False)
+    samples: int = flag(100, "samples per task and length (paper: 100)", type=count,
+                        setting=False)
+    essays: str | None = flag(None, "Paul Graham's essays, PaulGrahamEssays.jsonl (the essay "
+                              "haystack of five NIAH tasks)")
+    squad: str | None = flag(None, "SQuAD v2 dev set, dev-v2.0.json (qa_squad)")
+    hotpot: str | None = flag(None, "HotpotQA dev set, hotpot_dev_distractor_v1.json "
+                              "(qa_hotpotqa)")
+    seed: int = flag(0, "added to OpenCompass's random_seed 42 (0: the authors' samples)",
+                     type=count0)
+
+
 def ruler_score(task: str, prediction: str, answers: list[str]) -> float:
     """OpenCompass's RULER evaluators for one sample, 0..100: substring, case-insensitive, no
     other normalisation (the decoded answer is used as it is)."""
@@ -100,6 +117,18 @@ def count_tokens(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Fitting a prompt to the length: the search and the retry every task but fwe shares.
+
+@dataclass
+class Draw:
+    """What a task's builder draws with: the stream's generators (random and numpy, as
+    OpenCompass seeds both), the seed (some shuffles use it afresh), the task's data file and
+    the index of the sample being built (QA takes its question by index)."""
+    rng: random.Random
+    nprng: np.random.RandomState
+    seed: int
+    path: str | None
+    index: int = 0
+
 
 def grow(build, measure, length: int, reserve: int, step: int, task: str,
          cap: int | None = None, cap_next: bool = False) -> int:
@@ -211,19 +240,11 @@ def needle_words() -> AdjNounWords:
 def essay_words(path: str) -> list[str]:
     """The essays joined and split on single spaces, as OpenCompass does: the essay haystack is
     a prefix of this word list."""
-    texts = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line).get("text", "").strip() + " ")
-                except (json.JSONDecodeError, AttributeError):
-                    raise files.FileError(f"{path} line {n} is not a JSON object with a 'text' "
-                                          f"field; pass {DATA_FILES['essays']}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise files.FileError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    hint = f"pass {DATA_FILES['essays']} as --essays"
+    texts = [row.get("text", "") for row in files.read_jsonl(path, hint)]
+    if not all(isinstance(text, str) for text in texts):
+        raise files.FileError(f"{path}: every line's 'text' must be a string; {hint}")
+    texts = [text.strip() + " " for text in texts]
     words = re.sub(r"\s+", " ", "".join(texts)).split(" ")
     if len(words) < 2:
         raise files.FileError(f"{path} holds no essay text; pass {DATA_FILES['essays']}")
@@ -259,8 +280,8 @@ def niah_context(o, size, needles, path, rng) -> str:
     return "\n".join(lines)
 
 
-def niah_build(t, length, size, index, seed, path, rng, nprng):
-    o = t.options
+def niah_build(t: RulerTask, length: int, size: int, d: Draw):
+    o, rng = t.options, d.rng
     keys, values, needles = [], [], []
     for _ in range(max(o["k"], o["q"])):
         keys.append(NEEDLE_VALUES[o["key"]](rng))
@@ -269,8 +290,8 @@ def niah_build(t, length, size, index, seed, path, rng, nprng):
             values[-1].append(NEEDLE_VALUES[o["value"]](rng))
             needles.append(NIAH_NEEDLE.format(type_needle_v=o["value"], key=keys[-1],
                                               value=values[-1][-1]))
-    random.Random(seed).shuffle(needles)  # the fixed seed, not the stream: OpenCompass's choice
-    context = niah_context(o, size, needles, path, rng)
+    random.Random(d.seed).shuffle(needles)  # the fixed seed, not the stream: OpenCompass's
+    context = niah_context(o, size, needles, d.path, rng)
     asked = rng.sample(range(len(keys)), o["q"])
     queries = [keys[i] for i in asked]
     answers = [v for i in asked for v in values[i]]
@@ -283,22 +304,10 @@ def niah_build(t, length, size, index, seed, path, rng, nprng):
     return template.format(type_needle_v=kind, context=context, query=query), answers
 
 
-def niah_step(t, length):
+def niah_step(t: RulerTask, length: int) -> int:
     if t.options["haystack"] == "essay":
         return 500  # words
     return 25 if length >= 4096 else 5  # sentences
-
-
-def niah_fit(t, length, seed, path, rng, nprng):
-    build = lambda n: niah_build(t, length, n, 0, seed, path, rng, nprng)
-    cap = len(essay_words(path)) if t.options["haystack"] == "essay" else None
-    return grow(build, lambda p, a: p + " ".join(a), length, t.reserve, niah_step(t, length),
-                t.name, cap=cap)
-
-
-def niah_sample(t, length, size, index, seed, path, rng, nprng):
-    build = lambda n: niah_build(t, length, n, index, seed, path, rng, nprng)
-    return shrink(build, length, t.reserve, size, niah_step(t, length), t.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +318,10 @@ VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in
                "{query} in the text above. Answer: According to the chain(s) of variable "
                "assignment in the text above, {num_v} variables are assigned the value {query}, "
                "they are: ")
-VT_STEP = 10  # noise lines
 
 
-def vt_build(t, length, size, index, seed, path, rng, nprng):
-    chains, hops = t.options["chains"], t.options["hops"]
+def vt_build(t: RulerTask, length: int, size: int, d: Draw):
+    chains, hops, rng = t.options["chains"], t.options["hops"], d.rng
     names = ["".join(rng.choices(string.ascii_uppercase, k=5)) for _ in range((hops + 1) * chains)]
     while len(set(names)) < chains * (hops + 1):
         names.append("".join(rng.choices(string.ascii_uppercase, k=5)))
@@ -321,7 +329,7 @@ def vt_build(t, length, size, index, seed, path, rng, nprng):
     for i in range(0, len(names), hops + 1):
         v = names[i:i + hops + 1]
         variables.append(v)
-        links.append([f"VAR {v[0]} = {nprng.randint(10000, 99999)}"] +
+        links.append([f"VAR {v[0]} = {d.nprng.randint(10000, 99999)}"] +
                      [f"VAR {v[j + 1]} = VAR {v[j]} " for j in range(hops)])
     # OpenCompass splits the noise into sentences when it has no more lines than a chain has
     # links; sizes here are at least VT_STEP = 10 > 5 links, so that branch never runs.
@@ -335,17 +343,6 @@ def vt_build(t, length, size, index, seed, path, rng, nprng):
     return VT_TEMPLATE.format(context=context, query=value, num_v=hops + 1), variables[0]
 
 
-def vt_fit(t, length, seed, path, rng, nprng):
-    build = lambda n: vt_build(t, length, n, 0, seed, path, rng, nprng)
-    return grow(build, lambda p, a: p + f" {a}", length, t.reserve, VT_STEP, t.name)
-
-
-def vt_sample(t, length, size, index, seed, path, rng, nprng):
-    # OpenCompass retries a sample that does not fit at the same size (forever); we go smaller.
-    build = lambda n: vt_build(t, length, n, index, seed, path, rng, nprng)
-    return shrink(build, length, t.reserve, size, VT_STEP, t.name)
-
-
 # ---------------------------------------------------------------------------------------------
 # Common words extraction (ruler_cwe.py): 10 words repeated often among words repeated rarely.
 
@@ -353,7 +350,6 @@ CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear 
                 "others. Memorize the ones that appear most often.\n{context}\nQuestion: What are "
                 "the 10 most common words in the above list? Answer: The top 10 words that appear "
                 "most often in the list are:")
-CWE_STEP = 10  # distinct words
 
 
 @functools.cache
@@ -376,26 +372,15 @@ def cwe_list(n, common_repeats, rare_repeats, n_common, seed, rng):
     return numbered(listed), common
 
 
-def cwe_build(t, length, size, index, seed, path, rng, nprng):
+def cwe_build(t: RulerTask, length: int, size: int, d: Draw):
     o = t.options
     # below 4K an example of 20 words (3:1 repeats) and 6:1 repeats, else 40 words (10:3) and 30:3
     example, repeats = ((20, 3, 1), (6, 1)) if length < 4096 else ((40, 10, 3),
                                                                      (o["freq_cw"], o["freq_ucw"]))
-    example_list, example_answer = cwe_list(*example, o["num_cw"], seed, rng)
-    context, answers = cwe_list(size, *repeats, o["num_cw"], seed, rng)
+    example_list, example_answer = cwe_list(*example, o["num_cw"], d.seed, d.rng)
+    context, answers = cwe_list(size, *repeats, o["num_cw"], d.seed, d.rng)
     shown = CWE_TEMPLATE.format(context=example_list) + numbered(example_answer)
     return shown + "\n" + CWE_TEMPLATE.format(context=context), answers
-
-
-def cwe_fit(t, length, seed, path, rng, nprng):
-    build = lambda n: cwe_build(t, length, n, 0, seed, path, rng, nprng)
-    return grow(build, lambda p, a: p + " " + numbered(a), length, t.reserve, CWE_STEP, t.name,
-                cap=len(cwe_words(seed)), cap_next=True)
-
-
-def cwe_sample(t, length, size, index, seed, path, rng, nprng):
-    build = lambda n: cwe_build(t, length, n, index, seed, path, rng, nprng)
-    return shrink(build, length, t.reserve, size, CWE_STEP, t.name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,24 +413,24 @@ def fwe_text(o, vocab, n, seed):
     return FWE_TEMPLATE.format(context=" ".join(words)), vocab[1:4]
 
 
-def fwe_fit(t, length, seed, path, rng, nprng):
+def fwe_fit(t: RulerTask, length: int, d: Draw) -> int:
     # fwe fits the prompt alone to the whole length (its reserve is computed but unused there),
     # growing from length / 6 words in steps of length / 32 while it is shorter than the length
     o, step = t.options, length // 32
-    vocab = fwe_vocab(o, length, seed, rng)
+    vocab = fwe_vocab(o, length, d.seed, d.rng)
     n = length // o["coded_wordlen"]
-    while count_tokens(fwe_text(o, vocab, n, seed)[0]) < length:
+    while count_tokens(fwe_text(o, vocab, n, d.seed)[0]) < length:
         n += step
     return n - step
 
 
-def fwe_sample(t, length, size, index, seed, path, rng, nprng):
+def fwe_sample(t: RulerTask, length: int, size: int, d: Draw):
     o, step = t.options, length // 32
-    vocab = fwe_vocab(o, length, seed, rng)  # a fresh vocabulary, the same counts and order
-    prompt, answers = fwe_text(o, vocab, size, seed)
+    vocab = fwe_vocab(o, length, d.seed, d.rng)  # a fresh vocabulary, the same counts and order
+    prompt, answers = fwe_text(o, vocab, size, d.seed)
     while count_tokens(prompt) > length:
         size -= step
-        prompt, answers = fwe_text(o, vocab, size, seed)
+        prompt, answers = fwe_text(o, vocab, size, d.seed)
     return prompt, answers
 
 
@@ -457,7 +442,6 @@ QA_TEMPLATE = ("Answer the question based on the given documents. Only give me t
                "Answer the question based on the given documents. Only give me the answer and do "
                "not output any other words.\n\nQuestion: {query} Answer:")
 QA_DOCUMENT = "Document {i}:\n{document}"
-QA_STEP = 10  # documents
 
 
 def read_squad(path: str):
@@ -501,56 +485,74 @@ def qa_data(kind: str, path: str):
     return qas, docs
 
 
-def qa_build(t, length, size, index, seed, path, rng, nprng):
-    qas, docs = qa_data(t.data, path)
-    if index >= len(qas):
-        raise ValueError(f"RULER {t.name} sample {index}: {path} has only {len(qas)} answerable "
-                         f"questions; pass --samples {len(qas)} or fewer")
-    q = qas[index]
+def qa_build(t: RulerTask, length: int, size: int, d: Draw):
+    qas, docs = qa_data(t.data, d.path)
+    if d.index >= len(qas):
+        raise ValueError(f"RULER {t.name} sample {d.index}: {d.path} has only {len(qas)} "
+                         f"answerable questions; pass --samples {len(qas)} or fewer")
+    q = qas[d.index]
     own, more = q["context"], q.get("more_context", [])
     if size < len(docs):  # the gold paragraphs, then the article's, then random others
         if size - len(own) > len(more):
             taken = set(own + more)
             others = [i for i in range(len(docs)) if i not in taken]
-            chosen = own + more + rng.sample(others, max(0, size - len(own) - len(more)))
+            chosen = own + more + d.rng.sample(others, max(0, size - len(own) - len(more)))
         else:
-            chosen = own + rng.sample(more, size - len(own))
+            chosen = own + d.rng.sample(more, size - len(own))
         chosen = [docs[i] for i in chosen]
     else:  # every document; OpenCompass shuffles its DOCS list itself here, we shuffle a copy
         chosen = list(docs)
-    random.Random(seed).shuffle(chosen)
+    random.Random(d.seed).shuffle(chosen)
     context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=d) for i, d in enumerate(chosen))
     return QA_TEMPLATE.format(context=context, query=q["query"]), q["outputs"]
 
 
-def qa_fit(t, length, seed, path, rng, nprng):
-    build = lambda n: qa_build(t, length, n, 0, seed, path, rng, nprng)  # question 0 sizes all
-    return grow(build, lambda p, a: p + f" {a}", length, t.reserve, QA_STEP, t.name,
-                cap=len(qa_data(t.data, path)[1]), cap_next=True)
+class Sizing(NamedTuple):
+    fit: Callable  # (task, length, draw) -> the haystack size every sample of the length uses
+    sample: Callable  # (task, length, size, draw) -> (prompt, answers) that fit the length
 
 
-def qa_sample(t, length, size, index, seed, path, rng, nprng):
-    build = lambda n: qa_build(t, length, n, index, seed, path, rng, nprng)
-    return shrink(build, length, t.reserve, size, QA_STEP, t.name)
+def haystack_sizing(build: Callable, step: Callable, measure: Callable,
+                    cap: Callable | None = None, cap_next: bool = False) -> Sizing:
+    """The sizing of every family but fwe: grow() finds the size with sample 0's draws, shrink()
+    makes each sample fit. step(task, length): units per step; measure(prompt, answers): the
+    text OpenCompass counts while growing; cap(task, draw): the data's supply (None: endless)."""
+    def fit(t: RulerTask, length: int, d: Draw) -> int:
+        return grow(lambda n: build(t, length, n, d), measure, length, t.reserve,
+                    step(t, length), t.name, cap(t, d) if cap else None, cap_next)
+
+    def sample(t: RulerTask, length: int, size: int, d: Draw):
+        return shrink(lambda n: build(t, length, n, d), length, t.reserve, size, step(t, length),
+                      t.name)
+    return Sizing(fit, sample)
 
 
-# family -> (fit: the haystack size for a length, sample: one prompt at that size)
-FAMILIES = {"niah": (niah_fit, niah_sample), "vt": (vt_fit, vt_sample),
-            "cwe": (cwe_fit, cwe_sample), "fwe": (fwe_fit, fwe_sample), "qa": (qa_fit, qa_sample)}
+TEN = lambda t, length: 10  # noqa: E731  (vt: noise lines, cwe: words, qa: documents)
+FAMILIES = {
+    "niah": haystack_sizing(niah_build, niah_step, lambda p, a: p + " ".join(a),
+                            cap=lambda t, d: len(essay_words(d.path))
+                            if t.options["haystack"] == "essay" else None),
+    "vt": haystack_sizing(vt_build, TEN, lambda p, a: p + f" {a}"),
+    "cwe": haystack_sizing(cwe_build, TEN, lambda p, a: p + " " + numbered(a),
+                           cap=lambda t, d: len(cwe_words(d.seed)), cap_next=True),
+    "fwe": Sizing(fwe_fit, fwe_sample),  # Zipf-distributed words: grows and shrinks its own way
+    "qa": haystack_sizing(qa_build, TEN, lambda p, a: p + f" {a}",  # question 0 sizes them all
+                          cap=lambda t, d: len(qa_data(t.data, d.path)[1]), cap_next=True),
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # One random stream per (task, length), replayed so that sample `index` is OpenCompass's row.
 
-def capture(rng, nprng):
-    return rng.getstate(), nprng.get_state()
+def capture(d: Draw):
+    return d.rng.getstate(), d.nprng.get_state()
 
 
-def restore(state):
-    rng, nprng = random.Random(), np.random.RandomState()
-    rng.setstate(state[0])
-    nprng.set_state(state[1])
-    return rng, nprng
+def restore(state, seed: int, path: str | None, index: int) -> Draw:
+    d = Draw(random.Random(), np.random.RandomState(), seed, path, index)
+    d.rng.setstate(state[0])
+    d.nprng.set_state(state[1])
+    return d
 
 
 @functools.cache
@@ -558,32 +560,33 @@ def stream(task: str, length: int, seed: int, path: str | None) -> dict:
     """The fitted size and the stream's state before each sample drawn so far: OpenCompass seeds
     random and numpy with 42 at the start of load(), sizes the haystack, then draws the samples
     in order, so reaching sample i means replaying samples 0..i-1 once."""
-    rng, nprng = random.Random(seed), np.random.RandomState(seed)
-    size = FAMILIES[TASKS[task].family][0](TASKS[task], length, seed, path, rng, nprng)
-    return {"size": size, "states": [capture(rng, nprng)]}
+    d = Draw(random.Random(seed), np.random.RandomState(seed), seed, path)
+    size = FAMILIES[TASKS[task].family].fit(TASKS[task], length, d)
+    return {"size": size, "states": [capture(d)]}
 
 
-def data_path(task: str, essays_file=None, squad_file=None, hotpot_file=None) -> str | None:
+def data_path(task: str, data_files: dict) -> str | None:
+    """The file `task` reads, from {"essays": path, "squad": path, "hotpot": path}."""
     kind = TASKS[task].data
-    path = {"essays": essays_file, "squad": squad_file, "hotpot": hotpot_file, None: None}[kind]
-    if kind and path is None:
+    if kind and data_files.get(kind) is None:
         raise ValueError(f"RULER task {task} needs --{kind} FILE ({DATA_FILES[kind]})")
-    return path
+    return data_files.get(kind) if kind else None
 
 
-def ruler_sample(task: str, length: int, index: int, essays_file=None, squad_file=None,
-                 hotpot_file=None, seed: int = RULER_SEED) -> dict:
+def ruler_sample(task: str, length: int, index: int, data_files: dict | None = None,
+                 seed: int = RULER_SEED) -> dict:
     """Sample `index` of a task at `length` cl100k tokens: {"prompt", "answers"}. The prompt is
-    OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX."""
+    OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX. data_files: the files
+    by DATA_FILES key, as far as the task needs one."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
-    t, path = TASKS[task], data_path(task, essays_file, squad_file, hotpot_file)
-    s, draw = stream(task, length, seed, path), FAMILIES[t.family][1]
+    t, path = TASKS[task], data_path(task, data_files or {})
+    s, draw = stream(task, length, seed, path), FAMILIES[t.family].sample
     while len(s["states"]) <= index:
-        rng, nprng = restore(s["states"][-1])
-        draw(t, length, s["size"], len(s["states"]) - 1, seed, path, rng, nprng)
-        s["states"].append(capture(rng, nprng))
-    prompt, answers = draw(t, length, s["size"], index, seed, path, *restore(s["states"][index]))
+        d = restore(s["states"][-1], seed, path, len(s["states"]) - 1)
+        draw(t, length, s["size"], d)
+        s["states"].append(capture(d))
+    prompt, answers = draw(t, length, s["size"], restore(s["states"][index], seed, path, index))
     return {"prompt": prompt, "answers": list(answers)}
 
 
@@ -600,20 +603,16 @@ def select_tasks(cfg) -> tuple[list[str], list[str]]:
     run, skipped = [], []
     for name in (cfg.ruler_tasks if named else TASKS):
         kind = TASKS[name].data
-        if kind and getattr(cfg, kind) is None and not named:
+        if kind and data_files_of(cfg)[kind] is None and not named:
             skipped.append(name)
         else:
             run.append(name)
     return run, skipped
 
 
-# What a result depends on besides its cell and the model (evaluate.py refuses to mix runs).
-SETTINGS = ("essays", "squad", "hotpot", "gen_length", "block_length", "steps", "prompt_cache",
-            "seed")
-
-
 def check(cfg) -> None:
     """Flags and data files, before any model work; one-line ValueError / FileError."""
+    results.check_decoding(cfg)
     tasks, _ = select_tasks(cfg)
     for L in cfg.len:
         if L < MIN_LENGTH:
@@ -622,7 +621,7 @@ def check(cfg) -> None:
         raise ValueError(f"--samples {cfg.samples} must be at least 1")
     for name in tasks:
         t = TASKS[name]
-        path = data_path(name, cfg.essays, cfg.squad, cfg.hotpot)
+        path = data_path(name, data_files_of(cfg))
         if path is not None and not os.path.isfile(path):
             raise files.FileError(f"--{t.data} {path} does not exist; pass {DATA_FILES[t.data]}")
         if t.data == "essays":
@@ -634,8 +633,8 @@ def check(cfg) -> None:
             wonderwords_lists()
 
 
-def files_of(cfg) -> dict:
-    return {"essays_file": cfg.essays, "squad_file": cfg.squad, "hotpot_file": cfg.hotpot}
+def data_files_of(cfg) -> dict:
+    return {kind: getattr(cfg, kind) for kind in DATA_FILES}
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
@@ -646,7 +645,7 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     seed = RULER_SEED + cfg.seed  # --seed 0 is OpenCompass's random_seed 42
     for L in sorted(set(cfg.len)):
         for name in tasks:
-            stream(name, L, seed, data_path(name, **files_of(cfg)))
+            stream(name, L, seed, data_path(name, data_files_of(cfg)))
     cells = [dict(task="ruler", ruler_task=name, length=L, index=i, rope=cfg.rope_label,
                   name=f"ruler_{name}_len{L}_idx{i}_rope-{cfg.rope_label}.json")
              for L in sorted(set(cfg.len)) for name in tasks for i in range(cfg.samples)]
@@ -655,23 +654,20 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     if skipped:
         wanted = sorted({"--" + TASKS[n].data for n in skipped})
         source += f"; skipped: {', '.join(skipped)} (pass {' and '.join(wanted)})"
-    return cells, {"seed": seed, "files": files_of(cfg)}, source
+    return cells, {"seed": seed, "files": data_files_of(cfg)}, source
 
 
-def decoding(task: str, cfg) -> tuple[int, int, int]:
-    """(gen_length, block_length, steps): the task's unless cfg sets them, then the wrapper's
-    rules: the answer rounded up to whole blocks, no more steps than answer tokens."""
-    gen = getattr(cfg, "gen_length", None) or TASKS[task].gen_length
-    block = getattr(cfg, "block_length", None) or BLOCK_LENGTH
-    steps = getattr(cfg, "steps", None) or STEPS
-    gen = -(-gen // block) * block
-    return gen, block, min(steps, gen)
+def decoding(cfg) -> tuple[int, int, int]:
+    """(gen_length, block_length, steps) by the wrapper's rules: the answer rounded up to whole
+    blocks, no more steps than answer tokens."""
+    gen = -(-cfg.gen_length // cfg.block_length) * cfg.block_length
+    return gen, cfg.block_length, min(cfg.steps, gen)
 
 
 def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     task = cell["ruler_task"]
-    s = ruler_sample(task, cell["length"], cell["index"], seed=work["seed"], **work["files"])
-    gen, block, steps = decoding(task, cfg)
+    s = ruler_sample(task, cell["length"], cell["index"], work["files"], seed=work["seed"])
+    gen, block, steps = decoding(cfg)
     ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX)  # BOS for LLaDA, as the wrapper
     out = results.decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block,
                                 steps=steps, prompt_cache=cfg.prompt_cache, device=device,
@@ -679,6 +675,11 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     return {**out, "answers": s["answers"], "score": ruler_score(task, out["answer"], s["answers"]),
             "prompt_cl100k": count_tokens(s["prompt"]), "gen_length": gen,
             "block_length": block, "steps": steps}
+
+
+def cell_flops(c, cfg, cell: dict) -> float:
+    gen, block, steps = decoding(cfg)
+    return results.generation_flops(c, cell["length"], gen, block, steps, cfg.prompt_cache)
 
 
 def score_table(cells: list[dict]) -> dict:

@@ -22,15 +22,8 @@ import torch
 from diffusion import sft_loss
 from harness.checkpoint import from_pretrained, save_pretrained
 from harness.files import write_json, write_text
-from harness.prepare import (
-    FACT,
-    NAMES,
-    QUESTION,
-    SyntheticConfig,
-    filler_sentence,
-    filler_text,
-    synthetic_texts,
-)
+from harness.prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence, filler_text,
+                             synthetic_texts)
 from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
 from model import LLaDA, preset
 

@@ -15,18 +15,8 @@ import time
 
 import numpy as np
 
-from experiments.common import (
-    NIAH_FLAGS,
-    PPL_FLAGS,
-    PROTOCOL,
-    RUNS,
-    WINDOW,
-    base_model,
-    evaluate,
-    log,
-    minutes,
-    write_section,
-)
+from experiments.common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model,
+                                evaluate, log, minutes, write_section)
 from rope import critical_dim, rope_lambda
 
 LENGTHS = [4 * WINDOW, 8 * WINDOW]  # perplexity (the longest held-out documents are ~8K)

@@ -17,19 +17,8 @@ import time
 
 import numpy as np
 
-from experiments.common import (
-    NIAH_FLAGS,
-    PPL_FLAGS,
-    PROTOCOL,
-    RESULTS,
-    RUNS,
-    WINDOW,
-    base_model,
-    evaluate,
-    log,
-    minutes,
-    write_section,
-)
+from experiments.common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RESULTS, RUNS, WINDOW, base_model,
+                                evaluate, log, minutes, write_section)
 from rope import METHODS
 
 LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW, 8 * WINDOW]  # perplexity: the longest documents are ~8K

@@ -38,23 +38,9 @@ import numpy as np
 import torch
 
 from diffusion import generate
-from experiments.common import (
-    CODES,
-    NIAH_FLAGS,
-    PPL_FLAGS,
-    PROTOCOL,
-    RUNS,
-    WINDOW,
-    base_model,
-    evaluate,
-    log,
-    mean_sd,
-    minutes,
-    paired_interval,
-    retrieval_finetune,
-    train,
-    write_section,
-)
+from experiments.common import (CODES, NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model,
+                                evaluate, log, mean_sd, minutes, paired_interval,
+                                retrieval_finetune, train, write_section)
 from harness.checkpoint import from_pretrained
 from harness.files import publish_dir, write_json
 from harness.prepare import FACT, NAMES, QUESTION, SyntheticConfig, filler_text, synthetic_texts

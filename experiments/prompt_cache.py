@@ -24,18 +24,8 @@ import time
 
 import numpy as np
 
-from experiments.common import (
-    DEPTHS,
-    NIAH_FLAGS,
-    RUNS,
-    WINDOW,
-    base_model,
-    evaluate,
-    log,
-    mean_sd,
-    minutes,
-    write_section,
-)
+from experiments.common import (DEPTHS, NIAH_FLAGS, RUNS, WINDOW, base_model, evaluate, log,
+                                mean_sd, minutes, write_section)
 from harness.tokenizer import load_tokenizer
 
 LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW, 8 * WINDOW, 16 * WINDOW]

@@ -23,13 +23,8 @@ import torch
 import torch.distributed as dist
 
 from harness.files import FileError, read_json, recover_dir, replace_dir, write_json, write_text
-from harness.tokenizer import (
-    TIKTOKEN_NAME,
-    Tokenizer,
-    load_tokenizer,
-    tiktoken_tokenizer,
-    uses_tiktoken,
-)
+from harness.tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer,
+                               uses_tiktoken)
 from model import PRESETS, LLaDA, LLaDAConfig, preset
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"

@@ -67,6 +67,37 @@ def read_json(path: str, missing_ok: bool = False):
                         f"{str(e).splitlines()[0][:80]}); restore it from a copy") from None
 
 
+def read_jsonl(path: str, hint: str, skip_blank: bool = True,
+               check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """Every line of a JSON-lines file, each a JSON object; anything else is a FileError that
+    names the file and the line and ends with `hint`, what to pass instead. skip_blank=False
+    refuses blank lines too (readers that would crash on them); check(row) returns what is
+    wrong with a row, or None."""
+    if not os.path.isfile(path):  # also a folder or a named pipe, which would block forever
+        raise FileError(f"{path} does not exist or is not a file; {hint}")
+    rows = []
+    try:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if skip_blank and not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise FileError(f"{path} line {number} is not UTF-8 text; {hint}") from None
+                except json.JSONDecodeError as e:
+                    raise FileError(f"{path} line {number} is not JSON ({e.msg}); {hint}") from None
+                if not isinstance(row, dict):
+                    raise FileError(f"{path} line {number} is not a JSON object; {hint}")
+                wrong = check(row) if check else None
+                if wrong:
+                    raise FileError(f"{path} line {number}: {wrong}; {hint}")
+                rows.append(row)
+    except OSError as e:
+        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
+    return rows
+
+
 def replace_dir(src: str, dst: str) -> None:
     """Move a finished folder `src` into place at `dst`.
 

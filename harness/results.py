@@ -8,12 +8,45 @@ longbench.py, ppl.py) hold the protocols; evaluate.py runs them.
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from diffusion import generate
 from harness.files import FileError, read_json
+from harness.flags import count, flag
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler's flags, for the tasks that decode answers; each task gives its own defaults.
+
+@dataclass
+class PromptCache:
+    prompt_cache: bool = flag(False, "reuse the prompt's keys and values while the answer is "
+                              "decoded (diffusion.py's approximate prefix cache): approaching "
+                              "--steps times faster as the context grows; exact decoding is "
+                              "the paper's protocol")
+
+
+def decoding_flags(gen: int, block: int, n_steps: int, source: str) -> type:
+    """--gen-length, --block-length, --steps (and --prompt-cache) with a task's defaults."""
+    @dataclass
+    class Decoding(PromptCache):
+        gen_length: int = flag(gen, f"answer tokens ({source})", type=count)
+        block_length: int = flag(block, f"tokens per decoding block ({source})", type=count)
+        steps: int = flag(n_steps, f"decoding steps ({source})", type=count)
+    return Decoding
+
+
+def check_decoding(cfg) -> None:
+    """The sampler's own rules (diffusion.check_generate_args), before any model work."""
+    if cfg.gen_length % cfg.block_length:
+        raise ValueError(f"--gen-length {cfg.gen_length} must be a multiple of --block-length "
+                         f"{cfg.block_length}")
+    if cfg.steps % (cfg.gen_length // cfg.block_length):
+        raise ValueError(f"--steps {cfg.steps} must be a multiple of the number of blocks "
+                         f"{cfg.gen_length // cfg.block_length}")
 
 
 def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,

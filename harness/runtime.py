@@ -6,9 +6,7 @@ Harness, not part of the paper. This is the one place where a CPU run and a GPU 
 set-up: the device, the process-group backend (gloo or NCCL) and the allocator settings. The
 attention kernel is the other such point, in masks.py.
 """
-import argparse
 import ctypes
-import math
 import os
 import signal
 import sys
@@ -47,21 +45,6 @@ def tune_cpu_memory(reuse_freed: bool = False) -> dict:
                                       mallopt(M_TRIM_THRESHOLD, most),  # keep the heap's free top
                                       mallopt(M_TOP_PAD, most)])
     return applied
-
-
-def positive(kind=int, zero: bool = False):
-    """An argparse type: a finite number above 0 (or at least 0), so that --lr nan, --lr 0 or
-    --grad-clip -1 are refused with one line instead of training wrongly."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'at least 0' if zero else 'above 0'}, got {text}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
 
 
 def fail(message: str, code: int = 2):

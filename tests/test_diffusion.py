@@ -9,21 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (
-    add_gumbel_noise,
-    chunk_nll,
-    cumulative_perplexity,
-    diffusion_loss,
-    forward_process,
-    generate,
-    get_num_transfer_tokens,
-    left_pad,
-    log_likelihood,
-    low_confidence,
-    masked_cross_entropy,
-    sft_loss,
-    stratified_forward_process,
-)
+from diffusion import (add_gumbel_noise, chunk_nll, cumulative_perplexity, diffusion_loss,
+                       forward_process, generate, get_num_transfer_tokens, left_pad,
+                       log_likelihood, low_confidence, masked_cross_entropy, sft_loss,
+                       stratified_forward_process)
 from model import LLaDA, PrefixCache, preset
 
 V = 64  # a small vocabulary keeps the tiny model fast; the last two ids are [MASK] and EOS/pad

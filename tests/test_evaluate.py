@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
 from evaluations import niah
+from evaluations.needlebench import needlebench_score
 from harness import prepare, results
 from harness.checkpoint import read_config, save_pretrained
 from harness.tokenizer import tiktoken_tokenizer
@@ -106,7 +107,7 @@ def check_prompt(tok, cfg, L, depth, window, ids, p):
 
 @pytest.mark.parametrize("L", [200, 1000, 4096])
 def test_needle_sits_at_each_depth_and_the_prompt_has_exactly_len_tokens(tok, L):
-    cfg = evaluate.EvalConfig(len=[L])
+    cfg = evaluate.task_config("niah")(len=[L])
     needle, tail = niah.niah_pieces(cfg, tok)
     n = L - len(needle) - len(tail)
     pool, _ = niah.haystack_pool(cfg, tok, n)
@@ -131,7 +132,7 @@ def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok,
         sents = [prepare.filler_sentence(rng)[:-1] + rng.choice([".", "!", "?", '."', "?'"])
                  for _ in range(80)]  # about 700 tokens each: all three are needed
         (books / f"book{i}.txt").write_text(" ".join(sents))
-    cfg = evaluate.EvalConfig(len=[600], haystack=str(books), repeats=3, needle="Zara keeps a red kite.",
+    cfg = evaluate.task_config("niah")(len=[600], haystack=str(books), repeats=3, needle="Zara keeps a red kite.",
                               question="What does Zara keep?", keyword="red kite", separator="\n\n")
     needle, tail = niah.niah_pieces(cfg, tok)
     n = 600 - len(needle) - len(tail)
@@ -157,27 +158,21 @@ def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok,
 # ---------------------------------------------------------------------------------------------
 # Scoring
 
-def test_levenshtein():
-    assert niah.levenshtein("kitten", "sitting") == 3
-    assert niah.levenshtein("sitting", "kitten") == 3
-    assert niah.levenshtein("", "abc") == 3 and niah.levenshtein("abc", "abc") == 0
-
-
 def test_score_is_100_with_the_keyword_else_a_fifth_of_the_edit_similarity():
     needle = "The secret code of Mira Holt is 417."
-    assert niah.niah_score(" 417. The farmer", needle, "417") == 100
-    assert niah.niah_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
+    assert needlebench_score(" 417. The farmer", needle, "417") == 100
+    assert needlebench_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
     stripped = "ThesecretcodeofMiraHoltis417."
     # one substitution; whitespace does not count
-    assert niah.niah_score("The secret code of  Mira Holt is 418.", needle, "417") == \
+    assert needlebench_score("The secret code of  Mira Holt is 418.", needle, "417") == \
         pytest.approx(0.2 * 100 * (1 - 1 / len(stripped)))
     # one deletion and nothing else: distance 1 over the longer string (the needle)
-    assert niah.niah_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
+    assert needlebench_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
         pytest.approx(20 * (1 - 1 / 29))
-    assert niah.niah_score("", needle, "417") == 0
+    assert needlebench_score("", needle, "417") == 0
     # a long wrong answer: distance = its length minus the shared prefix, over its length
     answer = "The" + "x" * 97
-    assert niah.niah_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
+    assert needlebench_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,14 +244,15 @@ def test_heatmap_and_table_are_made_from_every_cell(ckpt, tmp_path, monkeypatch,
                 "--results", out]) == 0
     monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
     assert run(["--model", ckpt, "--len", "1024", "--depths", "0", "50", "--results", out]) == 0
-    png = os.path.join(out, "heatmap_rope-ckpt.png")
+    png = os.path.join(out, "niah_heatmap_rope-ckpt.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 5000
-    table = (tmp_path / "res" / "table_rope-ckpt.md").read_text()
+    table = (tmp_path / "res" / "niah_table_rope-ckpt.md").read_text()
     assert "| depth \\ length | 200 | 1K |" in table
-    assert "| 0% | 50.0 | 100.0 |" in table and "| 50% | 50.0 | 100.0 |" in table
-    assert "| **average** | **50.0** | **100.0** |" in table
-    assert "| 0% | 50.0 | 100.0 |" in capsys.readouterr().out  # and the summary shows it
+    assert "| 0% | 50.00 | 100.00 |" in table and "| 50% | 50.00 | 100.00 |" in table
+    assert "| **average** | **50.00** | **100.00** |" in table
+    assert "rope ckpt: average 75.00" in table  # two decimals, as OpenCompass's summarizer
+    assert "| 0% | 50.00 | 100.00 |" in capsys.readouterr().out  # and the summary shows it
 
 
 def test_rope_override_is_applied_per_length_and_the_cache_is_opt_in(ckpt, tmp_path, monkeypatch):

@@ -296,14 +296,17 @@ def test_check_names_missing_folder_file_bad_line_and_unknown_dataset(data):
     assert "unknown LongBench dataset 'hotpot'" in one_line_error(config(data, datasets=["hotpot"]))
     with open(data / "musique.jsonl", "w") as f:
         f.write(json.dumps(row(context="c", input="q")) + "\n\n{not json\n")
-    assert "musique.jsonl line 3 is not valid JSON" in \
+    assert "musique.jsonl line 3 is not JSON" in \
         one_line_error(config(data, datasets=["musique"]))
     write_jsonl(data / "qasper.jsonl",
                 [row(context="c", input="q"), {"context": "c", "input": "q"}])
-    assert "qasper.jsonl line 2 has no list field 'answers'" in \
+    assert "qasper.jsonl line 2: no list field 'answers'" in \
         one_line_error(config(data, datasets=["qasper"]))
+    write_jsonl(data / "qasper.jsonl", [row(context="c", input="q", answers=())])
+    assert "qasper.jsonl line 1: 'answers' must be a non-empty list" in \
+        one_line_error(config(data, datasets=["qasper"]))  # nothing to score an answer against
     write_jsonl(data / "lsht.jsonl", [row(context="c", input="q", all_classes=None)])
-    assert "lsht.jsonl line 1 has no 'all_classes'" in \
+    assert "lsht.jsonl line 1: no 'all_classes'" in \
         one_line_error(config(data, datasets=["lsht"]))
     os.makedirs(data / "nested" / "data")
     write_jsonl(data / "nested" / "data" / "trec.jsonl", [row(context="c", all_classes=["a"])])

@@ -4,18 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import masks
-from masks import (
-    STRATEGIES,
-    allowed,
-    attention,
-    attention_plan,
-    check_strategy,
-    doc_ids,
-    document_positions,
-    main,
-    num_packed_sequences,
-    pack_sequence,
-)
+from masks import (STRATEGIES, allowed, attention, attention_plan, check_strategy, doc_ids,
+                   document_positions, main, num_packed_sequences, pack_sequence)
 from model import LLaDA, preset
 
 EOD = 999

@@ -214,6 +214,15 @@ def test_score_is_a_fifth_of_the_edit_similarity_without_whitespace():
     assert needlebench_score("Paprika", "x", "paprika") == pytest.approx(0.0)  # case matters
 
 
+@pytest.mark.parametrize("a, b, distance", [("kitten", "sitting", 3), ("sitting", "kitten", 3),
+                                            ("", "abc", 3), ("abc", "abc", 0), ("", "", 0),
+                                            ("flaw", "lawn", 2), ("日本語", "日本", 1)])
+def test_edit_similarity_is_one_minus_levenshtein_over_the_longer_length(a, b, distance):
+    longest = max(len(a), len(b))
+    expected = 100 * (1 - distance / longest) if longest else 100
+    assert needlebench.edit_similarity(a, b) == pytest.approx(expected)
+
+
 def one_line_error(excinfo) -> str:
     message = str(excinfo.value)
     assert "\n" not in message
@@ -305,5 +314,6 @@ def test_run_cell_end_to_end_and_report(paths, tmp_path):
         png = tmp_path / f"needlebench_heatmap_rope-{rope}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (tmp_path / f"needlebench_table_rope-{rope}.md").read_text().count("| 100% |") == 1
-    assert "rope ntk4: average 25.0" in summary
-    assert "| average | 25.0 |" in summary
+    # OpenCompass's summarizer prints two decimals
+    assert "rope ntk4: average 25.00" in summary
+    assert "| **average** | **25.00** |" in summary

@@ -3,17 +3,8 @@ import math
 import pytest
 import torch
 
-from rope import (
-    METHODS,
-    apply_rope,
-    critical_dim,
-    main,
-    position_scale,
-    rope_lambda,
-    rope_tables,
-    rotate_half,
-    scale_rope,
-)
+from rope import (METHODS, apply_rope, critical_dim, main, position_scale, rope_lambda,
+                  rope_tables, rotate_half, scale_rope)
 
 LENGTHS = [8192, 16384, 24576, 32768]
 

@@ -5,10 +5,10 @@ import json
 import os
 import random
 import re
-from types import SimpleNamespace
 
 import pytest
 
+import evaluate
 from evaluations import ruler
 from harness.tokenizer import cl100k
 
@@ -78,15 +78,15 @@ def data(tmp_path_factory):
 
 
 def sample(task, index, data, length=L):
-    return ruler.ruler_sample(task, length, index, essays_file=data["essays"],
-                              squad_file=data["squad"], hotpot_file=data["hotpot"])
+    return ruler.ruler_sample(task, length, index, data)
 
 
 def config(data, **kw):
-    c = dict(len=[L], samples=2, ruler_tasks=None, essays=data["essays"], squad=data["squad"],
-             hotpot=data["hotpot"], prompt_cache=False, rope_label="none", seed=0,
-             gen_length=None, block_length=None, steps=None, model="tiny")
-    return SimpleNamespace(**{**c, **kw})
+    """evaluate.py's configuration of a RULER run (the shared flags and RULER's own)."""
+    rope_label = kw.pop("rope_label", "none")
+    cfg = evaluate.task_config("ruler")(**{**dict(len=[L], samples=2, model="tiny", **data), **kw})
+    cfg.rope_label = rope_label
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +95,8 @@ def test_thirteen_tasks_in_four_categories_with_authors_settings():
     assert len(ruler.TASKS) == 13
     assert {c: len(t) for c, t in ruler.CATEGORIES.items()} == {
         "retrieval": 8, "multi-hop tracing": 1, "aggregation": 2, "question answering": 2}
-    assert all(t.gen_length == 64 for t in ruler.TASKS.values())  # model max_out_len 64
-    assert (ruler.BLOCK_LENGTH, ruler.STEPS) == (64, 64)
+    o = ruler.Options()  # the model config: max_out_len 64, block_length 64, steps 64
+    assert (o.gen_length, o.block_length, o.steps, o.samples) == (64, 64, 64, 100)
     reserves = {n: t.reserve for n, t in ruler.TASKS.items()}
     assert reserves["niah_single_1"] == 128 and reserves["cwe"] == 120
     assert reserves["fwe"] == reserves["qa_squad"] == 50 and reserves["vt"] == 30
@@ -261,10 +261,10 @@ def test_plan_cells_are_unique_json_names_with_rope_label(data):
 
 
 def test_decoding_defaults_to_authors_64_64_64_and_follows_wrapper_rules(data):
-    assert ruler.decoding("cwe", config(data)) == (64, 64, 64)
-    assert ruler.decoding("vt", config(data, gen_length=8, block_length=8, steps=8)) == (8, 8, 8)
+    assert ruler.decoding(config(data)) == (64, 64, 64)
+    assert ruler.decoding(config(data, gen_length=8, block_length=8, steps=8)) == (8, 8, 8)
     # the wrapper rounds the answer up to whole blocks and caps steps at the answer length
-    assert ruler.decoding("vt", config(data, gen_length=40, steps=128)) == (64, 64, 64)
+    assert ruler.decoding(config(data, gen_length=40, steps=128)) == (64, 64, 64)
 
 
 def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path):

@@ -1,14 +1,11 @@
 """Tests for runtime.py: the CPU memory settings are explicit (nothing happens on import) and
 do what they say, the number flags refuse what would train wrongly, and the memory plan."""
-import argparse
 import ctypes
 import os
 import subprocess
 import sys
 
 import pytest
-
-from harness import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +18,7 @@ def fresh_python(code: str, env_extra: dict | None = None) -> str:
 
 
 def test_importing_the_project_changes_no_allocator_setting():
-    code = ("import os, model, train, evaluate, runtime; "
+    code = ("import os, model, train, evaluate; from harness import runtime; "
             "print(os.environ.get('THP_MEM_ALLOC_ENABLE'))")
     assert fresh_python(code) == "None"
 
@@ -64,17 +61,3 @@ def test_reuse_freed_serves_large_blocks_from_the_heap_instead_of_their_own_mmap
     reused = int(fresh_python(MMAPPED_BYTES.replace("sys.argv[1]", "'reuse'"), off))
     assert default >= 64 * 2**20  # glibc's default: the block is its own mapping, unmapped on free
     assert reused < 64 * 2**20  # with reuse: from the heap, whose freed space is kept
-
-
-@pytest.mark.parametrize("kind, zero, text, ok", [
-    (float, False, "2e-5", True), (float, False, "0", False), (float, False, "nan", False),
-    (float, False, "inf", False), (float, True, "0", True), (float, True, "-1", False),
-    (int, False, "3", True), (int, False, "-1", False), (int, False, "1.5", False),
-])
-def test_positive_flags_refuse_what_would_train_wrongly(kind, zero, text, ok):
-    parse = runtime.positive(kind, zero=zero)
-    if ok:
-        assert parse(text) == kind(text)
-    else:
-        with pytest.raises(argparse.ArgumentTypeError):
-            parse(text)

@@ -1,0 +1,80 @@
+"""
+flags.py: a configuration is a dataclass, and its command-line flags are its fields.
+
+Harness, not part of the paper. Each field is declared once with `flag(default, help, ...)`;
+`add_flags` turns the fields into argparse flags of the same names (`seq_len` -> `--seq-len`)
+and appends the default to the help, so a default is written in exactly one place. Number
+types (`count`, `count0`, `positive`) refuse nan, inf, zero and negatives with one line.
+"""
+import argparse
+import math
+from dataclasses import MISSING, field, fields
+
+
+def flag(default=None, help: str = "", setting: bool = True, **argparse_options):
+    """A dataclass field that is also a flag; argparse_options go to add_argument (type,
+    choices, nargs, metavar). setting=False marks a flag that does not change a result (where
+    a cache lives, which cells to run): evaluate.py lets a rerun change it."""
+    kind = {"default_factory": lambda: list(default)} if isinstance(default, list) else \
+        {"default": default}
+    return field(**kind, metadata={"help": help, "setting": setting, **argparse_options})
+
+
+def settings_of(config_class, cfg) -> dict:
+    """The values of config_class's flags that change a result (setting=True)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(config_class)
+            if f.init and f.metadata.get("setting", True)}
+
+
+def default_of(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_flags(parser, config_class) -> None:
+    """One flag per field of config_class (fields declared with init=False are not flags)."""
+    for f in fields(config_class):
+        if not f.init:
+            continue
+        options = dict(f.metadata)
+        options.pop("setting", None)
+        help_text, default = options.pop("help", ""), default_of(f)
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):  # switches: --x, or --x / --no-x when on by default
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(name, action=action, default=default, help=help_text)
+            continue
+        if default is not None and default != []:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            # "... (paper: 65536)" becomes "... (paper: 65536; default: 2048)"
+            help_text = help_text[:-1] + f"; default: {shown})" if help_text.endswith(")") \
+                else help_text + f" (default: {shown})"
+        # argparse reads % as a format character in help text
+        parser.add_argument(name, default=default, help=help_text.replace("%", "%%"), **options)
+
+
+def from_args(config_class, args: argparse.Namespace):
+    """The dataclass holding the parsed flags (fields that are not flags keep their defaults)."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)
+                           if f.init and hasattr(args, f.name)})
+
+
+def number(kind, lowest: float, inclusive: bool):
+    """An argparse type: a finite number above `lowest` (or at least it, if inclusive)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'above'} {lowest:g}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+count = number(int, 0, inclusive=False)  # 1, 2, 3, ...
+count0 = number(int, 0, inclusive=True)  # 0, 1, 2, ...
+positive = number(float, 0, inclusive=False)  # a finite number above 0
+positive0 = number(float, 0, inclusive=True)  # a finite number, at least 0

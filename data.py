@@ -108,7 +108,6 @@ def batch_for_step(s: Schedule, step: int, micro_step: int = 0,
     return torch.from_numpy(np.stack(rows)), doc_lens  # (B, L)
 
 
-
 def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) -> list[np.ndarray]:
     """Documents of at least min_tokens tokens, longest first, as int64 arrays (for perplexity)."""
     lengths = corpus.doc_lengths()

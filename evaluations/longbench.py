@@ -1,5 +1,5 @@
 """
-longbench.py: LongBench at 16K, the paper's third table (PAPER.md section 5.3), as the authors
+longbench.py: LongBench at 16K, the paper's third table (docs/paper.md section 5.3), as the authors
 ran it: OpenCompass 0.4.2, their LLaDA wrapper (drop_middle=True, max_seq_len=16000), batch 1.
 
     data     the official THUDM files, <data>/<dataset>.jsonl, 21 datasets, every row

@@ -152,7 +152,6 @@ def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
     return tokenizer.encode_prompt(counter.decode(ids))
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it.
 

@@ -126,7 +126,6 @@ def plot_ppl(path: str, curves, chunk_size: int, title: str) -> None:
     plt.close(fig)
 
 
-
 def report(cells: list[dict], cfg, folder: str) -> str:
     curves = ppl_curves(cells)
     table = ["| length | rope | documents | perplexity |", "|---:|---|---:|---:|"]

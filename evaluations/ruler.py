@@ -1,5 +1,5 @@
 """
-ruler.py: RULER's 13 synthetic long-context tasks as UltraLLaDA ran them (PAPER.md section 5:
+ruler.py: RULER's 13 synthetic long-context tasks as UltraLLaDA ran them (docs/paper.md section 5:
 RULER 88.37 / 86.22 / 77.51 / 73.63 at 4K / 8K / 16K / 32K), offline.
 
 The authors ran RULER through OpenCompass 0.4.2 (eval/.../ruler/<len>/eval_llada_ruler.py in

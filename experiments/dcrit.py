@@ -1,5 +1,5 @@
 """
-Experiment 3: the critical dimension of the diffusion-aware NTK, swept (PAPER.md section 2).
+Experiment 3: the critical dimension of the diffusion-aware NTK, swept (docs/paper.md section 2).
 
 UltraLLaDA computes d_crit from the doubled capacity 2 T_train (70 for LLaDA; a later version of
 the paper reports 73 worked best). For the base model of experiment 1 (head size 64, base 10000,

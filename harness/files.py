@@ -67,6 +67,19 @@ def read_json(path: str, missing_ok: bool = False):
                         f"{str(e).splitlines()[0][:80]}); restore it from a copy") from None
 
 
+def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
+    """One line of a JSON-lines file: (the object, None), or (None, what is wrong with it)."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"not JSON ({e.msg})"
+    if not isinstance(row, dict):
+        return None, "not a JSON object"
+    return row, None
+
+
 def read_jsonl(path: str, hint: str, skip_blank: bool = True,
                check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """Every line of a JSON-lines file, each a JSON object; anything else is a FileError that
@@ -81,15 +94,9 @@ def read_jsonl(path: str, hint: str, skip_blank: bool = True,
             for number, line in enumerate(f, 1):
                 if skip_blank and not line.strip():
                     continue
-                try:
-                    row = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise FileError(f"{path} line {number} is not UTF-8 text; {hint}") from None
-                except json.JSONDecodeError as e:
-                    raise FileError(f"{path} line {number} is not JSON ({e.msg}); {hint}") from None
-                if not isinstance(row, dict):
-                    raise FileError(f"{path} line {number} is not a JSON object; {hint}")
-                wrong = check(row) if check else None
+                row, wrong = parse_json_line(line)
+                if wrong is None and check is not None:
+                    wrong = check(row)
                 if wrong:
                     raise FileError(f"{path} line {number}: {wrong}; {hint}")
                 rows.append(row)

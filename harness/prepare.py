@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from harness.files import FileError, publish_dir, read_json, write_json
+from harness.files import FileError, parse_json_line, publish_dir, read_json, write_json
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -180,15 +180,11 @@ def read_jsonl_chunk(task: Task):
         if not line.strip():
             yield name, None, None  # a blank line is no document, but it still counts as a line
             continue
-        try:
-            obj = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError:
-            yield name, None, "not UTF-8"
+        obj, wrong = parse_json_line(line)
+        if wrong:  # a corpus skips what it cannot read, and says so at the end
+            yield name, None, wrong
             continue
-        except json.JSONDecodeError:
-            yield name, None, "invalid JSON"
-            continue
-        text = obj.get("text") if isinstance(obj, dict) else None
+        text = obj.get("text")
         if not isinstance(text, str):
             yield name, None, 'no "text" field'
         elif not text.strip():

@@ -294,8 +294,9 @@ JSONL = [
     b'{"text": "Third."}',
 ]
 JSONL_TEXTS = ["First document.", "Second document, with more words in it.", "Third."]
-JSONL_SKIPPED = [["x.jsonl line 3", "invalid JSON"], ["x.jsonl line 4", 'no "text" field'],
-                 ["x.jsonl line 5", "empty"], ["x.jsonl line 6", "not UTF-8"]]
+JSONL_SKIPPED = [["x.jsonl line 3", "not JSON (Expecting value)"],
+                 ["x.jsonl line 4", 'no "text" field'], ["x.jsonl line 5", "empty"],
+                 ["x.jsonl line 6", "not UTF-8 text"]]
 
 
 @pytest.mark.parametrize("chunk_bytes", [8 << 20, 20])  # one range, or one range per line or two

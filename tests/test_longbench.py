@@ -296,7 +296,7 @@ def test_check_names_missing_folder_file_bad_line_and_unknown_dataset(data):
     assert "unknown LongBench dataset 'hotpot'" in one_line_error(config(data, datasets=["hotpot"]))
     with open(data / "musique.jsonl", "w") as f:
         f.write(json.dumps(row(context="c", input="q")) + "\n\n{not json\n")
-    assert "musique.jsonl line 3 is not JSON" in \
+    assert "musique.jsonl line 3: not JSON" in \
         one_line_error(config(data, datasets=["musique"]))
     write_jsonl(data / "qasper.jsonl",
                 [row(context="c", input="q"), {"context": "c", "input": "q"}])

@@ -11,7 +11,7 @@ LENGTHS = [8192, 16384, 24576, 32768]
 
 def test_critical_dimension_of_llada():
     assert critical_dim(128, 500000.0, 4096) == 64
-    # the doubled bidirectional capacity moves it to 70 (PAPER.md section 2)
+    # the doubled bidirectional capacity moves it to 70 (docs/paper.md section 2)
     assert critical_dim(128, 500000.0, 2 * 4096) == 70
 
 

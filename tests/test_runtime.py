@@ -25,7 +25,7 @@ def test_importing_the_project_changes_no_allocator_setting():
 
 @pytest.mark.parametrize("user_value, expected", [(None, "1"), ("0", "0")])
 def test_tune_cpu_memory_turns_on_huge_pages_unless_the_user_said_no(user_value, expected):
-    code = ("import os, runtime; applied = runtime.tune_cpu_memory(); "
+    code = ("import os; from harness import runtime; applied = runtime.tune_cpu_memory(); "
             "print(os.environ['THP_MEM_ALLOC_ENABLE'], applied['huge_pages'])")
     env = {} if user_value is None else {"THP_MEM_ALLOC_ENABLE": user_value}
     assert fresh_python(code, env) == f"{expected} {expected == '1'}"

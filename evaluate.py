@@ -35,7 +35,7 @@ from tqdm import tqdm
 from evaluations import longbench, needlebench, niah, ppl, ruler
 from harness.checkpoint import from_pretrained, read_config
 from harness.files import lock_folder, write_json
-from harness.flags import add_flags, count, flag, from_args, settings_of
+from harness.flags import add_flags, count, flag, from_args, positive, settings_of
 from harness.results import (checkpoint_fingerprint, duration, flops_per_second, read_results,
                              results_dir)
 from harness.runtime import fail, tune_cpu_memory
@@ -70,13 +70,18 @@ class EvalConfig:
                                  "max_sequence_length)", type=count, setting=False)
     d_crit: int | None = flag(None, "with --rope critical/diffusion: override the critical "
                               "dimension (1..head size)", type=count, setting=False)
+    rope_factor: float | None = flag(None, "multiply the checkpoint's RoPE base by this fixed "
+                                     "factor at every length, as the authors' wrapper applies "
+                                     "its scaling_factor (LongLLaDA's rows: 4, 14, 31, 55); not "
+                                     "with --rope", type=positive, setting=False)
     results: str | None = flag(None, "results folder (default: results/<model name>/<task>/)",
                                setting=False)
     overwrite: bool = flag(False, "redo cells that already have a result, and replace results "
                            "made with other settings", setting=False)
     device: str | None = flag(None, "cuda or cpu (default: cuda when available)", setting=False)
-    dtype: str | None = flag(None, "default: bfloat16 on CUDA, float32 on CPU",
-                             choices=("float32", "bfloat16"), setting=False)
+    dtype: str | None = flag(None, "the model's dtype (default: bfloat16 on CUDA, float32 on "
+                             "CPU; the authors' wrapper loads LLaDA in float16)",
+                             choices=("float32", "bfloat16", "float16"), setting=False)
     rope_label: str = field(default="ckpt", init=False)  # how the base was chosen, in file names
 
 
@@ -121,6 +126,8 @@ def check_config(cfg) -> None:
         raise ValueError(f"--model {cfg.model} is not a checkpoint directory (no config.json)")
     if (cfg.train_len is not None or cfg.d_crit is not None) and not cfg.rope:
         raise ValueError("--train-len and --d-crit only apply with --rope METHOD")
+    if cfg.rope_factor is not None and cfg.rope:
+        raise ValueError("--rope-factor and --rope both set the RoPE base; pass one of them")
     if cfg.device and cfg.device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device {cfg.device}: pass cpu or cuda")
     if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -145,6 +152,8 @@ def load_checked_tokenizer(cfg, config):
 
 
 def rope_label(cfg) -> str:
+    if cfg.rope_factor is not None:
+        return f"factor{cfg.rope_factor:g}"
     if not cfg.rope:
         return "ckpt"
     return cfg.rope + (f"-train{cfg.train_len}" if cfg.train_len else "") + \
@@ -152,8 +161,13 @@ def rope_label(cfg) -> str:
 
 
 def rope_for_length(config, cfg, length: int) -> dict:
-    """The rope_scaling to evaluate `length` tokens with: the checkpoint's own, or --rope
-    re-scaled from the pre-trained base and window (LLaDAConfig.scaled_rope)."""
+    """The rope_scaling to evaluate `length` tokens with: the checkpoint's own, its base times
+    --rope-factor (the same at every length, as the authors' wrapper), or --rope re-scaled from
+    the pre-trained base and window (LLaDAConfig.scaled_rope)."""
+    if cfg.rope_factor is not None:
+        return {**(config.rope_scaling or {}), "method": "factor", "lambda": cfg.rope_factor,
+                "original_rope_theta": config.rope_theta,
+                "rope_theta": config.rope_theta * cfg.rope_factor}
     if not cfg.rope:
         return {**(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     return config.scaled_rope(cfg.rope, length, cfg.train_len, cfg.d_crit)
@@ -217,10 +231,11 @@ def describe_run(cfg, run: Run, ropes: dict, dtype: str, device) -> float:
           f"{c.max_sequence_length:,}), tokenizer {run.tokenizer.name}, {dtype} on {device.type}")
     print(f"data: {run.source}; results: {run.folder}")
     for L, rope in ropes.items():
-        how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope else \
+        how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope or cfg.rope_factor else \
             f"as saved ({rope.get('method', 'none')} for {rope.get('target_len', c.max_sequence_length):,})"
         print(f"rope at {L:,}: base {rope['rope_theta']:,.0f} ({how})")
-    if not cfg.rope and max(ropes) > (c.rope_scaling or {}).get("target_len", c.max_sequence_length):
+    if not cfg.rope and cfg.rope_factor is None and \
+            max(ropes) > (c.rope_scaling or {}).get("target_len", c.max_sequence_length):
         print("note: lengths beyond the checkpoint's context run with its base unchanged; "
               "--rope diffusion (or critical, ntk, pi) re-scales it for each length")
     if not run.pending:

@@ -280,6 +280,46 @@ def test_rope_override_is_applied_per_length_and_the_cache_is_opt_in(ckpt, tmp_p
     assert calls[0]["rope_theta"] == base and calls[0]["cache"] is None
 
 
+def test_rope_factor_multiplies_the_saved_base_by_one_factor_at_every_length(ckpt, tmp_path,
+                                                                             monkeypatch):
+    calls = []
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
+    out = str(tmp_path / "res")
+    assert run(["--model", ckpt, "--len", "200", "2048", "--depths", "50", "--rope-factor", "14",
+                "--results", out]) == 0
+    base = read_config(ckpt).rope_theta
+    assert [call["rope_theta"] for call in calls] == [base * 14, base * 14]  # the authors' rule
+    found = cells(out)
+    assert sorted(found) == ["niah_len200_depth050_rep0_rope-factor14.json",
+                             "niah_len2048_depth050_rep0_rope-factor14.json"]
+    assert all(c["rope_theta"] == base * 14 and c["rope_scaling"]["lambda"] == 14
+               for c in found.values())
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--rope-factor", "4", "--rope", "critical"], "--rope-factor and --rope both"),
+    (["--rope-factor", "0"], "must be above 0"),
+    (["--rope-factor", "nan"], "must be above 0"),
+])
+def test_rope_factor_is_refused_with_rope_and_when_not_positive(ckpt, argv, says, capsys):
+    assert run(["--model", ckpt, "--len", "200", *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_float16_runs_on_the_cpu_and_decodes_what_float32_decodes(ckpt, tmp_path):
+    """The authors' wrapper loads LLaDA in float16; a tiny model decodes the same answer."""
+    answers = {}
+    for dtype in ("float32", "float16"):
+        out = str(tmp_path / dtype)
+        assert run(["--model", ckpt, "--len", "300", "--depths", "50", "--dtype", dtype,
+                    "--results", out]) == 0
+        (cell,) = cells(out).values()
+        assert cell["settings"]["dtype"] == dtype
+        answers[dtype] = cell["answer"]
+    assert answers["float16"] == answers["float32"]
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny model trained on the needle finds it. It gets a word-level tokenizer.json (the path
 # LLaDA-8B's tokenizer takes: the cl100k prompt's text re-encoded by the model's own tokenizer):

@@ -26,19 +26,21 @@ from all of them at the end. One process at a time may use a results folder.
 """
 import argparse
 import os
+import socket
 import time
 from dataclasses import dataclass, field, make_dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from evaluations import longbench, needlebench, niah, ppl, ruler
 from harness.checkpoint import from_pretrained, read_config
-from harness.files import lock_folder, write_json
+from harness.files import append_line, release, try_lock, write_json
 from harness.flags import add_flags, count, flag, from_args, positive, settings_of
-from harness.results import (checkpoint_fingerprint, duration, flops_per_second, read_results,
-                             results_dir)
-from harness.runtime import fail, tune_cpu_memory
+from harness.results import (checkpoint_fingerprint, duration, flops_per_second, prepare_folder,
+                             read_results, result_files, results_dir)
+from harness.runtime import fail, join_processes, tune_cpu_memory
 from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer, tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
 
@@ -186,20 +188,23 @@ def settings(cfg, dtype: str) -> dict:
 @dataclass
 class Run:
     """Everything the cell loop needs, made before the first cell."""
-    task: object
+    name: str  # the task's name
+    task: object  # its module
     tokenizer: object
     model: torch.nn.Module
     cells: list  # every cell of the plan
-    pending: list  # the cells without a result yet
     work: dict  # what the task's plan prepared for its cells (haystacks, rows)
     source: str  # what the data is, for the log
     folder: str
     settings: dict
-    lock: object  # the results folder's lock, held while the run lasts
+
+    def finished(self) -> set:
+        """Names of the plan's cells with a result, whichever process made it."""
+        return set(result_files(self.folder, self.name)) & {c["name"] for c in self.cells}
 
 
-def prepare_run(cfg, dtype: str, device) -> Run:
-    """The plan, the results folder (one run at a time, never mixing settings) and the model."""
+def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
+    """The plan, the results folder (never mixing settings) and the model."""
     task = TASKS[cfg.task]
     config = read_config(cfg.model)
     check_scaling_args(max(cfg.len), cfg.train_len, config.head_dim, cfg.d_crit)
@@ -208,27 +213,20 @@ def prepare_run(cfg, dtype: str, device) -> Run:
     counter = tiktoken_tokenizer()  # NIAH and RULER lengths are cl100k tokens whatever the model's
     cells, work, source = task.plan(cfg, tokenizer, counter)
     folder = results_dir(cfg.model, cfg.task, cfg.results)
-    lock = lock_folder(folder)
     current = settings(cfg, dtype)
-    done = read_results(folder, cfg.task)
-    other = [n for n, c in done.items() if c.get("settings") != current]
-    if other and not cfg.overwrite:
-        old = done[other[0]].get("settings") or {}
-        diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
-                for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
-        raise ValueError(f"{folder} holds {len(other)} results made with other settings "
-                         f"({'; '.join(diff[:2])}); pass --results DIR for this run, or "
-                         f"--overwrite to redo them")
-    pending = [c for c in cells if cfg.overwrite or c["name"] not in done]
+    prepare_folder(folder, cfg.task, current, cells, cfg.overwrite, write=rank == 0)
+    if world > 1:
+        dist.barrier()  # nobody starts a cell before rank 0 has prepared the folder
     model = from_pretrained(cfg.model, dtype=getattr(torch, dtype), device=device).eval()
-    return Run(task, tokenizer, model, cells, pending, work, source, folder, current, lock)
+    return Run(cfg.task, task, tokenizer, model, cells, work, source, folder, current)
 
 
-def describe_run(cfg, run: Run, ropes: dict, dtype: str, device) -> float:
+def describe_run(cfg, run: Run, ropes: dict, dtype: str, device, world: int) -> float:
     """Print what is about to run; returns the estimated seconds."""
     c = run.model.config
     print(f"model: {cfg.model} ({c.n_layers} layers, d_model {c.d_model}, trained context "
-          f"{c.max_sequence_length:,}), tokenizer {run.tokenizer.name}, {dtype} on {device.type}")
+          f"{c.max_sequence_length:,}), tokenizer {run.tokenizer.name}, {dtype} on {device.type}"
+          + (f", {world} processes" if world > 1 else ""))
     print(f"data: {run.source}; results: {run.folder}")
     for L, rope in ropes.items():
         how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope or cfg.rope_factor else \
@@ -238,63 +236,114 @@ def describe_run(cfg, run: Run, ropes: dict, dtype: str, device) -> float:
             max(ropes) > (c.rope_scaling or {}).get("target_len", c.max_sequence_length):
         print("note: lengths beyond the checkpoint's context run with its base unchanged; "
               "--rope diffusion (or critical, ntk, pi) re-scales it for each length")
-    if not run.pending:
+    finished = run.finished()
+    pending = [cell for cell in run.cells if cell["name"] not in finished]
+    if not pending:
         print(f"all {len(run.cells)} cells are done; --overwrite redoes them")
         return 0.0
-    speed = flops_per_second(run.model, device)
-    estimate = sum(run.task.cell_flops(c, cfg, cell) for cell in run.pending) / speed
-    print(f"{len(run.pending)} cells to run ({len(run.cells) - len(run.pending)} already done); "
-          f"estimate {duration(estimate)} (from a short timed forward scaled by FLOPs: rough at "
-          f"long lengths, where attention's share grows)")
+    speed = flops_per_second(run.model, device) * world  # the processes share the cells
+    estimate = sum(run.task.cell_flops(c, cfg, cell) for cell in pending) / speed
+    print(f"{len(pending)} cells to run ({len(finished)} already done); estimate "
+          f"{duration(estimate)}{f' on {world} processes' if world > 1 else ''} (from a short "
+          f"timed forward scaled by FLOPs: rough at long lengths, where attention's share grows)")
     return estimate
 
 
+def evaluate_cell(cfg, run: Run, cell: dict, rope: dict, device, rank: int) -> dict:
+    """One cell's result record: its coordinates, what the task measured, how it was run."""
+    run.model.config.set_rope(rope)
+    record = {k: v for k, v in cell.items() if k != "name"}
+    record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
+    record.update(rope_theta=rope["rope_theta"], rope_scaling=rope, settings=run.settings,
+                  process=f"{socket.gethostname()} pid {os.getpid()} rank {rank}",
+                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return record
+
+
+def run_cells(cfg, run: Run, ropes: dict, device, rank: int) -> int:
+    """Claim and evaluate cells until none is left to claim. Every process walks the same plan
+    and takes the cells nobody holds (a claim is a lock: a killed process gives its cell up);
+    rank 0, or a process on its own, then waits for the others' cells, taking over any that
+    they abandon. The bar (rank 0 only) counts the cells finished by every process."""
+    bar = tqdm(total=len(run.cells), initial=len(run.finished()), desc=cfg.task, unit="cell",
+               dynamic_ncols=True, disable=rank != 0)
+    ran = 0
+    try:
+        while len(finished := run.finished()) < len(run.cells):
+            bar.update(len(finished) - bar.n)
+            progress = False
+            for cell in run.cells:
+                claim_path = os.path.join(run.folder, ".claims", cell["name"])
+                if cell["name"] in finished or (claim := try_lock(claim_path)) is None:
+                    continue
+                try:
+                    if os.path.exists(os.path.join(run.folder, cell["name"])):
+                        continue  # finished by another process since the listing
+                    record = evaluate_cell(cfg, run, cell, ropes[cell["length"]], device, rank)
+                    write_json(os.path.join(run.folder, cell["name"]), record)
+                    append_line(os.path.join(run.folder, f".journal-{run.name}.jsonl"),
+                                {"cell": cell["name"], "process": record["process"],
+                                 "finished": record["finished"]})  # who computed what
+                    ran, progress = ran + 1, True
+                    bar.update(len(run.finished()) - bar.n)
+                    if "score" in record:
+                        bar.set_postfix(score=f"{record['score']:.0f}")
+                finally:
+                    release(claim, claim_path)
+            if not progress:  # what is left is being computed by other processes
+                if rank != 0:
+                    break
+                bar.set_postfix_str("waiting for the other processes' cells")
+                time.sleep(2)
+        bar.update(len(run.finished()) - bar.n)
+    finally:
+        bar.close()
+    return ran
+
+
 def main(argv=None):
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    say = print if rank == 0 else (lambda *a, **k: None)
     cfg = parse_args(argv)
     tune_cpu_memory()  # huge pages for large CPU tensors, before the first one
     try:
         check_config(cfg)
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and world > 1:  # torchrun: one GPU per process on each node
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
         dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-        run = prepare_run(cfg, dtype, device)
+        join_processes(world)
+        run = prepare_run(cfg, dtype, device, rank, world)
     except ValueError as e:  # CheckpointError and FileError are ValueErrors
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before the first cell; nothing was written", 130)
 
-    c = run.model.config
-    ropes = {L: rope_for_length(c, cfg, L) for L in sorted({cell["length"] for cell in run.cells})}
-    estimate = describe_run(cfg, run, ropes, dtype, device)
-    started = time.perf_counter()
-    bar = tqdm(run.pending, desc=cfg.task, unit="cell", dynamic_ncols=True)
+    ropes = {L: rope_for_length(run.model.config, cfg, L) for L in sorted({c["length"] for c in run.cells})}
+    estimate = describe_run(cfg, run, ropes, dtype, device, world) if rank == 0 else 0.0
+    started, before = time.perf_counter(), len(run.finished())
     try:
-        for cell in bar:
-            rope = ropes[cell["length"]]
-            c.set_rope(rope)
-            record = {k: v for k, v in cell.items() if k != "name"}
-            record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
-            if "score" in record:
-                bar.set_postfix(score=f"{record['score']:.0f}")
-            record.update(rope_theta=rope["rope_theta"], rope_scaling=rope, settings=run.settings,
-                          finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-            write_json(os.path.join(run.folder, cell["name"]), record)
+        run_cells(cfg, run, ropes, device, rank)
     except KeyboardInterrupt:
-        bar.close()
-        fail(f"interrupted after {bar.n} of {len(run.pending)} cells; the finished ones are in "
-             f"{run.folder}: run the same command again to continue", 130)
+        fail(f"interrupted; the finished cells are in {run.folder}: run the same command again "
+             f"to continue", 130)
     except ValueError as e:  # FileError: the disk filled up, the folder became read-only
-        bar.close()
         fail(str(e))
-    bar.close()
-    if run.pending:
-        print(f"ran {len(run.pending)} cells in {duration(time.perf_counter() - started)} "
-              f"(estimated {duration(estimate)})")
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    if len(run.finished()) > before:
+        seconds = time.perf_counter() - started
+        say(f"ran {len(run.finished()) - before} cells in {duration(seconds)} "
+            f"({(len(run.finished()) - before) / seconds:.3g} cells/s; estimated {duration(estimate)})")
     found = read_results(run.folder, cfg.task)
     mine = [cell for cell in found.values() if cell.get("settings") == run.settings]
     if len(mine) < len(found):
-        print(f"({len(found) - len(mine)} cells in {run.folder} were made with other settings "
-              f"and are left out)")
-    print(run.task.report(mine, cfg, run.folder) if mine else "no results yet")
+        say(f"({len(found) - len(mine)} cells in {run.folder} were made with other settings "
+            f"and are left out)")
+    say(run.task.report(mine, cfg, run.folder) if mine else "no results yet")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ within one file system is atomic. Every JSON reader goes through `read_json`.
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from typing import Callable
 
 
@@ -47,6 +50,16 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj) -> None:
     # allow_nan=False: NaN and Infinity are not JSON, and a reader of ours would reject them
     write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def append_line(path: str, obj) -> None:
+    """One JSON line added to a log; a single write in append mode, so lines that several
+    processes add at once do not interleave (on a local file system)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj) + "\n")
+    except OSError as e:
+        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def read_json(path: str, missing_ok: bool = False):
@@ -144,29 +157,62 @@ def recover_dir(dst: str) -> None:
         os.replace(old, dst)
 
 
-def lock_folder(folder: str):
-    """Claim `folder` for this process until it exits: a second writer gets a FileError.
+# ---------------------------------------------------------------------------------------------
+# Locks between processes: advisory locks (flock) on small files. The operating system releases
+# a lock when its process ends, however it ends, so a killed run never leaves a stale one.
 
-    An advisory lock (flock) on folder/.lock: the operating system releases it when the process
-    ends, however it ends, so a killed run never leaves a stale lock behind. Returns the open
-    lock file; keep a reference to it for as long as the folder is in use.
-    """
+def try_lock(path: str):
+    """Lock `path` (created if needed) for this process: the open file while it holds the
+    lock, None if another process holds it. Keep the file object as long as the lock matters."""
     import fcntl
     try:
-        os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, ".lock"), "a+")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        f = open(path, "a+")
     except OSError as e:
-        raise FileError(f"cannot write in {folder}: {e.strerror or e}") from None
+        raise FileError(f"cannot write in {os.path.dirname(path)}: {e.strerror or e}") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        owner = f.read().strip() or "another process"
         f.close()
-        raise FileError(f"{folder} is in use by {owner}; wait for it to finish or pass another "
-                        f"folder") from None
+        return None
     f.seek(0)
     f.truncate()
-    f.write(f"process {os.getpid()}")
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")  # for the next one's message
     f.flush()
     return f
+
+
+def lock_owner(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def lock_folder(folder: str):
+    """Claim `folder` for this process until it exits: a second writer gets a FileError."""
+    path = os.path.join(folder, ".lock")
+    f = try_lock(path)
+    if f is None:
+        raise FileError(f"{folder} is in use by {lock_owner(path)}; wait for it to finish or "
+                        f"pass another folder")
+    return f
+
+
+def wait_for_lock(path: str, what: str, poll_s: float = 0.5):
+    """Lock `path`, waiting while another process holds it (saying so once, after 2 s)."""
+    started, said = time.monotonic(), False
+    while (f := try_lock(path)) is None:
+        if not said and time.monotonic() - started > 2:
+            print(f"waiting for {lock_owner(path)} to finish {what}", file=sys.stderr)
+            said = True
+        time.sleep(poll_s)
+    return f
+
+
+def release(lock, path: str | None = None) -> None:
+    """Give a lock up; with `path`, remove its file first (a claim whose work is done)."""
+    if path is not None and os.path.exists(path):
+        os.remove(path)
+    lock.close()

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from harness.files import FileError, read_json
+from harness.files import FileError, read_json, release, wait_for_lock, write_json
 from harness.flags import count, flag
 
 
@@ -115,20 +115,55 @@ def checkpoint_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def result_files(folder: str, task: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.startswith(task + "_") and n.endswith(".json")) \
+        if os.path.isdir(folder) else []
+
+
 def read_results(folder: str, task: str) -> dict[str, dict]:
     """Every finished cell of `task` in the folder, by file name. A file that is not valid JSON
     was never finished (writes are atomic, so it is damage from outside): it is run again."""
     found = {}
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
-            if name.startswith(task + "_") and name.endswith(".json"):
-                try:
-                    cell = read_json(os.path.join(folder, name))
-                except FileError:
-                    continue
-                if isinstance(cell, dict):
-                    found[name] = cell
+    for name in result_files(folder, task):
+        try:
+            cell = read_json(os.path.join(folder, name))
+        except FileError:
+            continue
+        if isinstance(cell, dict):
+            found[name] = cell
     return found
+
+
+def prepare_folder(folder: str, task: str, current: dict, cells: list[dict], overwrite: bool,
+                   write: bool) -> None:
+    """Make the results folder ready for a run with settings `current`, under its lock, so that
+    processes starting together see one another: results made with other settings are refused
+    (with --overwrite they are deleted, and so are this plan's finished cells), damaged result
+    files are deleted to be run again, and the settings are recorded, so that a process started
+    at the same time with other settings is refused too. Afterwards a cell is finished exactly
+    when its file exists. write=False only checks (torchrun's ranks but rank 0)."""
+    lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
+    try:
+        recorded = read_json(os.path.join(folder, f".settings-{task}.json"), missing_ok=True)
+        done = read_results(folder, task)
+        other = [n for n, c in done.items() if c.get("settings") != current]
+        old = recorded if recorded and recorded != current else \
+            (done[other[0]].get("settings") or {}) if other else None
+        if old is not None and not overwrite:
+            diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
+                    for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
+            raise ValueError(f"{folder} holds results made with other settings "
+                             f"({'; '.join(diff[:2])}); pass --results DIR for this run, or "
+                             f"--overwrite to redo them")
+        if not write:
+            return
+        planned = {c["name"] for c in cells}
+        damaged = [n for n in result_files(folder, task) if n not in done]
+        for name in damaged + (other + [n for n in done if n in planned] if overwrite else []):
+            os.remove(os.path.join(folder, name))
+        write_json(os.path.join(folder, f".settings-{task}.json"), current)
+    finally:
+        release(lock)
 
 
 # ---------------------------------------------------------------------------------------------

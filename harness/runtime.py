@@ -91,6 +91,18 @@ def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def join_processes(world: int) -> None:
+    """Evaluation's processes under torchrun meet in a gloo group: no tensors travel, it only
+    lets them wait for one another, on GPUs too. Says what it waits for: a process that never
+    starts would otherwise hold the others without a word (torchrun gives up after its timeout)."""
+    if world > 1:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"waiting for the {world} processes of this run to meet (torchrun "
+                  f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT')})",
+                  file=sys.stderr)
+        dist.init_process_group("gloo")
+
+
 def any_rank(flag: bool, world: int) -> bool:
     """True if any rank says so (e.g. a stop was requested on one of them)."""
     if world == 1:

@@ -259,16 +259,22 @@ def test_evaluate_names_a_damaged_shard(tmp_path, tiny_ckpt):
     one_line_error(r, "model.safetensors is damaged")
 
 
-def test_an_evaluation_folder_has_one_writer(tmp_path, tiny_ckpt):
+def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, tiny_ckpt):
     results = tmp_path / "res"
-    held = lock_folder(str(results))
+    held = lock_folder(str(results))  # another process setting the folder up, as far as it knows
+    p = subprocess.Popen([sys.executable, "evaluate.py", "--model", tiny_ckpt, "--len", "256",
+                          "--depths", "50", "--results", results], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        r = script("evaluate.py", "--model", tiny_ckpt, "--len", "256", "--depths", "50",
-                   "--results", results)
-        one_line_error(r, "is in use by process")
+        time.sleep(8)
+        assert p.poll() is None  # still waiting
+        assert not [n for n in os.listdir(results) if n.endswith(".json")]
     finally:
         held.close()
-    assert not [n for n in os.listdir(results) if n.endswith(".json")]
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert f"waiting for process {os.getpid()}" in err and "setting up the results folder" in err
+    assert os.path.exists(results / "niah_len256_depth050_rep0_rope-ckpt.json")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ import math
 import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +61,7 @@ def cells(folder):
     """Every result JSON of a results folder, by file name."""
     found = {}
     for name in sorted(os.listdir(folder)):
-        if name.endswith(".json"):
+        if name.endswith(".json") and not name.startswith("."):  # not the folder's own records
             with open(os.path.join(folder, name)) as f:
                 found[name] = json.load(f)
     return found
@@ -195,7 +199,7 @@ def test_the_time_estimate_never_runs_a_long_forward_and_is_compared_at_the_end(
     assert lengths and max(lengths) <= 1024
     printed = capsys.readouterr().out
     assert re.search(r"1 cells to run \(0 already done\); estimate \d+ s", printed)
-    assert re.search(r"ran 1 cells in \d+ s \(estimated \d+ s\)", printed)
+    assert re.search(r"ran 1 cells in \d+ s \([\d.e+-]+ cells/s; estimated \d+ s\)", printed)
 
 
 def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, monkeypatch, capsys):
@@ -503,8 +507,12 @@ def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_
 
     from harness import files
 
-    def full(fd):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    writes = []
+
+    def full(fd):  # the folder's settings record goes in; the disk is full by the first cell
+        writes.append(fd)
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(results, "generate", fake_generate([" 417."], []))
     monkeypatch.setattr(files.os, "fsync", full)  # every atomic write fails at its flush
     out = tmp_path / "res"
@@ -513,4 +521,99 @@ def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_
     assert len(err) == 1 and err[0].startswith("error: cannot write ") and \
         "No space left on device" in err[0] and "niah_len300_depth050" in err[0]
     assert "Traceback" not in err[0]
-    assert not [n for n in os.listdir(out) if n.endswith(".json") or n.endswith(".tmp")]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp") or
+                (n.endswith(".json") and not n.startswith("."))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes on one results folder: torchrun, independent jobs, a process killed mid-cell.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread each
+GRID = ["--len", "256", "320", "--depths", *map(str, range(0, 101, 10)), "--repeats", "2"]
+
+
+def launch(ckpt, results_folder, processes=1):
+    """evaluate.py as a user starts it, alone or under torchrun (gloo on the CPU)."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(processes)] if processes > 1 else [sys.executable])
+    return subprocess.Popen(cmd + ["evaluate.py", "--model", ckpt, *GRID, "--results",
+                                   str(results_folder)], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(p, timeout=600) -> str:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    return out
+
+
+def comparable(folder) -> dict:
+    """Every cell without the fields that say when and where it ran."""
+    return {name: {k: v for k, v in cell.items() if k not in ("seconds", "finished", "process")}
+            for name, cell in cells(folder).items()}
+
+
+def journal(folder) -> list[dict]:
+    with open(os.path.join(folder, ".journal-niah.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def one_process(ckpt, tmp_path_factory):
+    """The reference: the whole grid in one plain process."""
+    folder = tmp_path_factory.mktemp("one") / "res"
+    finish(launch(ckpt, folder))
+    return folder
+
+
+def test_torchrun_spreads_the_cells_and_gives_what_one_process_gives(ckpt, one_process, tmp_path):
+    folder = tmp_path / "res"
+    printed = finish(launch(ckpt, folder, processes=2))
+    reference = comparable(one_process)
+    assert len(reference) == 2 * 11 * 2 and comparable(folder) == reference
+    assert (folder / "niah_table_rope-ckpt.md").read_text() == \
+        (one_process / "niah_table_rope-ckpt.md").read_text()
+    done = journal(folder)
+    assert sorted(d["cell"] for d in done) == sorted(reference)  # each cell computed once
+    assert {d["process"].split()[-1] for d in done} == {"0", "1"}  # by both ranks
+    assert printed.count("rope ckpt: average") == 1  # rank 0 alone reports
+    assert "2 processes" in printed and "44 cells to run" in printed
+
+
+def test_a_process_killed_mid_run_leaves_its_cell_to_the_next_run(ckpt, one_process, tmp_path):
+    folder = tmp_path / "res"
+    p = launch(ckpt, folder)
+    deadline = time.monotonic() + 300
+    while len(cells(folder) if folder.exists() else {}) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    before = len(cells(folder))
+    assert 3 <= before < 44
+    printed = finish(launch(ckpt, folder))
+    assert f"{44 - before} cells to run ({before} already done)" in printed
+    assert comparable(folder) == comparable(one_process)
+    assert (folder / "niah_table_rope-ckpt.md").read_text() == \
+        (one_process / "niah_table_rope-ckpt.md").read_text()
+
+
+def test_two_independent_processes_share_a_folder_without_repeating_a_cell(ckpt, one_process,
+                                                                          tmp_path):
+    folder = tmp_path / "res"
+    first, second = launch(ckpt, folder), launch(ckpt, folder)
+    printed = [finish(first), finish(second)]
+    assert comparable(folder) == comparable(one_process)
+    done = journal(folder)
+    assert sorted(d["cell"] for d in done) == sorted(comparable(one_process))  # once each
+    assert len({d["process"] for d in done}) == 2  # both worked
+    assert all("rope ckpt: average" in text for text in printed)  # each waited, then reported
+
+
+def test_a_second_process_with_other_settings_is_refused(ckpt, one_process, tmp_path):
+    r = subprocess.run([sys.executable, "evaluate.py", "--model", ckpt, *GRID, "--needle",
+                        "The secret code of Mira Holt is 418.", "--keyword", "418",
+                        "--results", str(one_process)], cwd=ROOT, env=ENV, text=True,
+                       capture_output=True, timeout=300)
+    assert r.returncode == 2 and "holds results made with other settings" in r.stderr
+    assert "needle" in r.stderr and r.stderr.count("\n") == 1

@@ -14,19 +14,23 @@ bad flags and data before any model work, plan(cfg, tokenizer, counter) lists th
 run_cell(...) evaluates one, cell_flops(...) says what it costs, and report(cells, cfg, folder)
 writes the tables and pictures. This runner owns the flags every task shares, the model and
 the cell loop. --rope re-scales the checkpoint's RoPE base for each evaluated length, the
-paper's training-free comparison (LLaDA with and without NTK scaling); without it the
-checkpoint runs with the base it was saved with.
+paper's training-free comparison (LLaDA with and without NTK scaling); --rope-factor multiplies
+it by one factor, as the authors' wrapper did; without either it runs as saved.
 
 Every cell is one JSON file in the results folder, written atomically; a rerun skips finished
 cells, so an interrupted run loses at most the cell in progress, and the reports are rebuilt
-from all of them at the end. One process at a time may use a results folder.
+from all of them at the end. Any number of processes can share a folder (torchrun, or separate
+jobs): each claims the cells nobody holds (harness/results.py, claim_cells).
 
     python evaluate.py --task niah --len 131072           # out/checkpoint, synthetic haystack
+    torchrun --nproc-per-node 8 evaluate.py --task ruler --len 4096 ...   # one GPU each
     python evaluate.py --task ruler --help                # the shared flags and RULER's own
+    python evaluate.py --compare ULTRA=results/ultra LLADA=results/base   # the paper's tables
 """
 import argparse
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, make_dataclass
 
@@ -34,14 +38,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from evaluations import longbench, needlebench, niah, ppl, ruler
-from harness.checkpoint import from_pretrained, read_config
-from harness.files import append_line, release, try_lock, write_json
+from evaluations import compare, longbench, needlebench, niah, ppl, ruler
+from harness.checkpoint import check_tokenizer_fits, from_pretrained, model_tokenizer, read_config
 from harness.flags import add_flags, count, flag, from_args, positive, settings_of
-from harness.results import (checkpoint_fingerprint, duration, flops_per_second, prepare_folder,
-                             read_results, result_files, results_dir)
+from harness.results import (checkpoint_fingerprint, claim_cells, duration, finished_cells,
+                             flops_per_second, prepare_folder, read_results, results_dir)
 from harness.runtime import fail, join_processes, tune_cpu_memory
-from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer, tiktoken_tokenizer
+from harness.tokenizer import tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
 
 TASKS = {"niah": niah, "needlebench": needlebench, "ruler": ruler, "longbench": longbench,
@@ -103,7 +106,8 @@ def parse_args(argv=None):
         description="Evaluate a LLaDA checkpoint on one of the paper's benchmarks. Results: one "
                     "JSON per cell, a rerun skips finished ones, then tables and pictures.",
         epilog=f"Each task has its own flags: python evaluate.py --task {{{','.join(TASKS)}}} "
-               f"--help. This is --task {task}.")
+               f"--help. This is --task {task}. To put finished evaluations of several models "
+               f"side by side: python evaluate.py --compare NAME=DIR ... (--compare --help).")
     p.error = fail  # argparse prints its usage first; our errors are one line
     add_flags(p.add_argument_group("flags of every task"), EvalConfig)
     add_flags(p.add_argument_group(f"flags of --task {task}"), TASKS[task].Options)
@@ -135,22 +139,6 @@ def check_config(cfg) -> None:
     if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {cfg.device}: no CUDA device is available here; pass cpu")
     TASKS[cfg.task].check(cfg)
-
-
-def load_checked_tokenizer(cfg, config):
-    try:
-        tokenizer = load_tokenizer(cfg.model)
-    except ValueError as e:
-        if "no tokenizer.json" not in str(e):
-            raise
-        raise ValueError(f"{cfg.model} has no tokenizer: neither tokenizer.json nor \"tokenizer\": "
-                         f"\"{TIKTOKEN_NAME}\" in its config.json; copy the tokenizer.json of the "
-                         f"model it comes from into it") from None
-    if tokenizer.mask_id != config.mask_token_id or tokenizer.vocab_size > config.embedding_size:
-        raise ValueError(f"the tokenizer of {cfg.model} ({tokenizer.name}, [MASK] {tokenizer.mask_id}) "
-                         f"does not fit the model ([MASK] {config.mask_token_id}, "
-                         f"{config.embedding_size} embeddings)")
-    return tokenizer
 
 
 def rope_label(cfg) -> str:
@@ -200,7 +188,7 @@ class Run:
 
     def finished(self) -> set:
         """Names of the plan's cells with a result, whichever process made it."""
-        return set(result_files(self.folder, self.name)) & {c["name"] for c in self.cells}
+        return finished_cells(self.folder, self.name, [c["name"] for c in self.cells])
 
 
 def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
@@ -208,7 +196,8 @@ def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     task = TASKS[cfg.task]
     config = read_config(cfg.model)
     check_scaling_args(max(cfg.len), cfg.train_len, config.head_dim, cfg.d_crit)
-    tokenizer = load_checked_tokenizer(cfg, config)
+    tokenizer = model_tokenizer(cfg.model)
+    check_tokenizer_fits(tokenizer, config, cfg.model)
     cfg.rope_label = rope_label(cfg)
     counter = tiktoken_tokenizer()  # NIAH and RULER lengths are cl100k tokens whatever the model's
     cells, work, source = task.plan(cfg, tokenizer, counter)
@@ -255,53 +244,39 @@ def evaluate_cell(cfg, run: Run, cell: dict, rope: dict, device, rank: int) -> d
     record = {k: v for k, v in cell.items() if k != "name"}
     record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
     record.update(rope_theta=rope["rope_theta"], rope_scaling=rope, settings=run.settings,
-                  process=f"{socket.gethostname()} pid {os.getpid()} rank {rank}",
-                  finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  process=f"{socket.gethostname()} pid {os.getpid()} rank {rank}")
     return record
 
 
-def run_cells(cfg, run: Run, ropes: dict, device, rank: int) -> int:
-    """Claim and evaluate cells until none is left to claim. Every process walks the same plan
-    and takes the cells nobody holds (a claim is a lock: a killed process gives its cell up);
-    rank 0, or a process on its own, then waits for the others' cells, taking over any that
-    they abandon. The bar (rank 0 only) counts the cells finished by every process."""
+def run_cells(cfg, run: Run, ropes: dict, device, rank: int) -> None:
+    """Every process claims and evaluates the cells nobody holds (results.claim_cells); rank 0,
+    or a process on its own, then waits for the others' cells. Its bar counts them all."""
+    by_name = {cell["name"]: cell for cell in run.cells}
     bar = tqdm(total=len(run.cells), initial=len(run.finished()), desc=cfg.task, unit="cell",
                dynamic_ncols=True, disable=rank != 0)
-    ran = 0
+
+    def evaluate_one(name: str) -> dict:
+        cell = by_name[name]
+        record = evaluate_cell(cfg, run, cell, ropes[cell["length"]], device, rank)
+        if "score" in record:
+            bar.set_postfix(score=f"{record['score']:.0f}")
+        return record
+
+    def progress(finished: int, waiting: bool) -> None:
+        bar.update(finished - bar.n)
+        if waiting:
+            bar.set_postfix_str("waiting for the other processes' cells")
     try:
-        while len(finished := run.finished()) < len(run.cells):
-            bar.update(len(finished) - bar.n)
-            progress = False
-            for cell in run.cells:
-                claim_path = os.path.join(run.folder, ".claims", cell["name"])
-                if cell["name"] in finished or (claim := try_lock(claim_path)) is None:
-                    continue
-                try:
-                    if os.path.exists(os.path.join(run.folder, cell["name"])):
-                        continue  # finished by another process since the listing
-                    record = evaluate_cell(cfg, run, cell, ropes[cell["length"]], device, rank)
-                    write_json(os.path.join(run.folder, cell["name"]), record)
-                    append_line(os.path.join(run.folder, f".journal-{run.name}.jsonl"),
-                                {"cell": cell["name"], "process": record["process"],
-                                 "finished": record["finished"]})  # who computed what
-                    ran, progress = ran + 1, True
-                    bar.update(len(run.finished()) - bar.n)
-                    if "score" in record:
-                        bar.set_postfix(score=f"{record['score']:.0f}")
-                finally:
-                    release(claim, claim_path)
-            if not progress:  # what is left is being computed by other processes
-                if rank != 0:
-                    break
-                bar.set_postfix_str("waiting for the other processes' cells")
-                time.sleep(2)
-        bar.update(len(run.finished()) - bar.n)
+        claim_cells(run.folder, run.name, list(by_name), evaluate_one, wait=rank == 0,
+                    progress=progress)
     finally:
         bar.close()
-    return ran
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--compare" in argv:  # a report over finished results, no model (evaluations/compare.py)
+        return compare.main(argv)
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     say = print if rank == 0 else (lambda *a, **k: None)

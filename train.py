@@ -40,9 +40,10 @@ from tqdm import tqdm
 
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from harness.checkpoint import (find_training_checkpoint, from_pretrained, load_optimizer_state,
-                                model_tokenizer, read_config, read_training_state,
-                                record_tokenizer, save_training_checkpoint, truncate_log)
+from harness.checkpoint import (check_tokenizer_fits, find_training_checkpoint, from_pretrained,
+                                load_optimizer_state, model_tokenizer, read_config,
+                                read_training_state, record_tokenizer, save_training_checkpoint,
+                                truncate_log)
 from harness.files import FileError, lock_folder
 from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
 from harness.prepare import CACHE_DIR, load_corpus
@@ -304,11 +305,7 @@ def start(cfg: TrainConfig, rank: int, world: int):
                              rank, world)
     schedule = Schedule(corpus, cfg.seq_len, cfg.mask, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
     model = initial_model(cfg, ckpt)
-    if tokenizer.vocab_size > model.config.embedding_size or \
-            tokenizer.mask_id != model.config.mask_token_id:
-        raise UserError(f"the tokenizer ({tokenizer.name}, [MASK] {tokenizer.mask_id}) does not fit "
-                        f"the model ([MASK] {model.config.mask_token_id}, "
-                        f"{model.config.embedding_size} embeddings)")
+    check_tokenizer_fits(tokenizer, model.config, ckpt if cfg.resume else cfg.init)
     return ckpt, tokenizer, corpus, schedule, model
 
 

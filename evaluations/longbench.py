@@ -477,41 +477,52 @@ def mean(values):
     return sum(values) / len(values) if values else None
 
 
+def summary(cells: list[dict]) -> dict[str, dict]:
+    """rope -> {dataset: mean score, category: mean of its datasets, "average": mean over the
+    datasets (the paper's), "category mean": mean over the categories (OpenCompass's
+    `longbench` group)}; None where nothing was evaluated."""
+    out = {}
+    for rope in dict.fromkeys(c["rope"] for c in cells):
+        mine = [c for c in cells if c["rope"] == rope]
+        row = {d: mean([c["score"] for c in mine if c["dataset"] == d]) for d in DATASETS}
+        names = [d for d in DATASETS if row[d] is not None]
+        for cat in CATEGORIES:
+            row[cat] = mean([row[d] for d in names if DATASETS[d].category == cat])
+        row["average"] = mean([row[d] for d in names])
+        row["category mean"] = mean([row[cat] for cat in CATEGORIES if row[cat] is not None])
+        out[rope] = row
+    return out
+
+
 def report(cells: list[dict], cfg, folder: str) -> str:
     """longbench.md: the score per dataset and per category, one column per RoPE label, with the
     paper's average (over datasets) and OpenCompass's `longbench` group (over categories)."""
-    ropes = list(dict.fromkeys(c.get("rope", cfg.rope_label) for c in cells)) or [cfg.rope_label]
-    rows = {(r, d): [c["score"] for c in cells if c.get("rope", cfg.rope_label) == r
-                     and c["dataset"] == d] for r in ropes for d in DATASETS}
-    by_dataset = {k: mean(v) for k, v in rows.items() if v}
-    names = [d for d in DATASETS if any((r, d) in by_dataset for r in ropes)]
-    by_category = {(r, cat): mean([by_dataset[r, d] for d in names
-                                   if DATASETS[d].category == cat and (r, d) in by_dataset])
-                   for r in ropes for cat in CATEGORIES}
-    overall = {r: mean([by_dataset[r, d] for d in names if (r, d) in by_dataset]) for r in ropes}
-    over_categories = {r: mean([by_category[r, cat] for cat in CATEGORIES
-                                if by_category[r, cat] is not None]) for r in ropes}
+    scores = summary(cells)
+    ropes = list(scores)
+    names = [d for d in DATASETS if any(scores[r][d] is not None for r in ropes)]
+    rows = {d: max(sum(1 for c in cells if c["rope"] == r and c["dataset"] == d) for r in ropes)
+            for d in names}
 
     def fmt(v):
         return "-" if v is None else f"{v:.2f}"
     table = results.markdown_table(
         ["dataset", "category", "metric", "rows"] + ropes,
-        [[d, DATASETS[d].category, DATASETS[d].metric, max(len(rows[r, d]) for r in ropes)]
-         + [fmt(by_dataset.get((r, d))) for r in ropes] for d in names])
+        [[d, DATASETS[d].category, DATASETS[d].metric, rows[d]]
+         + [fmt(scores[r][d]) for r in ropes] for d in names])
     groups = results.markdown_table(
         ["category", "datasets"] + ropes,
         [[cat, sum(DATASETS[d].category == cat for d in names)]
-         + [fmt(by_category[r, cat]) for r in ropes] for cat in CATEGORIES]
+         + [fmt(scores[r][cat]) for r in ropes] for cat in CATEGORIES]
         + [["**average over datasets** (the paper's)", len(names)]
-           + [fmt(overall[r]) for r in ropes],
+           + [fmt(scores[r]["average"]) for r in ropes],
            ["average over categories (OpenCompass)", len(names)]
-           + [fmt(over_categories[r]) for r in ropes]])
+           + [fmt(scores[r]["category mean"]) for r in ropes]])
     text = (f"# LongBench, prompts cut to {cfg.max_len:,} model tokens\n\n"
             f"Scores 0..100, the mean over rows; {len(names)} of {len(DATASETS)} datasets. "
             f"Blocks of {BLOCK_LENGTH}, steps = answer tokens, temperature 0.\n\n"
             f"{groups}\n\n{table}\n")
     path = os.path.join(folder, "longbench.md")
     files.write_text(path, text)
-    scores = ", ".join(f"{r}: {fmt(overall[r])}" for r in ropes)
-    return (f"LongBench at {cfg.max_len:,} tokens, average over {len(names)} datasets: {scores} "
+    averages = ", ".join(f"{r}: {fmt(scores[r]['average'])}" for r in ropes)
+    return (f"LongBench at {cfg.max_len:,} tokens, average over {len(names)} datasets: {averages} "
             f"(table in {path})")

@@ -352,16 +352,13 @@ def nan_mean(values) -> float | None:
     return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
 
-def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def draw_heatmap(ax, depths, lengths, grid, title: str):
+    """A depth x length heatmap on matplotlib axes `ax`; returns the image (for a colour bar)."""
     from matplotlib.colors import LinearSegmentedColormap
 
     # The colours of the original NIAH pictures (gkamradt): red 0, yellow 50, green 100.
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
         .with_extremes(bad="#dddddd")  # grey: cells not evaluated
-    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
     im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
         if not np.isnan(v):
@@ -371,7 +368,16 @@ def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
     ax.set_xlabel("context length (cl100k tokens)")
     ax.set_ylabel("needle depth")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="score")
+    return im
+
+
+def plot_heatmap(path: str, depths, lengths, grid, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths)))
+    fig.colorbar(draw_heatmap(ax, depths, lengths, grid, title), ax=ax, label="score")
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -683,7 +683,9 @@ def cell_flops(c, cfg, cell: dict) -> float:
 
 
 def score_table(cells: list[dict]) -> dict:
-    """(rope, length) -> {task: mean score, category: mean of its tasks, "average": mean of tasks}."""
+    """(rope, length) -> {task: mean score, category: mean of its tasks, "average": mean of the
+    tasks, "category mean": mean of the categories}. The paper does not say which of the two
+    averages its RULER numbers are, so both are reported."""
     scores = {}
     for c in cells:
         scores.setdefault((c["rope"], c["length"]), {}).setdefault(c["ruler_task"], []).append(c["score"])
@@ -694,6 +696,8 @@ def score_table(cells: list[dict]) -> dict:
             got = [row[t] for t in members if t in row]
             row[cat] = sum(got) / len(got) if got else None
         row["average"] = sum(row[t] for t in by_task) / len(by_task)
+        present = [row[cat] for cat in CATEGORIES if row[cat] is not None]
+        row["category mean"] = sum(present) / len(present)
         table[key] = row
     return table
 
@@ -720,13 +724,17 @@ def report(cells: list[dict], cfg, folder: str) -> str:
                  for cat in CATEGORIES if any(t in tasks for t in CATEGORIES[cat])]
         rows.append(["**average**", f"{len(tasks)} tasks"] +
                     [fmt(table[rope, L]["average"]) for L in lengths])
+        rows.append(["**category mean**", "mean of the categories"] +
+                    [fmt(table[rope, L]["category mean"]) for L in lengths])
         sections.append(f"## rope {rope}\n\n{results.markdown_table(header, rows)}")
         fig_rows.append((rope, lengths, np.array([[table[rope, L].get(t, np.nan) for L in lengths]
                                                    for t in tasks], dtype=float)))
     title = f"RULER, {os.path.basename(os.path.abspath(getattr(cfg, 'model', '') or '.'))}"
     note = (f"Scores 0..100 per task (mean over samples: {min(counts.values())}.."
             f"{max(counts.values())} per task), string_match_all except QA (string_match_part); "
-            f"average = unweighted mean over the tasks, as OpenCompass's ruler_<len> group.")
+            f"average = unweighted mean over the tasks, as OpenCompass's ruler_<len> group; "
+            f"category mean = the mean of the category rows (the paper does not say which it "
+            f"reports).")
     text = f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n"
     files.write_text(os.path.join(folder, "table_ruler.md"), text)
 

@@ -207,6 +207,14 @@ def model_tokenizer(init: str) -> Tokenizer:
     return load_tokenizer(init)
 
 
+def check_tokenizer_fits(tokenizer: Tokenizer, config: LLaDAConfig, where: str) -> None:
+    """The tokenizer's [MASK] is the model's and its ids have embeddings."""
+    if tokenizer.mask_id != config.mask_token_id or tokenizer.vocab_size > config.embedding_size:
+        raise CheckpointError(f"the tokenizer of {where} ({tokenizer.name}, [MASK] "
+                              f"{tokenizer.mask_id}) does not fit the model ([MASK] "
+                              f"{config.mask_token_id}, {config.embedding_size} embeddings)")
+
+
 def record_tokenizer(tokenizer: Tokenizer, config: LLaDAConfig) -> dict:
     """What a checkpoint needs to rebuild its tokenizer: tokenizer.json for LLaDA (the files to
     copy are returned), a marker in config.json for tiktoken (tokenizer.load_tokenizer)."""

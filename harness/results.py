@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from harness.files import FileError, read_json, release, wait_for_lock, write_json
+from harness.files import (FileError, append_line, read_json, release, try_lock, wait_for_lock,
+                           write_json)
 from harness.flags import count, flag
 
 
@@ -132,6 +133,48 @@ def read_results(folder: str, task: str) -> dict[str, dict]:
         if isinstance(cell, dict):
             found[name] = cell
     return found
+
+
+def finished_cells(folder: str, task: str, names: list[str]) -> set:
+    """The names among `names` with a result file, whichever process wrote it."""
+    return set(result_files(folder, task)) & set(names)
+
+
+def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bool,
+                progress=lambda finished, waiting: None) -> int:
+    """evaluate_one(name) -> record for each cell without a result, written to folder/name;
+    returns how many this process wrote. Any number of processes may share a folder: each walks
+    the same list and takes the cells nobody holds. A claim is a lock on .claims/NAME, given up
+    by a killed process, so its cell goes to whoever comes next; a journal line says who
+    computed each cell. When nothing is left to claim, wait=True waits for the cells that other
+    processes hold (taking over any they abandon); wait=False returns."""
+    ran = 0
+    while len(finished := finished_cells(folder, task, names)) < len(names):
+        progress(len(finished), False)
+        took = False
+        for name in names:
+            claim_path = os.path.join(folder, ".claims", name)
+            if name in finished or (claim := try_lock(claim_path)) is None:
+                continue
+            try:
+                if os.path.exists(os.path.join(folder, name)):
+                    continue  # finished by another process since the listing
+                record = {**evaluate_one(name), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                write_json(os.path.join(folder, name), record)
+                append_line(os.path.join(folder, f".journal-{task}.jsonl"),
+                            {"cell": name, "process": record.get("process"),
+                             "finished": record["finished"]})
+                ran, took = ran + 1, True
+                progress(len(finished_cells(folder, task, names)), False)
+            finally:
+                release(claim, claim_path)
+        if not took:  # what is left is held by other processes
+            if not wait:
+                break
+            progress(len(finished), True)
+            time.sleep(2)
+    progress(len(finished_cells(folder, task, names)), False)
+    return ran
 
 
 def prepare_folder(folder: str, task: str, current: dict, cells: list[dict], overwrite: bool,

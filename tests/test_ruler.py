@@ -294,7 +294,7 @@ def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path
     summary = ruler.report(done, cfg, str(tmp_path))
     table = (tmp_path / "table_ruler.md").read_text()
     assert "| niah_single_1 | retrieval |" in table and "**average**" in table
-    assert "| 2K | 4K |" in table and "50.00" in table
+    assert "| 2K | 4K |" in table and "50.00" in table and "**category mean**" in table
     assert "**question answering**" in table and "2K" in summary
     png = (tmp_path / "ruler_scores.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -308,3 +308,5 @@ def test_score_table_averages_categories_and_tasks():
     assert row["niah_single_1"] == 75.0 and row["retrieval"] == 50.0
     assert row["multi-hop tracing"] == 40.0 and row["aggregation"] is None
     assert row["average"] == pytest.approx((75 + 25 + 40 + 0) / 4)
+    # retrieval 50, tracing 40, QA 0; aggregation has no task here and does not count
+    assert row["category mean"] == pytest.approx((50 + 40 + 0) / 3)

@@ -244,7 +244,7 @@ def evaluate_cell(cfg, run: Run, cell: dict, rope: dict, device, rank: int) -> d
     record = {k: v for k, v in cell.items() if k != "name"}
     record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
     record.update(rope_theta=rope["rope_theta"], rope_scaling=rope, settings=run.settings,
-                  process=f"{socket.gethostname()} pid {os.getpid()} rank {rank}")
+                  process=f"{socket.gethostname()} pid {os.getpid()} rank {rank} on {device}")
     return record
 
 

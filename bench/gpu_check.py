@@ -25,6 +25,8 @@ status, numbers, note):
                         steps, save, resume to four; the losses must equal a straight four-step run
     niah                evaluate.py on the cut-down model: one NIAH cell at 2 x --seq-len tokens,
                         exact and with --prompt-cache, wall time and peak memory
+    eval-processes      torchrun evaluate.py with one process per GPU (at least two): the cells
+                        are shared, each computed once, and every GPU computes some
 
 Each check runs in a child process of its own: its CUDA memory statistics are its own, a crash
 or a hang costs one row, and --timeout kills it. A check that needs a package that is not
@@ -532,6 +534,47 @@ def check_niah(s: Settings) -> Row:
     return Row("niah", status, numbers, note)
 
 
+def check_eval_processes(s: Settings, timeout: float = 240.0) -> Row:
+    """torchrun evaluate.py with one process per GPU (at least two, sharing a GPU if there is
+    one): every process claims cells (harness/results.py, claim_cells), every cell is computed
+    once, and every GPU computes some. A tiny random cl100k model, so the check is about the
+    processes, not the model."""
+    from harness.checkpoint import save_pretrained
+
+    gpus = torch.cuda.device_count() if torch.device(s.device).type == "cuda" else 0
+    processes = max(2, gpus)
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        torch.manual_seed(0)
+        c = preset("tiny")
+        c.extra["tokenizer"] = TIKTOKEN_NAME
+        save_pretrained(os.path.join(tmp, "tiny"), c, LLaDA(c).state_dict())
+        folder = os.path.join(tmp, "results")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               str(processes), "evaluate.py", "--model", os.path.join(tmp, "tiny"), "--len",
+               "1024", "--depths", *map(str, range(0, 101, 10)), "--results", folder]
+        started = time.perf_counter()
+        r = run_bounded(cmd, timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seconds = time.perf_counter() - started
+        if r.returncode:
+            return Row("eval-processes", "fail", note=f"evaluate.py exited {r.returncode}: "
+                       f"{last_line(r.stderr or r.stdout)}")
+        cells = read_cells(folder)
+        with open(os.path.join(folder, ".journal-niah.jsonl")) as f:
+            journal = [json.loads(line)["cell"] for line in f]
+    devices = {cell["process"].split(" on ")[-1] for cell in cells}
+    ranks = {cell["process"].split(" rank ")[1].split()[0] for cell in cells}
+    problems = []
+    if len(cells) != 11 or sorted(journal) != sorted(set(journal)) or len(journal) != 11:
+        problems.append(f"{len(cells)} cells, {len(journal)} computations for 11 cells")
+    if gpus and devices != {f"cuda:{i}" for i in range(gpus)}:
+        problems.append(f"cells ran on {sorted(devices)}, not on every one of {gpus} GPUs")
+    if len(ranks) < 2:
+        problems.append("one process computed every cell")
+    return Row("eval-processes", "fail" if problems else "pass",
+               f"{processes} processes, {len(cells)} cells on {', '.join(sorted(devices))} in "
+               f"{seconds:.0f} s", "; ".join(problems))
+
+
 # ---------------------------------------------------------------------------------------------
 # The checks, what they need, and running them.
 
@@ -562,7 +605,7 @@ REQUIREMENTS = {
 
 @dataclass
 class Check:
-    run: object  # Settings -> Row (torchrun-resume also takes the timeout)
+    run: object  # Settings -> Row (the torchrun checks also take the timeout)
     needs: tuple = ()
     summary: str = ""
 
@@ -578,6 +621,9 @@ CHECKS = {
                              "torchrun, NCCL: 2 steps, save, resume, identical losses"),
     "niah": Check(check_niah, ("tiktoken", "safetensors"),
                   "evaluate.py, one NIAH cell at 2 x --seq-len, exact and --prompt-cache"),
+    "eval-processes": Check(check_eval_processes, ("tiktoken", "safetensors"),
+                            "torchrun evaluate.py, one process per GPU: every GPU computes "
+                            "cells, each cell once"),
 }
 
 
@@ -620,7 +666,7 @@ def child(name: str, s: Settings, row_file: str, timeout: float) -> None:
     fn = CHECKS[name].run
     try:
         # torchrun-resume stops its launches itself, before the parent kills this process
-        row = fn(s, 0.9 * timeout) if fn is check_torchrun_resume else fn(s)
+        row = fn(s, 0.9 * timeout) if fn in (check_torchrun_resume, check_eval_processes) else fn(s)
     except torch.cuda.OutOfMemoryError as e:
         traceback.print_exc()
         row = Row(name, "fail", note=f"out of GPU memory: {str(e).splitlines()[0][:200]}")

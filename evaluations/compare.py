@@ -109,7 +109,8 @@ def column_name(column) -> str:
 def columns_of(rows: dict[str, dict], wanted=lambda c: True) -> list:
     found = {c for row in rows.values() for c in row if wanted(c)}
     lengths = sorted(c for c in found if isinstance(c, int))
-    pairs = sorted((c for c in found if isinstance(c, tuple)), key=lambda c: (c[0], str(c[1])))
+    order = [*ruler.CATEGORIES, "category mean"]
+    pairs = sorted((c for c in found if isinstance(c, tuple)), key=lambda c: (c[0], order.index(c[1])))
     named = [c for c in ["overall", *longbench.CATEGORIES, "average", "category mean"]
              if c in found]
     return lengths + pairs + named
@@ -140,10 +141,17 @@ def plot_heatmaps(path: str, models: dict[str, list[dict]], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 4.5), squeeze=False)
+    # One grid of depths x lengths for every model, so that the pictures line up; grey: missing
+    all_depths = sorted({c["depth"] for cells in models.values() for c in cells})
+    all_lengths = sorted({c["length"] for cells in models.values() for c in cells})
+    fig, axes = plt.subplots(1, len(models), figsize=(2 + 1.2 * len(all_lengths) * len(models),
+                                                      1.6 + 0.4 * len(all_depths)), squeeze=False)
     for ax, (name, cells) in zip(axes[0], models.items()):
         depths, lengths, grid = needlebench.score_grid(cells)
-        needlebench.draw_heatmap(ax, depths, lengths, grid, name)
+        full = np.full((len(all_depths), len(all_lengths)), np.nan)
+        full[np.ix_([all_depths.index(d) for d in depths],
+                    [all_lengths.index(L) for L in lengths])] = grid
+        needlebench.draw_heatmap(ax, all_depths, all_lengths, full, name)
     fig.suptitle(title)
     fig.tight_layout()
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))

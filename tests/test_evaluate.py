@@ -576,7 +576,7 @@ def test_torchrun_spreads_the_cells_and_gives_what_one_process_gives(ckpt, one_p
         (one_process / "niah_table_rope-ckpt.md").read_text()
     done = journal(folder)
     assert sorted(d["cell"] for d in done) == sorted(reference)  # each cell computed once
-    assert {d["process"].split()[-1] for d in done} == {"0", "1"}  # by both ranks
+    assert {d["process"].split(" rank ")[1] for d in done} == {"0 on cpu", "1 on cpu"}  # both
     assert printed.count("rope ckpt: average") == 1  # rank 0 alone reports
     assert "2 processes" in printed and "44 cells to run" in printed
 

@@ -299,3 +299,11 @@ def test_the_no_flash_check_hides_flash_attn_and_passes(monkeypatch):
     row = g.check_attention_no_flash(small())
     assert row.name == "attention-no-flash" and row.status == "pass", row
     assert masks.flash_attn_available() is False  # the check ran with flash-attn hidden
+
+
+def test_the_eval_processes_check_passes_on_the_cpu_with_two_processes():
+    """The check a GPU node runs, here with two CPU processes (gloo): it must find both ranks
+    at work and every cell computed once."""
+    row = g.check_eval_processes(small(), timeout=300)
+    assert row.status == "pass", row.note
+    assert "2 processes, 11 cells on cpu" in row.numbers

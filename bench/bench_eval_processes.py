@@ -1,0 +1,78 @@
+"""
+bench_eval_processes.py: evaluation throughput, one process against several sharing the cells.
+
+evaluate.py spreads a run's cells over every process it is started with (torchrun, or
+independent jobs on one results folder: harness/results.py, claim_cells). This times the same
+NIAH grid on a random tiny checkpoint with one process and with N under torchrun, each process
+pinned to one thread (OMP_NUM_THREADS=1), and reads the cells per second that evaluate.py
+prints (from its first cell until every process's cells are in). Goal: two processes >= 1.8x
+the cells per second of one. Prints a markdown table.
+
+    python -m bench.bench_eval_processes [--processes 2] [--len 1024] [--depths 21] [--repeats 2]
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from harness.checkpoint import save_pretrained
+from model import LLaDA, preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_checkpoint(path: str) -> str:
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config.extra["tokenizer"] = "cl100k_base"
+    save_pretrained(path, config, LLaDA(config).state_dict())
+    return path
+
+
+def cells_per_second(processes: int, ckpt: str, args, results: str) -> tuple[float, int]:
+    """(cells per second, cells) of one evaluate.py run into a fresh results folder."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(processes)] if processes > 1 else [sys.executable])
+    depths = [str(round(100 * i / (args.depths - 1))) for i in range(args.depths)]
+    cmd += ["evaluate.py", "--model", ckpt, "--len", str(args.len), "--depths", *depths,
+            "--repeats", str(args.repeats), "--results", results]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"error: evaluate.py failed:\n{out.stderr[-2000:]}")
+    found = re.search(r"ran (\d+) cells in .*?\(([\d.e+-]+) cells/s", out.stdout)
+    return float(found.group(2)), int(found.group(1))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="NIAH cells per second with one evaluate.py process "
+                                            "and with several sharing the cells (CPU).")
+    p.add_argument("--processes", type=int, default=2, help="processes of the second run "
+                   "(default 2; one core each, so no more than the cores)")
+    p.add_argument("--len", type=int, default=1024, help="context length of every cell "
+                   "(default 1024)")
+    p.add_argument("--depths", type=int, default=21, help="needle depths, spread over 0..100 "
+                   "(default 21)")
+    p.add_argument("--repeats", type=int, default=2, help="haystacks per depth (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each, best kept (default 2)")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        ckpt = tiny_checkpoint(os.path.join(work, "tiny"))
+        best = {}
+        for r in range(args.rounds):
+            for n in (1, args.processes):
+                rate, cells = cells_per_second(n, ckpt, args, os.path.join(work, f"res{n}-{r}"))
+                best[n] = max(best.get(n, 0.0), rate)
+    print(f"NIAH on the tiny preset, {cells} cells of {args.len:,} tokens, one thread per "
+          f"process, best of {args.rounds}; {os.cpu_count()} cores\n")
+    print("| processes | cells/s | speed-up |\n|---:|---:|---:|")
+    for n, rate in best.items():
+        print(f"| {n} | {rate:.3f} | {rate / best[1]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

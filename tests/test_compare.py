@@ -1,0 +1,112 @@
+"""Tests for evaluations/compare.py (python evaluate.py --compare): tables in the paper's layout
+from results folders, numbers equal to the cells', missing values shown as missing, the paper's
+rows beside them, CSV and figures. The folders are written here as evaluate.py writes them."""
+import csv
+import os
+
+import pytest
+
+import evaluate
+from evaluations import compare, longbench, ruler
+from harness.files import write_json
+
+
+def write_cells(folder, cells):
+    os.makedirs(folder, exist_ok=True)
+    for i, cell in enumerate(cells):
+        write_json(os.path.join(folder, f"{cell['task']}_{i:04d}.json"), cell)
+
+
+def needle_cells(task, scores_by_length: dict, rope="ckpt"):
+    """Two depths x two repeats per length; scores[length] lists the four scores."""
+    cells = []
+    for L, scores in scores_by_length.items():
+        for (depth, repeat), s in zip([(0, 0), (0, 1), (50, 0), (50, 1)], scores):
+            cells.append(dict(task=task, length=L, depth=depth, repeat=repeat, rope=rope, score=s))
+    return cells
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Model A: NeedleBench at 8K and 16K, RULER at 4K, LongBench, PPL at 256 (results/A/<task>);
+    model B: NeedleBench at 8K only (a task folder passed directly)."""
+    a, b = tmp_path / "A", tmp_path / "B" / "needlebench"
+    write_cells(a / "needlebench", needle_cells("needlebench", {8192: [100, 0, 100, 100],
+                                                                16384: [50, 50, 0, 0]}))
+    write_cells(a / "ruler", [dict(task="ruler", ruler_task=t, length=4096, index=0, rope="ckpt",
+                                   score=s) for t, s in [("niah_single_1", 100.0), ("vt", 50.0),
+                                                         ("cwe", 20.0), ("qa_squad", 0.0)]])
+    write_cells(a / "longbench", [dict(task="longbench", dataset=d, index=i, rope="ckpt", score=s)
+                                  for d, i, s in [("hotpotqa", 0, 40.0), ("hotpotqa", 1, 20.0),
+                                                  ("trec", 0, 60.0)]])
+    write_cells(a / "ppl", [dict(task="ppl", length=256, doc=0, rope="ckpt",
+                                 chunk_nll=[1.0, 2.0, 3.0])])
+    write_cells(b, needle_cells("needlebench", {8192: [0, 0, 0, 100]}))
+    return {"A": str(a), "B": str(b)}
+
+
+def test_the_tables_hold_the_cells_means_and_the_papers_rows(folders, tmp_path):
+    out = tmp_path / "cmp"
+    text = compare.compare(folders, str(out))
+    # NeedleBench at 8K: per depth the mean over repeats (50 and 100), then over depths: 75
+    assert "| model | 8K | 16K | 24K |" in text  # the paper's UltraLLaDA row adds lengths
+    assert "| A | 75.00 | 25.00 | - |" in text
+    row_b = next(line for line in text.splitlines() if line.startswith("| B |"))
+    assert row_b.startswith("| B | 25.00 | - |")  # B has no 16K: missing, not zero
+    assert row_b.endswith("| 25.00 |")  # B's overall
+    assert "| UltraLLaDA (paper) | 100.00 | 100.00 |" in text
+    assert "LongLLaDA, lambda 14 (paper)" in text and "82.33" in text
+    # RULER at 4K: task mean 42.5, categories 100 / 50 / 20 / 0, their mean 42.5
+    assert "| A | 42.50 | - | - | - |" in text
+    assert "| UltraLLaDA (paper) | 88.37 | 86.22 | 77.51 | 73.63 |" in text
+    rows = {r[0]: r for r in csv.reader(open(out / "compare_ruler_categories.csv"))}
+    cats = dict(zip(rows["model"], rows["A"]))
+    assert cats["4K retrieval"] == "100.00" and cats["4K aggregation"] == "20.00"
+    assert cats["4K question answering"] == "0.00" and cats["4K category mean"] == "42.50"
+    # LongBench: hotpotqa 30, trec 60; Multi-Document QA 30, Few-shot 60, average 45
+    lb = {r[0]: r for r in csv.reader(open(out / "compare_longbench.csv"))}
+    header = lb["model"]
+    assert lb["A"][header.index(longbench.MULTI)] == "30.00"
+    assert lb["A"][header.index(longbench.FEW_SHOT)] == "60.00"
+    assert lb["A"][header.index(longbench.SINGLE)] == ""  # nothing evaluated: an empty field
+    assert lb["A"][header.index("average")] == "45.00"
+    assert lb["LLaDA (paper)"][header.index("average")] == "31.56"
+    # PPL: exp of the mean chunk NLL, exp(2)
+    ppl = {r[0]: r for r in csv.reader(open(out / "compare_ppl.csv"))}
+    assert ppl["A"][ppl["model"].index("256")] == "7.389"
+    assert ppl["UltraLLaDA (paper)"][ppl["model"].index("128K")] == "10.450"
+    for picture in ("compare_needlebench.png", "compare_ruler.png", "compare_ppl.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.md").read_text() == text
+
+
+def test_a_folder_with_two_rope_labels_gives_two_rows(tmp_path):
+    folder = tmp_path / "m" / "needlebench"
+    write_cells(folder, needle_cells("needlebench", {8192: [100] * 4}, rope="ckpt")
+                + needle_cells("needlebench", {8192: [0] * 4}, rope="factor4"))
+    text = compare.compare({"m": str(tmp_path / "m")}, str(tmp_path / "out"))
+    assert "| m [rope ckpt] | 100.00 |" in text and "| m [rope factor4] | 0.00 |" in text
+
+
+def test_ruler_task_mean_and_category_mean_differ_and_are_both_reported():
+    cells = [dict(task="ruler", ruler_task=t, length=4096, index=0, rope="ckpt", score=s)
+             for t, s in [("niah_single_1", 100.0), ("niah_single_2", 100.0), ("vt", 0.0)]]
+    row = compare.ruler_rows(cells)
+    assert row[4096] == pytest.approx(200 / 3)  # the mean over tasks
+    assert row[(4096, "category mean")] == pytest.approx(50.0)  # retrieval 100, tracing 0
+    assert ruler.CATEGORIES  # the four categories exist
+
+
+def test_the_command_line_reports_and_refuses_empty_or_missing_folders(folders, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "cmp"
+    assert evaluate.main(["--compare", f"ultra={folders['A']}", folders["B"], "--out",
+                          str(out)]) is None
+    printed = capsys.readouterr().out
+    assert "| ultra | 75.00 | 25.00 |" in printed and "| needlebench | 25.00 |" in printed
+    for argv, says in [(["--compare", str(tmp_path / "nowhere")], "is not a folder"),
+                       (["--compare", str(tmp_path)], "no results in")]:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and err.count("\n") == 1

@@ -42,7 +42,8 @@ from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
 from harness.checkpoint import (find_training_checkpoint, from_pretrained, load_optimizer_state,
                                 model_tokenizer, read_config, read_training_state,
-                                record_tokenizer, save_training_checkpoint, truncate_log)
+                                record_remote_code, record_tokenizer, save_training_checkpoint,
+                                truncate_log)
 from harness.files import FileError, lock_folder
 from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
 from harness.prepare import CACHE_DIR, load_corpus
@@ -328,7 +329,10 @@ def main(argv=None):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted while starting; nothing was written", 130)
-    tokenizer_files = record_tokenizer(tokenizer, model.config)
+    # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
+    # (a resumed run's checkpoint carries both already)
+    extra_files = {**record_tokenizer(tokenizer, model.config),
+                   **record_remote_code(ckpt if cfg.resume else cfg.init)}
     rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
     peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
     say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
@@ -338,6 +342,10 @@ def main(argv=None):
         f"(lambda {rope['lambda']:.3f}, T_train {rope['train_len']:,} -> T_target {rope['target_len']:,}); "
         f"mask: {cfg.mask}; {world} process(es) on {device.type}, {cfg.dtype}, "
         f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
+    if rope["method"] == "pi" and rank == 0:
+        print("warning: --rope pi also scales positions, which only this repository's model.py "
+              "reads (rope_scaling in config.json): the official modeling_llada.py reads "
+              "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
 
     model = parallelize(model, cfg, world, device)
     optimizer = make_optimizer(model, cfg, peak_lr)
@@ -356,7 +364,7 @@ def main(argv=None):
         return
 
     try:
-        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, tokenizer_files,
+        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
                   rank, world, device)
     except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
         fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
@@ -367,7 +375,7 @@ def main(argv=None):
 
 
 def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int, peak_lr: float,
-              ckpt: str, tokenizer_files: dict, rank: int, world: int, device) -> None:
+              ckpt: str, extra_files: dict, rank: int, world: int, device) -> None:
     """Steps first..max_steps: log each, save every save_every and at the end, stop cleanly."""
     stop = stop_on_signals()
     log_path = os.path.join(cfg.out, "log.jsonl")
@@ -400,7 +408,7 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
                 fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
                      f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
             save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
-                                     tokenizer_files, rank, world)
+                                     extra_files, rank, world)
             if rank == 0:
                 bar.write(f"saved {ckpt} at step {step + 1}")
         if stopping:

@@ -91,7 +91,10 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", type=positive0)
     dtype: str | None = flag(None, "compute dtype: bfloat16 autocast (mixed precision under "
                              "--fsdp), weights stay float32 (default: bfloat16 on CUDA, float32 "
-                             "on CPU)", choices=("float32", "bfloat16"))
+                             "on CPU). float16 is refused: without loss scaling its small "
+                             "gradients underflow to 0, while bfloat16 has float32's range; the "
+                             "authors' float16 is their evaluation's (evaluate.py --dtype "
+                             "float16)", choices=("float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile every transformer block")
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of "
                                           "storing its activations (needed at 64K tokens for "
@@ -132,6 +135,9 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = from_args(TrainConfig, p.parse_args(argv))
     if cfg.allow_changes and not cfg.resume:
         fail("--allow-changes only applies with --resume")
+    if cfg.dtype == "float16":
+        fail("--dtype float16 is for evaluation: training in float16 needs loss scaling, which "
+             "this loop does not do (small gradients would underflow to 0); use --dtype bfloat16")
     return cfg
 
 

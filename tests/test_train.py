@@ -213,6 +213,7 @@ def test_stop_request_saves_and_resumes(tmp_path, corpus_dir, cache_dir):
     (["--init", "/no/such/llada"], "neither a preset"),
     (["--seq-len", "10000000"], "packs into 0 sequences"),
     (["--resume"], "holds no complete checkpoint"),
+    (["--dtype", "float16"], "training in float16 needs loss scaling"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus_dir, cache_dir, extra, message):
     out = tmp_path / "out"

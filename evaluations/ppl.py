@@ -1,7 +1,7 @@
 """
 ppl.py: long-document perplexity, LongLLaDA's protocol.
 
-Paper map: docs/paper.md section 5.4. A long document (PG19 in the paper) is scored in
+Paper map: docs/paper.md sections 5.4 and 5.5. A long document (PG19 in the paper) is scored in
 64-token chunks, each given all the text before it (the first chunk is context only, as in
 LongLLaDA's get_ppl_llada.py): for chunk c >= 1 each of 8 draws masks
 k ~ U{1..64} of its tokens and scores them with the masked-diffusion bound,
@@ -74,10 +74,10 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if cfg.document is not None:
         name, tokens = cfg.document, named_document(cfg.data, cfg.document, tokenizer)
-        short = [L for L in cfg.len if len(bos) + len(tokens) < L]
-        if short:
+        beyond = [L for L in cfg.len if len(bos) + len(tokens) < L]
+        if beyond:
             raise ValueError(f"--document {name} has {len(bos) + len(tokens):,} tokens"
-                             f"{' with BOS' if bos else ''}, fewer than --len {max(short)}; "
+                             f"{' with BOS' if bos else ''}, fewer than --len {max(beyond)}; "
                              f"pass a shorter --len")
         docs = {L: [(name, tokens)] for L in set(cfg.len)}
         source = f"{os.path.join(cfg.data, name)} ({len(tokens):,} tokens)"

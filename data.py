@@ -108,15 +108,16 @@ def batch_for_step(s: Schedule, step: int, micro_step: int = 0,
     return torch.from_numpy(np.stack(rows)), doc_lens  # (B, L)
 
 
-def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) -> list[np.ndarray]:
-    """Documents of at least min_tokens tokens, longest first, as int64 arrays (for perplexity)."""
+def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) -> list[int]:
+    """The indices of the documents of at least min_tokens tokens, longest first (ties in
+    corpus order), for perplexity."""
     lengths = corpus.doc_lengths()
     order = [int(j) for j in np.argsort(-lengths, kind="stable") if lengths[j] >= min_tokens]
     if not order:
         raise ValueError(f"no document of {corpus.name} has {min_tokens} tokens (the longest "
                          f"has {int(lengths.max())}); pass a shorter length or --data with "
                          f"longer documents")
-    return [corpus.document(j) for j in order[:limit]]
+    return order[:limit]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
 from harness.checkpoint import (check_tokenizer_fits, find_training_checkpoint, from_pretrained,
                                 load_optimizer_state, model_tokenizer, read_config,
-                                read_training_state, record_tokenizer, save_training_checkpoint,
-                                truncate_log)
+                                read_training_state, record_remote_code, record_tokenizer,
+                                save_training_checkpoint, truncate_log)
 from harness.files import FileError, lock_folder
 from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
 from harness.prepare import CACHE_DIR, load_corpus
@@ -91,7 +91,10 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", type=positive0)
     dtype: str | None = flag(None, "compute dtype: bfloat16 autocast (mixed precision under "
                              "--fsdp), weights stay float32 (default: bfloat16 on CUDA, float32 "
-                             "on CPU)", choices=("float32", "bfloat16"))
+                             "on CPU). float16 is refused: without loss scaling its small "
+                             "gradients underflow to 0, while bfloat16 has float32's range; the "
+                             "authors' float16 is their evaluation's (evaluate.py --dtype "
+                             "float16)", choices=("float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile every transformer block")
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of "
                                           "storing its activations (needed at 64K tokens for "
@@ -132,6 +135,9 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = from_args(TrainConfig, p.parse_args(argv))
     if cfg.allow_changes and not cfg.resume:
         fail("--allow-changes only applies with --resume")
+    if cfg.dtype == "float16":
+        fail("--dtype float16 is for evaluation: training in float16 needs loss scaling, which "
+             "this loop does not do (small gradients would underflow to 0); use --dtype bfloat16")
     return cfg
 
 
@@ -325,7 +331,10 @@ def main(argv=None):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted while starting; nothing was written", 130)
-    tokenizer_files = record_tokenizer(tokenizer, model.config)
+    # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
+    # (a resumed run's checkpoint carries both already)
+    extra_files = {**record_tokenizer(tokenizer, model.config),
+                   **record_remote_code(ckpt if cfg.resume else cfg.init)}
     rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
     peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
     say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
@@ -335,6 +344,10 @@ def main(argv=None):
         f"(lambda {rope['lambda']:.3f}, T_train {rope['train_len']:,} -> T_target {rope['target_len']:,}); "
         f"mask: {cfg.mask}; {world} process(es) on {device.type}, {cfg.dtype}, "
         f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
+    if rope["method"] == "pi" and rank == 0:
+        print("warning: --rope pi also scales positions, which only this repository's model.py "
+              "reads (rope_scaling in config.json): the official modeling_llada.py reads "
+              "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
 
     model = parallelize(model, cfg, world, device)
     optimizer = make_optimizer(model, cfg, peak_lr)
@@ -353,7 +366,7 @@ def main(argv=None):
         return
 
     try:
-        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, tokenizer_files,
+        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
                   rank, world, device)
     except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
         fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
@@ -364,7 +377,7 @@ def main(argv=None):
 
 
 def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int, peak_lr: float,
-              ckpt: str, tokenizer_files: dict, rank: int, world: int, device) -> None:
+              ckpt: str, extra_files: dict, rank: int, world: int, device) -> None:
     """Steps first..max_steps: log each, save every save_every and at the end, stop cleanly."""
     stop = stop_on_signals()
     log_path = os.path.join(cfg.out, "log.jsonl")
@@ -397,7 +410,7 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
                 fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
                      f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
             save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
-                                     tokenizer_files, rank, world)
+                                     extra_files, rank, world)
             if rank == 0:
                 bar.write(f"saved {ckpt} at step {step + 1}")
         if stopping:

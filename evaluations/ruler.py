@@ -28,6 +28,7 @@ import random
 import re
 import string
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -39,6 +40,7 @@ from harness.flags import count, count0, flag
 from harness.tokenizer import cl100k
 
 RULER_SEED = 42  # random_seed of every OpenCompass RULER dataset
+WONDERWORDS = "2.2.0"  # the word lists RULER draws from (wonderwords_lists)
 ROUND_SUFFIX = "\n\n"  # HUMAN '{prompt}' + '\n' + BOT '{answer}\n' with the answer left empty
 MIN_LENGTH = 1024  # below this the answer reserve and templates leave (almost) no haystack
 ALL, PART = "string_match_all", "string_match_part"
@@ -220,14 +222,21 @@ class AdjNounWords(Sequence):
 
 @functools.cache
 def wonderwords_lists() -> tuple[list[str], list[str], list[str]]:
-    """wonderwords' nouns, adjectives, verbs (the private reader OpenCompass uses: pin 3.0.1)."""
-    try:
-        from wonderwords import random_word
-    except ImportError:
-        raise ValueError("RULER's word needles and cwe need the wonderwords package: "
-                         "pip install wonderwords==3.0.1") from None
-    read = random_word._get_words_from_text_file
-    return read("nounlist.txt"), read("adjectivelist.txt"), read("verblist.txt")
+    """wonderwords' nouns, adjectives, verbs, read by the private reader OpenCompass uses.
+    Pinned to 2.2.0, the release the authors' 2025-10-23 evaluation could install: 3.0.1
+    (2025-10-30) drops four nouns, which changes the seeded word needles and cwe's words."""
+    # 2.2.0 reads its files with a deprecated importlib call it never closes: warnings about
+    # the library, not about the user's run, so they stay here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            from wonderwords import random_word
+        except ImportError:
+            raise ValueError("RULER's word needles and cwe need the wonderwords package: "
+                             f"pip install wonderwords=={WONDERWORDS}") from None
+        read = random_word._get_words_from_text_file
+        return read("nounlist.txt"), read("adjectivelist.txt"), read("verblist.txt")
 
 
 @functools.cache

@@ -3,8 +3,12 @@ checkpoint.py: the official Hugging Face checkpoint layout, and the training sta
 
 Harness, not part of the paper. LLaDA-8B-Base is a directory holding `config.json`,
 `model.safetensors` or shards `model-0000N-of-0000M.safetensors` with
-`model.safetensors.index.json`, and `tokenizer.json`. The tensor names are model.py's
-state_dict() keys, so loading needs no renaming and what we save loads in the official code.
+`model.safetensors.index.json`, `tokenizer.json`, and the official modeling code that
+`transformers` runs with trust_remote_code (`configuration_llada.py`, `modeling_llada.py`,
+named by config.json's `auto_map`). The tensor names are model.py's state_dict() keys, so
+loading needs no renaming and what we save loads in the official code. A checkpoint carries
+the modeling code of the directory it was trained from, and its `auto_map` names only files
+it holds (the small presets have none).
 
 A training checkpoint (train.py's OUT/checkpoint) is such a directory plus `train_state/`
 (the optimizer, written by every rank with torch.distributed.checkpoint) and
@@ -13,6 +17,7 @@ temporary name and swapped into place when complete (files.replace_dir).
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,6 +33,7 @@ from harness.tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoke
 from model import PRESETS, LLaDA, LLaDAConfig, preset
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"  # read by transformers beside the remote code
 STATE = "train_state.json"
 
 # Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
@@ -184,9 +190,47 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
                                                               for k in s}})
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(path, name))
+    d = config_to_dict(config)
+    # An auto_map class whose module is not in the folder would make transformers fail on a
+    # missing file; without the entry it says the model needs trust_remote_code files instead.
+    auto_map = {k: v for k, v in d.pop("auto_map", {}).items()
+                if all(os.path.isfile(os.path.join(path, f)) for f in auto_map_files(v))}
     dtype = next(iter(state_dict.values())).dtype
-    write_json(os.path.join(path, CONFIG),
-               {**config_to_dict(config), "torch_dtype": str(dtype).removeprefix("torch.")})
+    write_json(os.path.join(path, CONFIG), {**d, **({"auto_map": auto_map} if auto_map else {}),
+                                            "torch_dtype": str(dtype).removeprefix("torch.")})
+
+
+def auto_map_files(ref) -> list[str]:
+    """The local files an auto_map entry names: "modeling_llada.LLaDAModelLM" needs
+    modeling_llada.py; a tokenizer entry is a list (slow, fast; None for none); "org/repo--x.C"
+    lives in another repository."""
+    refs = ref if isinstance(ref, list) else [ref]
+    return [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
+
+
+def record_remote_code(init: str) -> dict:
+    """The files of `init` that transformers' trust_remote_code loading reads, to copy into
+    every checkpoint (as record_tokenizer's): the modules its config.json's auto_map names,
+    the modules those import relatively (from .configuration_llada import ...), and
+    generation_config.json. A preset, or a directory without them, has none."""
+    if not os.path.isdir(init):
+        return {}
+    config = read_json(os.path.join(init, CONFIG), missing_ok=True)
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    todo = [f for ref in (auto_map.values() if isinstance(auto_map, dict) else [])
+            for f in auto_map_files(ref)]
+    files = {}
+    while todo:
+        name = todo.pop()
+        src = os.path.join(init, name)
+        if name in files or not os.path.isfile(src):
+            continue
+        files[name] = src
+        with open(src, encoding="utf-8", errors="replace") as f:
+            todo += [m + ".py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), re.M)]
+    if os.path.isfile(os.path.join(init, GENERATION_CONFIG)):
+        files[GENERATION_CONFIG] = os.path.join(init, GENERATION_CONFIG)
+    return files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +274,10 @@ def record_tokenizer(tokenizer: Tokenizer, config: LLaDAConfig) -> dict:
 # Training checkpoints: the model in the official layout plus the optimizer and the step.
 
 def save_training_checkpoint(path: str, model, optimizer, step: int, run_config: dict,
-                             tokenizer_files: dict, rank: int, world: int) -> None:
-    """Every rank writes its optimizer shard, rank 0 the gathered weights and train_state.json,
-    all into path.tmp, which rank 0 then swaps into place."""
+                             extra_files: dict, rank: int, world: int) -> None:
+    """Every rank writes its optimizer shard, rank 0 the gathered weights and train_state.json
+    (and copies extra_files: the tokenizer, the remote code), all into path.tmp, which rank 0
+    then swaps into place."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -250,7 +295,7 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                    cpu_offload=True))
     if rank == 0:
-        write_pretrained(tmp, model.config, weights, extra_files=tokenizer_files)
+        write_pretrained(tmp, model.config, weights, extra_files=extra_files)
         write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
                                               "world_size": world, "time": time.time()})
         replace_dir(tmp, path)

@@ -11,7 +11,7 @@ Harness, not part of the paper (data.py packs what this file prepares). Sources:
                asked for thousands of tokens later
 
 The cache is tokens.bin (every document back to back, uint32), offsets.npy (where each
-starts) and meta.json, built in parallel worker processes in a temporary folder renamed into
+starts), names.json (which file, or line of a .jsonl, each came from) and meta.json, built in parallel worker processes in a temporary folder renamed into
 place, and keyed by the tokenizer, the split and the files' sizes and times.
 
 Run `python data.py --help` to build a cache and print its statistics.
@@ -38,7 +38,7 @@ from harness.files import FileError, parse_json_line, publish_dir, read_json, wr
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
-CACHE_VERSION = 1  # bump when the cache layout or the document reading rules change
+CACHE_VERSION = 2  # bump when the cache layout or the document reading rules change
 SPLITS = ("train", "validation", "test")
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +212,7 @@ def is_heldout(text: str, fraction: float) -> bool:
 class TaskResult:
     tokens: np.ndarray  # (n,) uint32: the kept documents back to back
     lengths: list[int]
+    names: list  # of the kept documents: a file, (file, line within the range) or "synthetic ..."
     skipped: list  # (name, reason)
     lines: int  # lines read (jsonl), to number the next range's lines
     work: int
@@ -229,7 +230,7 @@ def tokenize_task(task: Task, heldout: float | None, want_heldout: bool,
                   tokenizer: Tokenizer | None = None) -> TaskResult:
     """Read, select (heldout=None keeps every document) and tokenize the documents of a task."""
     tokenizer = tokenizer or _worker_tokenizer
-    pieces, lengths, skipped, lines = [], [], [], 0
+    pieces, lengths, names, skipped, lines = [], [], [], [], 0
     for name, text, reason in READERS[task.reader](task):
         if isinstance(name, tuple):
             lines = name[1] + 1
@@ -242,8 +243,9 @@ def tokenize_task(task: Task, heldout: float | None, want_heldout: bool,
         ids = np.asarray(tokenizer.encode(text), dtype=np.uint32)
         pieces.append(ids)
         lengths.append(len(ids))
+        names.append(name)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return TaskResult(tokens, lengths, skipped, lines, task.work)
+    return TaskResult(tokens, lengths, names, skipped, lines, task.work)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
 
 # ---------------------------------------------------------------------------------------------
 # The token cache: tokens.bin (every document back to back, uint32: LLaDA's 126464 ids do not
-# fit in 16 bits), offsets.npy ((n_docs + 1,) int64) and meta.json. Built in a temporary
+# fit in 16 bits), offsets.npy ((n_docs + 1,) int64), names.json and meta.json. Built in a temporary
 # directory and renamed into place, so a directory under its final name is always complete.
 
 @dataclass
@@ -357,6 +359,7 @@ class Corpus:
     reused: bool = False  # loaded from an existing cache, nothing tokenized
     skipped: list = field(default_factory=list)  # [name, reason] of documents not read (the first 1000)
     n_skipped: int = 0
+    names: list[str] = field(default_factory=list)  # document j came from names[j] ("b.txt", "x.jsonl line 3")
 
     @property
     def n_docs(self) -> int:
@@ -417,7 +420,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     bar = tqdm(total=sum(t.work for t in tasks), unit="doc" if synthetic else "B", unit_scale=True,
                desc=f"tokenizing {name}", disable=None if progress is None else not progress)
     run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
-    pool, lengths, skipped, n_skipped, line_base = None, [], [], 0, 0
+    pool, lengths, names, skipped, n_skipped, line_base = None, [], [], [], 0, 0
     try:
         if workers > 1:
             # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
@@ -433,11 +436,10 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 result.tokens.tofile(out)
                 lengths += result.lengths
                 line_base = 0 if task.start == 0 else line_base
+                names += [document_name(doc, line_base) for doc in result.names]
                 n_skipped += len(result.skipped)
-                for doc, reason in result.skipped[:MAX_SKIPPED_KEPT - len(skipped)]:
-                    # jsonl lines come numbered within their byte range; number them in the file
-                    where = f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
-                    skipped.append([where, reason])
+                skipped += [[document_name(doc, line_base), reason]
+                            for doc, reason in result.skipped[:MAX_SKIPPED_KEPT - len(skipped)]]
                 line_base += result.lines
                 bar.update(result.work)
         if not lengths:
@@ -448,6 +450,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
+        write_json(os.path.join(tmp, "names.json"), names)
         meta = {"name": name, "tokenizer": tokenizer.name, "n_docs": len(lengths),
                 "n_tokens": int(offsets[-1]), "n_skipped": n_skipped, "skipped": skipped,
                 "build_seconds": round(time.time() - started, 2), "key": key}
@@ -461,6 +464,12 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
             shutil.rmtree(tmp)
 
 
+def document_name(doc, line_base: int) -> str:
+    """A document's name for reports: jsonl lines come numbered within their byte range, so
+    they are numbered in the file here."""
+    return f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
+
+
 def open_cache(path: str, eos_id: int, reused: bool) -> Corpus:
     meta = read_json(os.path.join(path, "meta.json"))
     offsets = np.load(os.path.join(path, "offsets.npy"))
@@ -469,7 +478,7 @@ def open_cache(path: str, eos_id: int, reused: bool) -> Corpus:
         raise ValueError(f"cache {path} is damaged ({len(tokens)} tokens, offsets say "
                          f"{offsets[-1]}); delete it and run again")
     return Corpus(meta["name"], tokens, offsets, eos_id, path, reused, meta["skipped"],
-                  meta["n_skipped"])
+                  meta["n_skipped"], read_json(os.path.join(path, "names.json")))
 
 
 def report_skipped(corpus: Corpus, shown: int = 10) -> None:

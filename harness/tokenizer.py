@@ -44,6 +44,12 @@ class Tokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         return (self.encode_with_special or self.encode)(text)
 
+    @property
+    def bos_id(self) -> int | None:
+        """The id encode_prompt puts before a text (LLaDA's BOS), or None (tiktoken)."""
+        plain, prompt = self.encode("a"), self.encode_prompt("a")
+        return prompt[0] if prompt[:1] != plain[:1] else None
+
 
 @functools.cache
 def cl100k():

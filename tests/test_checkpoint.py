@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from test_model import ids, reference_logits, small_config
 
-from harness.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from harness.checkpoint import CheckpointError, from_pretrained, record_remote_code, save_pretrained
 from model import LLaDA
 from rope import METHODS, scale_rope
 
@@ -169,3 +169,29 @@ def test_saved_rope_gives_the_official_code_the_same_logits_except_for_pi(tmp_pa
         assert not torch.allclose(ours, official, atol=1e-4)
     else:
         assert torch.allclose(ours, official, atol=1e-5)
+
+
+def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
+    """transformers fails on an auto_map module that is not in the folder: a checkpoint keeps
+    only the entries whose files it holds (the default LLaDA map included), and entries that
+    live in another repository."""
+    save_pretrained(str(tmp_path / "plain"), net.config, net.state_dict())
+    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "configuration_x.py").write_text('"""A configuration module of ours."""\n')
+    (init / "modeling_x.py").write_text('"""A modeling module of ours."""\n'
+                                        'from .configuration_x import XConfig\n')
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel",
+                "AutoModelForCausalLM": "causal_x.XCausal",  # no causal_x.py anywhere
+                "AutoTokenizer": ["tokenization_x.XTokenizer", None],
+                "AutoModelForMaskedLM": "someone/elsewhere--masked_x.XMasked"}
+    (init / "config.json").write_text(json.dumps({"auto_map": auto_map}))
+    files = record_remote_code(str(init))
+    assert files == {n: str(init / n) for n in ("configuration_x.py", "modeling_x.py")}
+    net.config.extra["auto_map"] = auto_map
+    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict(), extra_files=files)
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
+    assert saved == {k: auto_map[k] for k in ("AutoConfig", "AutoModel", "AutoModelForMaskedLM")}
+    assert record_remote_code("tiny") == {}  # a preset

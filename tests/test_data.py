@@ -158,11 +158,11 @@ def test_too_few_sequences_is_a_one_line_error_with_numbers():
         data.sequence_indices(Schedule(c, L, world_size=2), 0, 0, rank=2)
 
 
-def test_long_documents_are_the_longest_as_int64_arrays():
+def test_long_documents_are_the_longest_first():
     c = make_corpus(LENGTHS)
     docs = data.long_documents(c, 100)
-    assert [len(d) for d in docs] == [300, 200, 130, 128]
-    assert docs[0].dtype == np.int64 and np.array_equal(docs[1], np.arange(54, 254))
+    assert docs == [8, 3, 6, 13] and [LENGTHS[j] for j in docs] == [300, 200, 130, 128]
+    assert c.document(3).dtype == np.int64 and np.array_equal(c.document(3), np.arange(54, 254))
     assert len(data.long_documents(c, 100, limit=2)) == 2
     with pytest.raises(ValueError, match="the longest has 300"):
         data.long_documents(c, 301)
@@ -190,6 +190,7 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
     assert not c.reused and c.n_docs == 3
     for j, name in enumerate(["a.txt", "b.txt", "sub/c.txt"]):  # sorted paths
         assert c.document(j).tolist() == tok.encode(BOOKS[name])
+    assert c.names == ["a.txt", "b.txt", "sub/c.txt"]  # where each document came from
     stamp = os.stat(os.path.join(c.path, "tokens.bin")).st_mtime_ns
 
     def no_tokenizing(*a, **k):
@@ -244,6 +245,8 @@ def test_parallel_build_equals_serial_build(tmp_path, tok):
     assert serial.n_docs > 200 and not parallel.reused
     assert np.array_equal(serial.offsets, parallel.offsets)
     assert np.array_equal(serial.tokens, parallel.tokens)
+    assert serial.names == parallel.names and serial.names[:2] == ["synthetic document 0",
+                                                                    "synthetic document 1"]
 
 
 def test_bad_files_are_reported_and_skipped(tmp_path, tok, capsys):
@@ -294,7 +297,7 @@ JSONL = [
     b'{"text": "Third."}',
 ]
 JSONL_TEXTS = ["First document.", "Second document, with more words in it.", "Third."]
-JSONL_SKIPPED = [["x.jsonl line 3", "not JSON (Expecting value)"],
+JSONL_SKIPPED = [["x.jsonl line 3", "not JSON (Unterminated string starting at)"],
                  ["x.jsonl line 4", 'no "text" field'], ["x.jsonl line 5", "empty"],
                  ["x.jsonl line 6", "not UTF-8 text"]]
 
@@ -309,7 +312,9 @@ def test_jsonl_lines_are_documents(tmp_path, tok, monkeypatch, chunk_bytes):
     texts = JSONL_TEXTS + ["Fourth.", "Fifth."]
     assert [c.document(j).tolist() for j in range(c.n_docs)] == [tok.encode(t) for t in texts]
     # line numbers count across ranges, and start again in the next file
-    assert c.skipped == JSONL_SKIPPED + [["y.jsonl line 2", 'no "text" field']]
+    assert c.skipped == JSONL_SKIPPED + [["y.jsonl line 2", "not a JSON object"]]
+    assert c.names == ["x.jsonl line 1", "x.jsonl line 7", "x.jsonl line 8", "y.jsonl line 1",
+                       "y.jsonl line 3"]
 
 
 def test_split_folders_and_held_out_documents(tmp_path, tok):

@@ -414,15 +414,8 @@ def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
     fixed distribution q. A document whose 64-token chunks each repeat one token then has the
     exact per-chunk NLL -log q[token] for every Monte Carlo draw, and the exact perplexity."""
     path, model = tiny_checkpoint(tmp_path / "const", seed=1, init_std=0.5)
-    sd = model.state_dict()
-    for name in sd:
-        if name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
-            sd[name] = torch.zeros_like(sd[name])
+    sd, q = constant_model(model)
     save_pretrained(path, model.config, sd)
-    model.load_state_dict(sd)
-    mask = model.config.mask_token_id
-    with torch.no_grad():
-        q = torch.softmax(model.head(model.transformer.ln_f(model.transformer.wte.weight[mask])).double(), 0)
     words = [" apple", " river", " stone", " cloud"]
     docs = tmp_path / "docs"
     docs.mkdir()
@@ -434,6 +427,7 @@ def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
     assert run(["--task", "ppl", "--model", path, "--len", "256", "--data", str(docs),
                 "--cache-dir", str(tmp_path / "cache"), "--results", out]) == 0
     cell = cells(out)["ppl_len256_doc0_rope-ckpt.json"]
+    assert (cell["document"], cell["document_tokens"], cell["bos"]) == ("long.txt", 256, None)
     exact = [-math.log(q[i]) for i in ids]
     assert cell["chunk_nll"] == pytest.approx(exact[1:], rel=1e-4)  # chunk 0 is context only
     assert cell["perplexity"] == pytest.approx(math.exp(sum(exact[1:]) / 3), rel=1e-4)
@@ -442,6 +436,63 @@ def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
     with open(os.path.join(out, "ppl_vs_position.png"), "rb") as f:
         assert f.read(4) == b"\x89PNG"
     assert f"| 256 | ckpt | 1 | {cell['perplexity']:.3f} |" in (tmp_path / "res" / "table_ppl.md").read_text()
+
+
+def constant_model(model):
+    """The weights of `model` with attn_out and the blocks' ff_out at zero, and the one
+    distribution q it then predicts at every masked position (see the test above)."""
+    sd = model.state_dict()
+    for name in sd:
+        if name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
+            sd[name] = torch.zeros_like(sd[name])
+    model.load_state_dict(sd)
+    mask = model.config.mask_token_id
+    with torch.no_grad():
+        q = torch.softmax(model.head(model.transformer.ln_f(model.transformer.wte.weight[mask])).double(), 0)
+    return sd, q
+
+
+def test_ppl_puts_the_tokenizers_bos_first_and_scores_the_chosen_document(tmp_path):
+    """LongLLaDA scores tokenizer(text), which starts with BOS for a tokenizer that adds one.
+    With BOS first, a document of 63 + 64 + 64 + 64 repeated words fills chunk 0 with BOS and
+    the 63, and chunks 1-3 with one word each: their NLLs are exactly -log q[word]. Without
+    the BOS every chunk would straddle two words and come out a random mix. The default is the
+    longest document; --document names another, and each cell says which it scored."""
+    words = ["<s>", "</s>", "[UNK]", "apple", "river", "stone", "cloud", "lamp", "[MASK]"]
+    vocab = {w: i for i, w in enumerate(words)}
+    path = tmp_path / "bos"
+    hf = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "<s>"}))
+    torch.manual_seed(1)
+    cfg = preset("tiny", d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64, n_layers=1,
+                 init_std=0.5, vocab_size=len(words), embedding_size=len(words), eos_token_id=1,
+                 pad_token_id=1, mask_token_id=vocab["[MASK]"])
+    sd, q = constant_model(LLaDA(cfg))
+    ckpt = str(tmp_path / "ckpt")
+    save_pretrained(ckpt, cfg, sd, extra_files={n: str(path / n) for n in
+                                                 ("tokenizer.json", "tokenizer_config.json")})
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = lambda runs: " ".join(" ".join([w] * n) for w, n in runs)
+    (docs / "book.txt").write_text(text([("apple", 63), ("river", 64), ("stone", 64), ("cloud", 64)]))
+    (docs / "longest.txt").write_text(text([("lamp", 63), ("cloud", 64), ("river", 64), ("apple", 64),
+                                            ("stone", 10)]))
+    nll = lambda w: -math.log(q[vocab[w]])
+    assert len({round(nll(w), 3) for w in ("apple", "river", "stone", "cloud")}) == 4
+    common = ["--task", "ppl", "--model", ckpt, "--len", "256", "--data", str(docs),
+              "--cache-dir", str(tmp_path / "cache")]
+    for extra, name, tokens, scored in [([], "longest.txt", 265, ["cloud", "river", "apple"]),
+                                        (["--document", "book.txt"], "book.txt", 255,
+                                         ["river", "stone", "cloud"])]:
+        out = str(tmp_path / f"res-{name}")
+        assert run(common + extra + ["--results", out]) == 0
+        cell = cells(out)["ppl_len256_doc0_rope-ckpt.json"]
+        assert (cell["document"], cell["document_tokens"], cell["bos"]) == (name, tokens, 0)
+        assert cell["chunk_nll"] == pytest.approx([nll(w) for w in scored], rel=1e-4)
+        assert cell["perplexity"] == pytest.approx(math.exp(sum(nll(w) for w in scored) / 3), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +536,12 @@ BAD = [
     (["--model", "{ckpt}", "--task", "ppl", "--len", "100"], "not a multiple of --chunk-size 64"),
     (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--cache-dir",
       "{tmp}/cache"], "has 1024 tokens (the longest has"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "128", "--document", "x.txt"],
+     "--document names a file inside --data; pass --data DIR too"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "128", "--data", "{hay}", "--document",
+      "x.txt"], "--document x.txt: no such file in"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--document",
+      "essay.txt"], "fewer than --len 1024"),
 ]
 
 

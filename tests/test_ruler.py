@@ -191,6 +191,30 @@ def test_adj_noun_words_equal_sorted_set_with_hyphens_spaces_duplicates():
     assert len(words) == len(expected) and list(words) == expected
 
 
+def test_word_keyed_rows_are_those_of_wonderwords_2_2_0(recwarn):
+    """Pins the word-list version, so these are literals by design: the rows below were computed
+    with wonderwords 2.2.0, the release the authors' 2025-10-23 evaluation could install. Under
+    3.0.1, which drops four nouns, the same seeds give other keys (e.g. wandering-loneliness)
+    and other cwe words, and the sizes below fail. No data file is needed for these two tasks."""
+    nouns, adjs, verbs = ruler.wonderwords_lists()
+    assert (len(nouns), len(adjs), len(verbs)) == (6786, 912, 1042)
+    assert len({a.rstrip() for a in adjs}) == 910 and "abortion" in nouns
+    assert len(ruler.needle_words()) == 910 * 6786 == 6_175_260
+    assert len(ruler.cwe_words(ruler.RULER_SEED)) == 8169
+    rows = {0: ("wandering-age", ["8090293"]), 1: ("determined-consignment", ["4612365"])}
+    for index, (key, answers) in rows.items():
+        s = ruler.ruler_sample("niah_single_1", 4096, index)
+        assert f"special magic number for {key} mentioned" in s["prompt"]
+        assert s["answers"] == answers
+    assert ruler.ruler_sample("cwe", 4096, 0)["answers"] == [
+        "appliance", "meter", "forest", "ferret", "kilt", "behalf", "fire", "activity", "arthur",
+        "authenticity"]
+    # 2.2.0's deprecated, unclosed file reading warns; those warnings stay inside
+    recwarn.clear()
+    ruler.wonderwords_lists.__wrapped__()  # uncached: read the files again
+    assert not recwarn.list, [str(w.message) for w in recwarn]
+
+
 @pytest.mark.parametrize("prediction,answers,score", [
     ("The numbers are 123 and 456.", ["123", "456"], 100.0),
     ("only 123", ["123", "456", "789", "000"], 25.0),

@@ -44,11 +44,13 @@ def test_prompts_start_with_bos_exactly_when_the_tokenizer_asks_for_it(
     expected = ([0] if bos_expected else []) + body
     assert tok.encode_prompt("the needle is here") == expected
     assert tok.encode("the needle is here") == body  # corpus text: never a BOS
+    assert tok.bos_id == (0 if bos_expected else None)  # what perplexity puts before a document
 
 
 def test_tiktoken_prompts_have_no_bos():
     tok = tiktoken_tokenizer()
     assert tok.encode_prompt("Hello world") == tok.encode("Hello world")
+    assert tok.bos_id is None
 
 
 def test_a_broken_tokenizer_config_is_a_one_line_error_naming_it(tmp_path):

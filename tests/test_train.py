@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from harness.checkpoint import from_pretrained, save_training_checkpoint
+from harness.checkpoint import from_pretrained, save_pretrained, save_training_checkpoint
 from harness.prepare import SyntheticConfig, filler_text, synthetic_texts
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
@@ -64,9 +64,12 @@ def test_loss_goes_down_on_the_builtin_corpus(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("mask,rope", [("concat", "none"), ("eod", "ntk"), ("adaptive", "critical"),
                                        ("adaptive", "diffusion"), ("eod", "pi")])
-def test_every_strategy_and_rope_method_trains(tmp_path, corpus_dir, cache_dir, mask, rope):
+def test_every_strategy_and_rope_method_trains(tmp_path, corpus_dir, cache_dir, mask, rope, capsys):
     train.main(flags(corpus_dir, cache_dir, tmp_path, "--mask", mask, "--rope", rope,
                      "--max-steps", "3", "--train-len", "64", "--lr", "3e-3"))
+    # only pi's checkpoint gives the official modeling code other logits, and the run says so
+    err = capsys.readouterr().err
+    assert ("warning: --rope pi also scales positions" in err) == (rope == "pi")
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(0 < r["loss"] < 50 and r["grad_norm"] > 0 for r in log)
@@ -75,6 +78,7 @@ def test_every_strategy_and_rope_method_trains(tmp_path, corpus_dir, cache_dir, 
     assert cfg["rope_scaling"]["method"] == rope
     assert cfg["rope_theta"] == pytest.approx(expected["rope_theta"])
     assert cfg["tokenizer"] == "cl100k_base"
+    assert "auto_map" not in cfg  # a preset has no remote code to name
     state = json.loads((tmp_path / "checkpoint" / "train_state.json").read_text())
     assert state["step"] == 3 and state["config"]["mask"] == mask
 
@@ -93,6 +97,49 @@ def test_saved_checkpoint_gives_identical_logits(tmp_path):
     assert loaded.config.rope_theta == model.config.rope_theta != 10000.0
     with torch.no_grad():
         assert torch.equal(loaded.logits(x), model.logits(x))
+
+
+# Remote code of our own, in the shape of the official files: configuration and modeling
+# modules named by auto_map, a module the modeling one imports relatively, and one that
+# nothing names (not carried).
+REMOTE_CODE = {
+    "configuration_toy.py": '"""A toy configuration module."""\n\n\nclass ToyConfig(dict):\n    model_type = "llada"\n',
+    "modeling_toy.py": '"""A toy modeling module."""\nfrom .configuration_toy import ToyConfig\n'
+                       'from .layers_toy import ToyLayer\n\n\nclass ToyModel(ToyLayer):\n    config_class = ToyConfig\n',
+    "layers_toy.py": '"""Imported by modeling_toy only."""\n\n\nclass ToyLayer:\n    pass\n',
+    "generation_config.json": '{"bos_token_id": 7, "eos_token_id": 8}\n',
+    "notes_toy.py": '"""Named by nothing."""\n',
+}
+TOY_AUTO_MAP = {"AutoConfig": "configuration_toy.ToyConfig", "AutoModel": "modeling_toy.ToyModel",
+                "AutoModelForCausalLM": "modeling_toy.ToyModel"}
+
+
+def assert_auto_map_files_exist(ckpt):
+    """No checkpoint's config.json names a module it does not hold."""
+    auto_map = json.loads((ckpt / "config.json").read_text()).get("auto_map", {})
+    for ref in auto_map.values():
+        assert (ckpt / (ref.rsplit(".", 1)[0] + ".py")).is_file(), ref
+    return auto_map
+
+
+def test_a_checkpoint_carries_the_remote_code_of_its_init_folder(tmp_path, corpus_dir, cache_dir):
+    code = tmp_path / "code"
+    code.mkdir()
+    for name, text in REMOTE_CODE.items():
+        (code / name).write_text(text)
+    init = tmp_path / "init"
+    config = preset("tiny")
+    config.extra.update(tokenizer="cl100k_base", auto_map=TOY_AUTO_MAP)
+    save_pretrained(str(init), config, LLaDA(config).state_dict(),
+                    extra_files={name: str(code / name) for name in REMOTE_CODE})
+    out = tmp_path / "out"
+    train.main(flags(corpus_dir, cache_dir, out, "--init", str(init), "--max-steps", "1"))
+    train.main(flags(corpus_dir, cache_dir, out, "--init", str(init), "--max-steps", "2", "--resume"))
+    ckpt = out / "checkpoint"
+    for name, text in REMOTE_CODE.items():  # carried from --init, then from the resumed checkpoint
+        assert (ckpt / name).is_file() == (name != "notes_toy.py"), name
+        assert name == "notes_toy.py" or (ckpt / name).read_text() == text
+    assert assert_auto_map_files_exist(ckpt) == TOY_AUTO_MAP
 
 
 def wait_for_log_lines(p, log, n, seconds=300):
@@ -166,6 +213,7 @@ def test_stop_request_saves_and_resumes(tmp_path, corpus_dir, cache_dir):
     (["--init", "/no/such/llada"], "neither a preset"),
     (["--seq-len", "10000000"], "packs into 0 sequences"),
     (["--resume"], "holds no complete checkpoint"),
+    (["--dtype", "float16"], "training in float16 needs loss scaling"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, corpus_dir, cache_dir, extra, message):
     out = tmp_path / "out"

@@ -41,8 +41,9 @@ from tqdm import tqdm
 from evaluations import compare, longbench, needlebench, niah, ppl, ruler
 from harness.checkpoint import check_tokenizer_fits, from_pretrained, model_tokenizer, read_config
 from harness.flags import add_flags, count, flag, from_args, positive, settings_of
-from harness.results import (checkpoint_fingerprint, claim_cells, duration, finished_cells,
-                             flops_per_second, prepare_folder, read_results, results_dir)
+from harness.results import (check_fits, checkpoint_fingerprint, claim_cells, duration,
+                             finished_cells, finite_outputs, flops_per_second, prepare_folder,
+                             read_results, results_dir)
 from harness.runtime import fail, join_processes, tune_cpu_memory
 from harness.tokenizer import tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
@@ -191,19 +192,36 @@ class Run:
         return finished_cells(self.folder, self.name, [c["name"] for c in self.cells])
 
 
+def check_outside_checkpoints(folder: str) -> None:
+    """A results folder inside a checkpoint folder would be lost the next time a training run
+    saves that checkpoint (train.py swaps the whole folder)."""
+    path = os.path.abspath(folder)
+    while path != os.path.dirname(path):
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                os.path.exists(os.path.join(path, n)) for n in (
+                    "model.safetensors", "model.safetensors.index.json", "train_state.json")):
+            raise ValueError(f"--results {folder} lies inside the checkpoint folder {path}, "
+                             f"which a training run replaces whole at each save; pass a folder "
+                             f"outside it")
+        path = os.path.dirname(path)
+
+
 def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     """The plan, the results folder (never mixing settings) and the model."""
     task = TASKS[cfg.task]
     config = read_config(cfg.model)
     check_scaling_args(max(cfg.len), cfg.train_len, config.head_dim, cfg.d_crit)
+    check_fits(config, task.forward_tokens(cfg), dtype, device,  # before a haystack is built
+               f"--len {max(cfg.len):,}")
     tokenizer = model_tokenizer(cfg.model)
     check_tokenizer_fits(tokenizer, config, cfg.model)
     cfg.rope_label = rope_label(cfg)
     counter = tiktoken_tokenizer()  # NIAH and RULER lengths are cl100k tokens whatever the model's
     cells, work, source = task.plan(cfg, tokenizer, counter)
     folder = results_dir(cfg.model, cfg.task, cfg.results)
+    check_outside_checkpoints(folder)
     current = settings(cfg, dtype)
-    prepare_folder(folder, cfg.task, current, cells, cfg.overwrite, write=rank == 0)
+    prepare_folder(folder, cfg.task, task.KEYS, current, cells, cfg.overwrite, write=rank == 0)
     if world > 1:
         dist.barrier()  # nobody starts a cell before rank 0 has prepared the folder
     model = from_pretrained(cfg.model, dtype=getattr(torch, dtype), device=device).eval()
@@ -242,7 +260,8 @@ def evaluate_cell(cfg, run: Run, cell: dict, rope: dict, device, rank: int) -> d
     """One cell's result record: its coordinates, what the task measured, how it was run."""
     run.model.config.set_rope(rope)
     record = {k: v for k, v in cell.items() if k != "name"}
-    record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
+    with finite_outputs(run.model, f"cell {cell['name']}"):
+        record.update(run.task.run_cell(run.model, run.tokenizer, cfg, cell, run.work, device))
     record.update(rope_theta=rope["rope_theta"], rope_scaling=rope, settings=run.settings,
                   process=f"{socket.gethostname()} pid {os.getpid()} rank {rank} on {device}")
     return record
@@ -303,8 +322,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail(f"interrupted; the finished cells are in {run.folder}: run the same command again "
              f"to continue", 130)
-    except ValueError as e:  # FileError: the disk filled up, the folder became read-only
-        fail(str(e))
+    except ValueError as e:  # NonFinite, or a FileError (a full disk, a read-only folder)
+        fail(str(e), every_rank=True)  # what one rank met, the others may not have
     if world > 1:
         dist.destroy_process_group()
     if rank != 0:
@@ -313,7 +332,7 @@ def main(argv=None):
         seconds = time.perf_counter() - started
         say(f"ran {len(run.finished()) - before} cells in {duration(seconds)} "
             f"({(len(run.finished()) - before) / seconds:.3g} cells/s; estimated {duration(estimate)})")
-    found = read_results(run.folder, cfg.task)
+    found = read_results(run.folder, cfg.task, run.task.KEYS)
     mine = [cell for cell in found.values() if cell.get("settings") == run.settings]
     if len(mine) < len(found):
         say(f"({len(found) - len(mine)} cells in {run.folder} were made with other settings "

@@ -24,12 +24,13 @@ import os
 
 import numpy as np
 
-from evaluations import longbench, needlebench, ppl, ruler
+from evaluations import longbench, needlebench, niah, ppl, ruler
 from harness.files import write_atomic, write_text
 from harness.results import read_results, short
 from harness.runtime import fail
 
-BENCHMARKS = ("needlebench", "niah", "ruler", "longbench", "ppl")
+BENCHMARKS = {"needlebench": needlebench, "niah": niah, "ruler": ruler, "longbench": longbench,
+              "ppl": ppl}
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]
 # The published rows (docs/paper.md section 6); only what the paper states, the rest missing.
 PAPER = {
@@ -48,10 +49,10 @@ PAPER = {
 def find_benchmarks(folder: str) -> dict[str, str]:
     """The benchmarks with results in `folder`: a task's results folder itself, or a folder of
     them (results/<model>/<task>/, evaluate.py's default)."""
-    found = {b: folder for b in BENCHMARKS if read_results(folder, b)}
-    for b in BENCHMARKS:
+    found = {b: folder for b, task in BENCHMARKS.items() if read_results(folder, b, task.KEYS)}
+    for b, task in BENCHMARKS.items():
         sub = os.path.join(folder, b)
-        if b not in found and os.path.isdir(sub) and read_results(sub, b):
+        if b not in found and os.path.isdir(sub) and read_results(sub, b, task.KEYS):
             found[b] = sub
     return found
 
@@ -188,7 +189,7 @@ def compare(folders: dict[str, str], out: str) -> str:
     cells = {}  # benchmark -> {row label: cells}
     for label, folder in folders.items():
         for bench, path in find_benchmarks(folder).items():
-            found = list(read_results(path, bench).values())
+            found = list(read_results(path, bench, BENCHMARKS[bench].KEYS).values())
             cells.setdefault(bench, {}).update(model_rows(label, found))
     if not cells:
         raise ValueError(f"no results in {', '.join(folders.values())}; pass the folders "

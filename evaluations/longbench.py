@@ -124,6 +124,9 @@ DATASETS = {
 }
 
 
+KEYS = ("dataset", "index", "rope", "score")  # what a result needs for the report
+
+
 @dataclass
 class Options(results.PromptCache):
     """LongBench's own flags (python evaluate.py --task longbench --help). Decoding follows the
@@ -378,9 +381,10 @@ def dataset_path(cfg, dataset: str) -> str:
 
 def load_rows(path: str, dataset: str) -> list[dict]:
     """The rows of one LongBench file, checked; one-line errors that name the file and line."""
-    if not os.path.isfile(path):
-        raise files.FileError(f"{path} does not exist; download LongBench's data (THUDM/LongBench,"
-                              f" data.zip) and pass the folder of its .jsonl files as --data")
+    if not os.path.isfile(path):  # missing, or not a regular file (a named pipe would block)
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise files.FileError(f"{path} {what}; download LongBench's data (THUDM/LongBench, "
+                              f"data.zip) and pass the folder of its .jsonl files as --data")
     fields = {"context": str, "answers": list}
     if "{input}" in DATASETS[dataset].template:
         fields["input"] = str
@@ -407,6 +411,11 @@ def load_rows(path: str, dataset: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it: check, plan, run_cell per cell, report
+
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): a cut prompt and the longest answer."""
+    return cfg.max_len + max(answer_tokens(d) for d in selected(cfg))
+
 
 def check(cfg) -> None:
     """Everything that can be wrong with the input, before a model is loaded."""

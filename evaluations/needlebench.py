@@ -42,6 +42,9 @@ from harness.flags import count, count0, flag
 from harness.tokenizer import cl100k
 
 
+KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for the report
+
+
 @dataclass
 class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
     """NeedleBench's own flags (python evaluate.py --task needlebench --help)."""
@@ -254,6 +257,11 @@ def encode_lines(texts: list[str], path: str) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # The task protocol evaluate.py runs: check, plan, run_cell, report.
 
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
+    return max(cfg.len) + cfg.gen_length
+
+
 def check(cfg) -> None:
     """Every flag and both data files, before any model work; a one-line error otherwise."""
     def positive_int(name, value):
@@ -265,6 +273,8 @@ def check(cfg) -> None:
         positive_int("len", value)
     positive_int("repeats", cfg.repeats)
     results.check_decoding(cfg)
+    results.check_cell_count(len(set(cfg.len)) * len(set(cfg.depths)) * cfg.repeats,
+                             "pass fewer --len, --depths or --repeats")
     bad = [d for d in cfg.depths if not isinstance(d, int) or not 0 <= d <= 100]
     if not cfg.depths or bad:
         raise ValueError(f"--depths {bad or '(none)'}: a depth is a whole percentage 0..100")
@@ -299,7 +309,8 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     needles = read_needles(cfg.needles, cfg.language)
     cells = [dict(task="needlebench", length=L, depth=d, repeat=r, rope=cfg.rope_label,
                   name=cell_name(cfg, L, d, r))
-             for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in cfg.depths]
+             for L in sorted(set(cfg.len)) for r in range(cfg.repeats)
+             for d in dict.fromkeys(cfg.depths)]
     source = (f"NeedleBench origin: {cfg.haystack} ({len(line_ids)} lines, "
               f"{sum(map(len, line_ids)):,} cl100k tokens), {len(needles)} {cfg.language} needles "
               f"from {cfg.needles}")

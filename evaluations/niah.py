@@ -32,6 +32,9 @@ from harness.prepare import filler_text
 from harness.tokenizer import TIKTOKEN_NAME
 
 
+KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for the report
+
+
 @dataclass
 class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
     """NIAH's own flags (python evaluate.py --task niah --help)."""
@@ -72,6 +75,9 @@ def haystack_pool(cfg, counter, need: int) -> tuple[np.ndarray, str]:
                    for n in names if n.endswith(".txt"))
     if not files:
         raise ValueError(f"--haystack {cfg.haystack} has no .txt files; pass a folder of long texts")
+    odd = [path for path in files if not os.path.isfile(path)]
+    if odd:  # opening a named pipe would wait for a writer forever
+        raise ValueError(f"--haystack: {odd[0]} is not a regular file; remove it from the folder")
     pieces, total = [], 0
     for path in files:  # only as many files as needed: a PG19 folder holds billions of tokens
         try:
@@ -155,12 +161,22 @@ def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it.
 
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
+    return max(cfg.len) + cfg.gen_length
+
+
 def check(cfg) -> None:
     results.check_decoding(cfg)
+    results.check_cell_count(len(set(cfg.len)) * len(set(cfg.depths)) * cfg.repeats,
+                             "pass fewer --len, --depths or --repeats")
     bad = [d for d in cfg.depths if not 0 <= d <= 100]
     if bad:
         raise ValueError(f"--depths must lie in 0..100 (percent of the haystack), got {bad[0]}")
-    if not cfg.keyword or cfg.keyword not in cfg.needle:
+    if not cfg.keyword.strip():
+        raise ValueError(f"--keyword {cfg.keyword!r} is blank: every answer would hold it and "
+                         f"score 100; pass the word the answer must contain")
+    if cfg.keyword not in cfg.needle:
         raise ValueError(f"--keyword {cfg.keyword!r} does not occur in --needle {cfg.needle!r}; "
                          f"no answer could find it")
     if cfg.haystack is not None and not os.path.isdir(cfg.haystack):
@@ -179,7 +195,7 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     pool, source = haystack_pool(cfg, counter, max(cfg.len) - len(needle) - len(tail))
     cells = [dict(task="niah", length=L, depth=d, repeat=r, rope=cfg.rope_label,
                   name=f"niah_len{L}_depth{d:03d}_rep{r}_rope-{cfg.rope_label}.json")
-             for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in cfg.depths]
+             for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in dict.fromkeys(cfg.depths)]
     work = {"pool": pool, "bounds": sentence_boundaries(pool, counter), "needle": needle,
             "tail": tail, "counter": counter, "windows": {}}
     return cells, work, source

@@ -30,7 +30,11 @@ from diffusion import chunk_nll, cumulative_perplexity
 from harness.files import write_atomic, write_text
 from harness.flags import count, count0, flag
 from harness.prepare import CACHE_DIR, SPLITS, Task, load_corpus, read_text_file
+from harness import results
 from harness.results import forward_flops, short
+
+
+KEYS = ("length", "doc", "rope", "chunk_nll")  # what a result needs for the report
 
 
 @dataclass
@@ -51,6 +55,12 @@ class Options:
     cache_dir: str = flag(CACHE_DIR, "token cache of the corpus", setting=False)
 
 
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): every draw of the last chunk at once,
+    each row the whole text (and a BOS)."""
+    return cfg.draws * (max(cfg.len) + 1)
+
+
 def check(cfg) -> None:
     if cfg.document is not None:
         if cfg.data is None:
@@ -59,6 +69,7 @@ def check(cfg) -> None:
             raise ValueError(f"--document {cfg.document}: no such file in {cfg.data}")
         if cfg.docs != 1:
             raise ValueError("--document scores one document; leave out --docs")
+    results.check_cell_count(len(set(cfg.len)) * cfg.docs, "pass fewer --len or --docs")
     bad = [L for L in cfg.len if L % cfg.chunk_size]
     if bad:
         raise ValueError(f"--len {bad[0]} is not a multiple of --chunk-size {cfg.chunk_size}; "

@@ -86,6 +86,9 @@ CATEGORIES = {c: [n for n, t in TASKS.items() if t.category == c]
               for c in ("retrieval", "multi-hop tracing", "aggregation", "question answering")}
 
 
+KEYS = ("ruler_task", "length", "index", "rope", "score")  # what the report reads
+
+
 @dataclass
 class Options(results.decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
     """RULER's own flags (python evaluate.py --task ruler --help)."""
@@ -491,6 +494,13 @@ def qa_data(kind: str, path: str):
     qas, docs = {"squad": read_squad, "hotpot": read_hotpot}[kind](path)
     if not qas:
         raise files.FileError(f"{path} has no answerable question; pass {DATA_FILES[kind]}")
+    for i, q in enumerate(qas):
+        # An empty reference is "found" in every answer (a score of 100), a missing one in none.
+        if not (isinstance(q["query"], str) and q["outputs"] and
+                all(isinstance(a, str) and a.strip() for a in q["outputs"])):
+            raise files.FileError(f"{path}: answerable question {i + 1} "
+                                  f"({str(q['query'])[:40]!r}) has no answer text, or an empty "
+                                  f"one; pass {DATA_FILES[kind]}")
     return qas, docs
 
 
@@ -619,10 +629,17 @@ def select_tasks(cfg) -> tuple[list[str], list[str]]:
     return run, skipped
 
 
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
+    return max(cfg.len) + decoding(cfg)[0]
+
+
 def check(cfg) -> None:
     """Flags and data files, before any model work; one-line ValueError / FileError."""
     results.check_decoding(cfg)
     tasks, _ = select_tasks(cfg)
+    results.check_cell_count(len(set(cfg.len)) * len(tasks) * cfg.samples,
+                             "pass fewer --len, --ruler-tasks or --samples")
     for L in cfg.len:
         if L < MIN_LENGTH:
             raise ValueError(f"--len {L} is too small for RULER; pass --len {MIN_LENGTH} or more")
@@ -631,8 +648,9 @@ def check(cfg) -> None:
     for name in tasks:
         t = TASKS[name]
         path = data_path(name, data_files_of(cfg))
-        if path is not None and not os.path.isfile(path):
-            raise files.FileError(f"--{t.data} {path} does not exist; pass {DATA_FILES[t.data]}")
+        if path is not None and not os.path.isfile(path):  # a named pipe would block too
+            raise files.FileError(f"--{t.data} {path} does not exist or is not a file; pass "
+                                  f"{DATA_FILES[t.data]}")
         if t.data == "essays":
             essay_words(path)
         elif t.family == "qa" and cfg.samples > len(qa_data(t.data, path)[0]):

@@ -5,7 +5,9 @@ folder (one JSON file per cell, so an interrupted run resumes), and report helpe
 Harness, not part of the paper: the tasks themselves (niah.py, needlebench.py, ruler.py,
 longbench.py, ppl.py) hold the protocols; evaluate.py runs them.
 """
+import contextlib
 import hashlib
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -77,6 +79,75 @@ def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, bloc
             "seconds": round(time.perf_counter() - t, 3)}
 
 
+# ---------------------------------------------------------------------------------------------
+# What a run must not do: score a broken model, or start what cannot fit.
+
+class NonFinite(ValueError):
+    """The model's hidden states stopped being finite numbers."""
+
+
+@contextlib.contextmanager
+def finite_outputs(model, what: str):
+    """Raise NonFinite as soon as a forward of `model` gives a NaN or an infinity. A model whose
+    weights or config are broken (rope_theta 0, a NaN norm) decodes "!!!!" with a confident
+    score of 0 otherwise; one check of the final hidden states per forward costs nothing
+    beside the forward itself."""
+    def check(module, inputs, output):
+        if not bool(torch.isfinite(output).all()):
+            raise NonFinite(f"{what}: the model's hidden states are not finite (NaN or inf); its "
+                            f"weights or config.json (rope_theta, rms_norm_eps) are broken, or "
+                            f"{str(output.dtype).removeprefix('torch.')} overflows; nothing was "
+                            f"written for this cell")
+    hook = model.transformer.ln_f.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def available_memory(device) -> int:
+    """Bytes this process may still allocate: the GPU's free memory, or MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def inference_bytes(c, tokens: int, dtype_bytes: int) -> int:
+    """A lower bound on the memory of one forward without gradients over `tokens` tokens (all
+    rows together): the weights, and per token the residual stream, q, k, v, the attention
+    output and the float32 RoPE tables (the SwiGLU intermediates run in slices of tokens)."""
+    weights = dtype_bytes * (2 * c.embedding_size * c.d_model +
+                             c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size))
+    per_token = 6 * c.d_model * dtype_bytes + 2 * c.head_dim * 4
+    return weights + tokens * per_token
+
+
+def check_fits(c, tokens: int, dtype: str, device, what: str) -> None:
+    """One line before any work when a forward over `tokens` tokens cannot fit in memory."""
+    need = inference_bytes(c, tokens, torch.empty((), dtype=getattr(torch, dtype)).element_size())
+    have = available_memory(device)
+    if need > have:
+        raise ValueError(f"{what} needs at least {need / 2**30:,.1f} GiB for one forward of this "
+                         f"model ({tokens:,} tokens in {dtype}), but {device.type} has "
+                         f"{have / 2**30:,.1f} GiB available; pass a shorter length or use a "
+                         f"bigger machine")
+
+
+MAX_CELLS = 1_000_000  # a plan beyond this is a typo: its list alone fills memory
+
+
+def check_cell_count(n: int, hint: str) -> None:
+    if n > MAX_CELLS:
+        raise ValueError(f"this run would have {n:,} cells (more than {MAX_CELLS:,}); {hint}")
+
+
 def short(length: int) -> str:
     """8192 -> '8K', for table headers."""
     return f"{length // 1024}K" if length % 1024 == 0 else f"{length:,}"
@@ -121,16 +192,44 @@ def result_files(folder: str, task: str) -> list[str]:
         if os.path.isdir(folder) else []
 
 
-def read_results(folder: str, task: str) -> dict[str, dict]:
-    """Every finished cell of `task` in the folder, by file name. A file that is not valid JSON
-    was never finished (writes are atomic, so it is damage from outside): it is run again."""
+def non_finite(value) -> bool:
+    """Whether a JSON value holds a NaN or an infinity anywhere (Python's json reads them)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    return isinstance(value, list) and any(non_finite(v) for v in value)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sound(record, task: str, keys: tuple) -> bool:
+    """A result its task's report can use: the task's keys are there, the score a number, the
+    perplexity's chunk NLLs numbers, and nothing NaN or infinite."""
+    return (isinstance(record, dict) and record.get("task") == task
+            and isinstance(record.get("settings"), dict) and all(k in record for k in keys)
+            and (is_number(record["score"]) if "score" in keys else True)
+            and (isinstance(record["chunk_nll"], list) and len(record["chunk_nll"]) > 0
+                 and all(map(is_number, record["chunk_nll"])) if "chunk_nll" in keys else True)
+            and not non_finite(record))
+
+
+def read_results(folder: str, task: str, keys: tuple = ()) -> dict[str, dict]:
+    """Every finished cell of `task` in the folder, by file name. A file that is not sound
+    (not JSON, not a regular file, a key or number missing or NaN) was damaged from outside
+    (writes are atomic): it is left out, and the next run does it again."""
     found = {}
     for name in result_files(folder, task):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):  # a named pipe would block the reader forever
+            continue
         try:
-            cell = read_json(os.path.join(folder, name))
+            cell = read_json(path)
         except FileError:
             continue
-        if isinstance(cell, dict):
+        if sound(cell, task, keys):
             found[name] = cell
     return found
 
@@ -177,8 +276,8 @@ def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bo
     return ran
 
 
-def prepare_folder(folder: str, task: str, current: dict, cells: list[dict], overwrite: bool,
-                   write: bool) -> None:
+def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: list[dict],
+                   overwrite: bool, write: bool) -> None:
     """Make the results folder ready for a run with settings `current`, under its lock, so that
     processes starting together see one another: results made with other settings are refused
     (with --overwrite they are deleted, and so are this plan's finished cells), damaged result
@@ -188,7 +287,7 @@ def prepare_folder(folder: str, task: str, current: dict, cells: list[dict], ove
     lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
     try:
         recorded = read_json(os.path.join(folder, f".settings-{task}.json"), missing_ok=True)
-        done = read_results(folder, task)
+        done = read_results(folder, task, keys)
         other = [n for n, c in done.items() if c.get("settings") != current]
         old = recorded if recorded and recorded != current else \
             (done[other[0]].get("settings") or {}) if other else None
@@ -203,7 +302,7 @@ def prepare_folder(folder: str, task: str, current: dict, cells: list[dict], ove
         planned = {c["name"] for c in cells}
         damaged = [n for n in result_files(folder, task) if n not in done]
         for name in damaged + (other + [n for n in done if n in planned] if overwrite else []):
-            os.remove(os.path.join(folder, name))
+            os.remove(os.path.join(folder, name))  # a named pipe too: remove() never opens it
         write_json(os.path.join(folder, f".settings-{task}.json"), current)
     finally:
         release(lock)

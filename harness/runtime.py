@@ -47,10 +47,11 @@ def tune_cpu_memory(reuse_freed: bool = False) -> dict:
     return applied
 
 
-def fail(message: str, code: int = 2):
+def fail(message: str, code: int = 2, every_rank: bool = False):
     """A user's mistake or a file problem: one line, no traceback, and an exit code (2 for bad
-    input). Under torchrun every rank gets the same answer, so only rank 0 says it."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    input). Under torchrun every rank usually gets the same answer, so only rank 0 says it;
+    every_rank=True for what happened to one rank alone (a cell it was computing)."""
+    if every_rank or int(os.environ.get("RANK", 0)) == 0:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 

@@ -2,6 +2,7 @@
 from results folders, numbers equal to the cells', missing values shown as missing, the paper's
 rows beside them, CSV and figures. The folders are written here as evaluate.py writes them."""
 import csv
+import json
 import os
 
 import pytest
@@ -13,8 +14,9 @@ from harness.files import write_json
 
 def write_cells(folder, cells):
     os.makedirs(folder, exist_ok=True)
-    for i, cell in enumerate(cells):
-        write_json(os.path.join(folder, f"{cell['task']}_{i:04d}.json"), cell)
+    for i, cell in enumerate(cells):  # as evaluate.py writes them, with the run's settings
+        write_json(os.path.join(folder, f"{cell['task']}_{i:04d}.json"),
+                   {**cell, "settings": {"model": str(folder)}})
 
 
 def needle_cells(task, scores_by_length: dict, rope="ckpt"):
@@ -110,3 +112,14 @@ def test_the_command_line_reports_and_refuses_empty_or_missing_folders(folders, 
             evaluate.main(argv + ["--out", str(out)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and err.count("\n") == 1
+
+
+def test_a_damaged_result_is_left_out_not_shown_as_a_number(tmp_path):
+    folder = tmp_path / "m" / "needlebench"
+    good = needle_cells("needlebench", {8192: [100, 100, 100, 100]})
+    write_cells(folder, good + [{**good[0], "length": 16384, "score": "x"},
+                                {k: v for k, v in good[0].items() if k != "depth"}])
+    with open(folder / "needlebench_nan.json", "w") as f:  # Python's json writes NaN
+        json.dump({**good[0], "length": 24576, "score": float("nan"), "settings": {}}, f)
+    text = compare.compare({"m": str(tmp_path / "m")}, str(tmp_path / "out"))
+    assert "| m | 100.00 | - | - |" in text  # 16K and 24K shown as missing

@@ -542,6 +542,17 @@ BAD = [
       "x.txt"], "--document x.txt: no such file in"),
     (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--document",
       "essay.txt"], "fewer than --len 1024"),
+    # sizes that cannot exist are refused before any work (a typo away from 1,000,000)
+    (["--model", "{ckpt}", "--len", "1000000000"], "--len 1,000,000,000 needs at least"),
+    (["--model", "{ckpt}", "--task", "ppl", "--len", "1000000000"], "GiB available"),
+    (["--model", "{ckpt}", "--len", "300", "--gen-length", "1000000000", "--block-length",
+      "1000000000", "--steps", "1"], "needs at least"),
+    (["--model", "{ckpt}", "--len", "300", "--repeats", "1000000000"],
+     "would have 11,000,000,000 cells"),
+    (["--model", "{ckpt}", "--task", "ruler", "--len", "1024", "--samples", "1000000000"],
+     "pass fewer --len, --ruler-tasks or --samples"),
+    # inputs that would make a score meaningless
+    (["--model", "{ckpt}", "--len", "300", "--keyword", " "], "is blank: every answer"),
 ]
 
 
@@ -580,6 +591,77 @@ def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_
     assert "Traceback" not in err[0]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp") or
                 (n.endswith(".json") and not n.startswith("."))]
+
+
+def huge_weights_checkpoint(path) -> str:
+    """A checkpoint whose weights are finite but whose forward overflows to inf and NaN, as a
+    broken one does (a NaN norm, rope_theta 0): finite weights pass the loader's checks."""
+    path, model = tiny_checkpoint(path)
+    # the gated MLP multiplies two 1e20-scaled branches: 1e40 overflows float32
+    state = {k: v * (1e20 if "up_proj" in k or "ff_proj" in k else 1)
+             for k, v in model.state_dict().items()}
+    config = read_config(path)
+    save_pretrained(path, config, state)
+    return path
+
+
+@pytest.mark.parametrize("task", [["--task", "niah", "--len", "300", "--depths", "50"],
+                                  ["--task", "ppl", "--len", "128", "--cache-dir", "{tmp}"]],
+                         ids=["niah", "ppl"])
+def test_a_non_finite_forward_stops_the_run_naming_the_cell(task, tmp_path, capsys):
+    ckpt = huge_weights_checkpoint(tmp_path / "broken")
+    out = tmp_path / "res"
+    task = [a.format(tmp=tmp_path / "cache") for a in task]
+    assert run(["--model", ckpt, *task, "--results", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    assert "hidden states are not finite" in err and f"cell {task[1]}_len" in err
+    assert not cells(out)  # no score of 0 written for a broken model
+
+
+def test_damaged_result_files_are_done_again(ckpt, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
+    out = tmp_path / "res"
+    argv = ["--model", ckpt, "--len", "300", "--depths", "0", "50", "100", "--results", str(out)]
+    assert run(argv) == 0 and len(calls) == 3
+    names = sorted(cells(out))
+    (out / names[0]).write_text(json.dumps({**cells(out)[names[0]], "score": "x"}))
+    (out / names[1]).write_text(json.dumps({**cells(out)[names[1]], "score": float("nan")}))
+    os.remove(out / names[2])
+    os.mkfifo(out / names[2])  # opening it would wait for a writer forever
+    capsys.readouterr()
+    assert run(argv) == 0
+    assert "3 cells to run (0 already done)" in capsys.readouterr().out and len(calls) == 6
+    assert all(isinstance(c["score"], float) and c["score"] == 100 for c in cells(out).values())
+    assert all(os.path.isfile(out / n) for n in names)
+
+
+def test_a_named_pipe_in_the_haystack_folder_is_refused_not_opened(ckpt, tmp_path, capsys):
+    hay = tmp_path / "hay"
+    hay.mkdir()
+    (hay / "b.txt").write_text("The farmer walked near the hill. " * 400)
+    os.mkfifo(hay / "a.txt")  # sorts first: it would be opened first
+    assert run(["--model", ckpt, "--len", "300", "--haystack", str(hay), "--results",
+                str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert f"{hay / 'a.txt'} is not a regular file" in err and err.count("\n") == 1
+
+
+def test_a_results_folder_inside_a_checkpoint_is_refused(ckpt, tmp_path, capsys):
+    inside = os.path.join(ckpt, "evals")
+    assert run(["--model", ckpt, "--len", "300", "--results", inside]) == 2
+    err = capsys.readouterr().err
+    assert "lies inside the checkpoint folder" in err and err.count("\n") == 1
+    assert not os.path.exists(inside)
+
+
+def test_a_depth_given_twice_is_one_cell(ckpt, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))
+    assert run(["--model", ckpt, "--len", "300", "--depths", "50", "50", "50", "--results",
+                str(tmp_path / "res")]) == 0
+    assert len(calls) == 1 and len(cells(tmp_path / "res")) == 1
 
 
 # ---------------------------------------------------------------------------------------------

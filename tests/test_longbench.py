@@ -386,3 +386,9 @@ def test_run_cell_and_report_with_a_tiny_random_model(data, tok, tmp_path, one_t
     assert "| **average over datasets** (the paper's) | 2 | 70.00 |" in table
     assert "| Multi-Document QA | 1 | 40.00 |" in table and "| Code Completion | 0 | - |" in table
     assert "70.00" in summary and "2 datasets" in summary
+
+
+def test_a_named_pipe_is_refused_as_not_a_regular_file(data):
+    os.mkfifo(data / "triviaqa.jsonl")  # reading it would wait for a writer forever
+    assert "triviaqa.jsonl is not a regular file" in one_line_error(
+        config(data, datasets=["triviaqa"]))

@@ -334,3 +334,24 @@ def test_score_table_averages_categories_and_tasks():
     assert row["average"] == pytest.approx((75 + 25 + 40 + 0) / 4)
     # retrieval 50, tracing 40, QA 0; aggregation has no task here and does not count
     assert row["category mean"] == pytest.approx((50 + 40 + 0) / 3)
+
+
+@pytest.mark.parametrize("kind, edit", [
+    ("squad", lambda d: d["data"][0]["paragraphs"][0]["qas"][0].update(answers=[])),
+    ("squad", lambda d: d["data"][0]["paragraphs"][0]["qas"][0]["answers"][0].update(text=" ")),
+    ("hotpot", lambda d: d[0].update(answer="")),
+    ("hotpot", lambda d: d[0].update(answer=None)),
+], ids=["squad-no-answer", "squad-blank-answer", "hotpot-empty", "hotpot-null"])
+def test_a_question_without_answer_text_is_refused_when_the_file_is_read(kind, edit, data,
+                                                                         tmp_path):
+    """A blank reference is found in every prediction (100), a missing one breaks scoring: the
+    file is refused before any model work, naming it."""
+    with open(data[kind]) as f:
+        content = json.load(f)
+    edit(content)
+    path = tmp_path / f"{kind}.json"
+    path.write_text(json.dumps(content))
+    task = "qa_squad" if kind == "squad" else "qa_hotpotqa"
+    with pytest.raises(ValueError) as e:
+        ruler.check(config({**data, kind: str(path)}, ruler_tasks=[task], samples=1))
+    assert str(path) in str(e.value) and "answerable question 1" in str(e.value)

@@ -230,7 +230,11 @@ def one_line_error(excinfo) -> str:
 
 
 def test_check_accepts_the_fixture_files(paths):
-    check(make_cfg(*paths, len=[1024, 4096]))
+    """The positive control of the refusals below: the fixtures themselves pass, and their
+    haystack does fill the longest length."""
+    cfg = make_cfg(*paths, len=[1024, 4096])
+    assert check(cfg) is None
+    assert sum(map(len, needlebench.haystack_ids(paths[0]))) >= 4096 - cfg.length_buffer
 
 
 def test_check_names_a_missing_file(paths, tmp_path):

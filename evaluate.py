@@ -192,20 +192,6 @@ class Run:
         return finished_cells(self.folder, self.name, [c["name"] for c in self.cells])
 
 
-def check_outside_checkpoints(folder: str) -> None:
-    """A results folder inside a checkpoint folder would be lost the next time a training run
-    saves that checkpoint (train.py swaps the whole folder)."""
-    path = os.path.abspath(folder)
-    while path != os.path.dirname(path):
-        if os.path.isfile(os.path.join(path, "config.json")) and any(
-                os.path.exists(os.path.join(path, n)) for n in (
-                    "model.safetensors", "model.safetensors.index.json", "train_state.json")):
-            raise ValueError(f"--results {folder} lies inside the checkpoint folder {path}, "
-                             f"which a training run replaces whole at each save; pass a folder "
-                             f"outside it")
-        path = os.path.dirname(path)
-
-
 def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     """The plan, the results folder (never mixing settings) and the model."""
     task = TASKS[cfg.task]
@@ -219,7 +205,6 @@ def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     counter = tiktoken_tokenizer()  # NIAH and RULER lengths are cl100k tokens whatever the model's
     cells, work, source = task.plan(cfg, tokenizer, counter)
     folder = results_dir(cfg.model, cfg.task, cfg.results)
-    check_outside_checkpoints(folder)
     current = settings(cfg, dtype)
     prepare_folder(folder, cfg.task, task.KEYS, current, cells, cfg.overwrite, write=rank == 0)
     if world > 1:

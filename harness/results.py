@@ -276,6 +276,20 @@ def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bo
     return ran
 
 
+def check_outside_checkpoints(folder: str) -> None:
+    """A results folder inside a checkpoint folder would be lost the next time a training run
+    saves that checkpoint (train.py swaps the whole folder)."""
+    path = os.path.abspath(folder)
+    while path != os.path.dirname(path):
+        if os.path.isfile(os.path.join(path, "config.json")) and any(
+                os.path.exists(os.path.join(path, n)) for n in (
+                    "model.safetensors", "model.safetensors.index.json", "train_state.json")):
+            raise ValueError(f"--results {folder} lies inside the checkpoint folder {path}, "
+                             f"which a training run replaces whole at each save; pass a folder "
+                             f"outside it")
+        path = os.path.dirname(path)
+
+
 def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: list[dict],
                    overwrite: bool, write: bool) -> None:
     """Make the results folder ready for a run with settings `current`, under its lock, so that
@@ -284,6 +298,7 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: li
     files are deleted to be run again, and the settings are recorded, so that a process started
     at the same time with other settings is refused too. Afterwards a cell is finished exactly
     when its file exists. write=False only checks (torchrun's ranks but rank 0)."""
+    check_outside_checkpoints(folder)
     lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
     try:
         recorded = read_json(os.path.join(folder, f".settings-{task}.json"), missing_ok=True)

@@ -231,12 +231,15 @@ def main(argv) -> None:
         description="The paper's tables side by side: one row per model, from the results "
                     "folders of finished evaluations, with the paper's published rows.")
     p.error = fail
-    p.add_argument("--compare", nargs="+", required=True, metavar="[NAME=]DIR",
+    p.add_argument("--compare", nargs="*", default=[], metavar="[NAME=]DIR",
                    help="results folders, results/<model>/ (every benchmark in it) or one "
                         "benchmark's folder; NAME labels the row (default: the folder's name)")
     p.add_argument("--out", default=os.path.join("results", "compare"),
                    help="where the tables (markdown, CSV) and figures go (default: %(default)s)")
     args = p.parse_args(argv)
+    if not args.compare:
+        fail("--compare needs the results folders to compare, e.g. --compare A=results/a "
+             "B=results/b")
     folders = {}
     for item in args.compare:
         name, _, folder = item.rpartition("=") if "=" in item else ("", "", item)

@@ -229,11 +229,11 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
 def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:
     """evaluate.py into `results` (finished cells are kept); returns every cell's JSON and the
     seconds the cells took, summed from their JSONs (so a rerun that reuses them reports them)."""
-    run("evaluate.py", "--model", model, "--results", results,
-        "--cache-dir", os.path.join(RUNS, "cache"), *args)
+    cache = ["--cache-dir", os.path.join(RUNS, "cache")] if "ppl" in args else []  # ppl's flag
+    run("evaluate.py", "--model", model, "--results", results, *cache, *args)
     cells = []
     for name in sorted(os.listdir(results)):
-        if name.endswith(".json"):
+        if name.endswith(".json") and not name.startswith("."):  # not the folder's records
             with open(os.path.join(results, name)) as f:
                 cells.append(json.load(f))
     return cells, sum(c["seconds"] for c in cells)

@@ -291,10 +291,11 @@ def check_inputs(cfg: TrainConfig) -> str:
     check_scaling_args(cfg.target_len or cfg.seq_len, cfg.train_len, init_config(cfg).head_dim,
                        cfg.d_crit)
     ckpt = os.path.join(cfg.out, "checkpoint")
-    if not cfg.resume and cfg.init not in PRESETS and \
-            inside(cfg.init, (ckpt, ckpt + ".old", ckpt + ".tmp")):
-        raise UserError(f"--init {cfg.init} lies inside {ckpt}, which every save replaces; copy "
-                        f"it elsewhere and pass that")
+    init = None if cfg.resume or cfg.init in PRESETS else cfg.init  # a resume reads the checkpoint
+    for name, path in (("--init", init), ("--cache-dir", cfg.cache_dir)):
+        if path and inside(path, (ckpt, ckpt + ".old", ckpt + ".tmp")):
+            raise UserError(f"{name} {path} lies inside {ckpt}, which every save replaces; "
+                            f"pass a folder elsewhere")
     has_ckpt = find_training_checkpoint(ckpt)
     if cfg.resume and not has_ckpt:
         raise UserError(f"--resume: {ckpt} holds no complete checkpoint; drop --resume to start a new run")

@@ -156,7 +156,12 @@ def checkpoint_files(path: str) -> list[str]:
         index = read_json(os.path.join(path, INDEX))
         if not isinstance(index.get("weight_map") if isinstance(index, dict) else None, dict):
             raise CheckpointError(f"{os.path.join(path, INDEX)} has no weight_map")
-        names = sorted(set(index["weight_map"].values()))
+        shards = list(index["weight_map"].values())
+        if not all(isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")
+                   for n in shards):  # "../x" or "/x" would read a file of another folder
+            raise CheckpointError(f"{os.path.join(path, INDEX)} names shards that are not files "
+                                  f"of {path}; restore it from a copy")
+        names = sorted(set(shards))
     elif os.path.isfile(os.path.join(path, SINGLE)):
         names = [SINGLE]
     else:
@@ -278,7 +283,8 @@ def auto_map_files(ref) -> list[str]:
     modeling_llada.py; a tokenizer entry is a list (slow, fast; None for none); "org/repo--x.C"
     lives in another repository."""
     refs = ref if isinstance(ref, list) else [ref]
-    return [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
+    files = [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
+    return [f for f in files if f == os.path.basename(f)]  # "../x.C" would copy from elsewhere
 
 
 def record_remote_code(init: str) -> dict:

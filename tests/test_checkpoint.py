@@ -303,3 +303,21 @@ def test_reading_an_optimizer_state_runs_no_code_from_it(tmp_path, vector):
     assert "train_state cannot be read" in str(e.value) and "not run" in str(e.value)
     assert "posix.system" in str(e.value) if vector == "metadata" else \
         "optimizer.param_groups.1.lr is not a plain value" in str(e.value)
+
+
+def test_names_in_an_index_or_auto_map_never_reach_outside_the_folder(tmp_path, net):
+    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict(), max_shard_bytes=200_000)
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    for shard in ("../ckpt/model-00001-of-00002.safetensors", 7):
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.transformer.wte.weight"] = shard
+        index.write_text(json.dumps(data))
+        with pytest.raises(CheckpointError, match="names shards that are not files of"):
+            from_pretrained(str(tmp_path / "ckpt"))
+    # --init's remote code: a module path with a folder in it would be copied from, and into,
+    # another folder than the checkpoint's
+    init = tmp_path / "init"
+    init.mkdir()
+    (tmp_path / "outside.py").write_text('"""Not the checkpoint\'s."""\n')
+    (init / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "../outside.X"}}))
+    assert record_remote_code(str(init)) == {}

@@ -44,7 +44,7 @@ from harness.flags import add_flags, count, flag, from_args, positive, settings_
 from harness.results import (check_fits, checkpoint_fingerprint, claim_cells, duration,
                              finished_cells, finite_outputs, flops_per_second, prepare_folder,
                              read_results, results_dir)
-from harness.runtime import fail, join_processes, tune_cpu_memory
+from harness.runtime import fail, join_processes, process_env, tune_cpu_memory
 from harness.tokenizer import tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
 
@@ -281,8 +281,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--compare" in argv:  # a report over finished results, no model (evaluations/compare.py)
         return compare.main(argv)
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world = process_env()  # torchrun's environment, checked
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     say = print if rank == 0 else (lambda *a, **k: None)
     cfg = parse_args(argv)
     tune_cpu_memory()  # huge pages for large CPU tensors, before the first one

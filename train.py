@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -41,11 +41,11 @@ from tqdm import tqdm
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
 from harness.checkpoint import (check_tokenizer_fits, find_training_checkpoint, from_pretrained,
-                                load_optimizer_state, model_tokenizer, read_config,
+                                load_optimizer_state, model_tokenizer, read_config, read_log,
                                 read_training_state, record_remote_code, record_tokenizer,
                                 save_training_checkpoint, truncate_log)
-from harness.files import FileError, lock_folder
-from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
+from harness.files import FileError, is_utf8, lock_folder
+from harness.flags import add_flags, count, count0, fits, flag, from_args, number, positive0
 from harness.prepare import CACHE_DIR, load_corpus
 from harness.runtime import (any_rank, fail, mean_over_ranks, memory_plan, rank_zero_first,
                              setup_distributed, stop_on_signals, tune_cpu_memory)
@@ -80,8 +80,9 @@ class TrainConfig:
                           "restart at each document", choices=("continuous", "document"))
     batch_size: int = flag(1, "sequences per process per micro step", type=count)
     grad_accum: int = flag(1, "micro steps per optimizer step", type=count)
-    lr: float | None = flag(None, "peak learning rate (default: 2e-5 from a checkpoint, 1e-3 "
-                            "for a preset trained from scratch)", type=positive)
+    lr: float | None = flag(None, "peak learning rate, at most 1: AdamW moves each weight by "
+                            "about lr a step (default: 2e-5 from a checkpoint, 1e-3 for a "
+                            "preset trained from scratch)", type=number(float, 0, False, 1))
     schedule: str = flag("constant", "after warm-up: constant, or cosine decay to 10% at "
                          "--max-steps", choices=("constant", "cosine"))
     warmup: int = flag(10, "linear warm-up steps", type=count0)
@@ -279,6 +280,10 @@ def weights_finite(model, world: int) -> bool:
 
 def check_inputs(cfg: TrainConfig) -> str:
     """Everything that can be checked before a file is written; returns the checkpoint path."""
+    for name in ("out", "init"):
+        if not is_utf8(getattr(cfg, name)):  # safetensors could not open the checkpoint
+            raise UserError(f"--{name} {getattr(cfg, name)!r} is not valid UTF-8, which "
+                            f"safetensors cannot open; pass another path")
     if cfg.init not in PRESETS and not os.path.isdir(cfg.init):
         raise UserError(f"--init {cfg.init} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
@@ -286,6 +291,11 @@ def check_inputs(cfg: TrainConfig) -> str:
     check_scaling_args(cfg.target_len or cfg.seq_len, cfg.train_len, init_config(cfg).head_dim,
                        cfg.d_crit)
     ckpt = os.path.join(cfg.out, "checkpoint")
+    init = None if cfg.resume or cfg.init in PRESETS else cfg.init  # a resume reads the checkpoint
+    for name, path in (("--init", init), ("--cache-dir", cfg.cache_dir)):
+        if path and inside(path, (ckpt, ckpt + ".old", ckpt + ".tmp")):
+            raise UserError(f"{name} {path} lies inside {ckpt}, which every save replaces; "
+                            f"pass a folder elsewhere")
     has_ckpt = find_training_checkpoint(ckpt)
     if cfg.resume and not has_ckpt:
         raise UserError(f"--resume: {ckpt} holds no complete checkpoint; drop --resume to start a new run")
@@ -293,13 +303,38 @@ def check_inputs(cfg: TrainConfig) -> str:
         raise UserError(f"{ckpt} already holds a checkpoint; pass --resume to continue it, or "
                         f"another --out")
     if cfg.resume:
-        saved = read_training_state(ckpt)["config"]
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in DEFINING
-                   if k in saved and saved[k] != getattr(cfg, k)]
-        if changed and not cfg.allow_changes:
-            raise UserError(f"--resume with other settings than the saved run ({', '.join(changed)});"
-                            f" pass the saved values, or --allow-changes to change them on purpose")
+        check_saved_run(cfg, ckpt)
+    read_log(os.path.join(cfg.out, "log.jsonl"))  # ours, or a FileError before anything is written
     return ckpt
+
+
+def check_saved_run(cfg: TrainConfig, ckpt: str) -> None:
+    """What --resume continues: the saved flags (of the types of TrainConfig's fields, and the
+    same as now unless --allow-changes) and a config.json written by a run of ours."""
+    saved = read_training_state(ckpt)["config"]
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    for k in DEFINING:
+        if k in saved and not fits(saved[k], types[k]):
+            raise UserError(f"{os.path.join(ckpt, 'train_state.json')}: --{k.replace('_', '-')} is "
+                            f"saved as {saved[k]!r}, which it cannot be; restore the file")
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in DEFINING
+               if k in saved and saved[k] != getattr(cfg, k)]
+    if changed and not cfg.allow_changes:
+        raise UserError(f"--resume with other settings than the saved run ({', '.join(changed)});"
+                        f" pass the saved values, or --allow-changes to change them on purpose")
+    rope = read_config(ckpt).rope_scaling or {}  # the run's base, as main prints it
+    missing = [k for k in ("method", "original_rope_theta", "rope_theta", "lambda", "train_len",
+                           "target_len") if k not in rope]
+    if missing:
+        raise UserError(f"{os.path.join(ckpt, 'config.json')}: rope_scaling has no {missing[0]}, "
+                        f"which train.py always saves; restore the file")
+
+
+def inside(path: str, folders) -> bool:
+    """Whether `path` is one of `folders` or lies within one (links resolved)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f)
+               for f in folders)
 
 
 def start(cfg: TrainConfig, rank: int, world: int):
@@ -318,7 +353,10 @@ def start(cfg: TrainConfig, rank: int, world: int):
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.memory_plan:
-        print(memory_plan(init_config(cfg), cfg.seq_len))
+        try:
+            print(memory_plan(init_config(cfg), cfg.seq_len))
+        except ValueError as e:  # an --init whose config.json is missing or impossible
+            fail(str(e))
         return
     tune_cpu_memory(reuse_freed=True)  # before the first large tensor; nothing on GPUs
     rank, world, device = setup_distributed(cfg.fsdp)
@@ -368,9 +406,11 @@ def main(argv=None):
     try:
         run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
                   rank, world, device)
-    except (OSError, FileError) as e:  # a full disk, a folder made read-only mid-run
-        fail(f"cannot write in {cfg.out}: {getattr(e, 'strerror', None) or e}; the last complete "
-             f"checkpoint is intact, free space and --resume")
+    except FileError as e:  # names the file: a full disk, something in the way of the save
+        fail(f"{e}; the last complete checkpoint is intact: fix that and --resume")
+    except OSError as e:  # a folder made read-only mid-run
+        fail(f"cannot write in {cfg.out}: {e.strerror or e}; the last complete checkpoint is "
+             f"intact: fix that and --resume")
     if world > 1:
         dist.destroy_process_group()
     del lock
@@ -408,7 +448,8 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
             if not weights_finite(model, world):  # the last update overflowed
                 fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
-                     f"last checkpoint is intact). Lower --lr, then --resume --allow-changes", 1)
+                     f"last checkpoint is intact). Lower --lr or --weight-decay, then --resume "
+                     f"--allow-changes", 1)
             save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
                                      extra_files, rank, world)
             if rank == 0:

@@ -13,10 +13,17 @@ it holds (the small presets have none).
 A training checkpoint (train.py's OUT/checkpoint) is such a directory plus `train_state/`
 (the optimizer, written by every rank with torch.distributed.checkpoint) and
 `train_state.json` (the step and the run's flags). Every directory is written under a
-temporary name and swapped into place when complete (files.replace_dir).
+temporary name and swapped into place when complete (files.replace_dir). Reading one runs no
+code from it: config.json is checked field by field, and the optimizer state is unpickled
+admitting only the classes torch.distributed.checkpoint writes.
 """
+import contextlib
+import io
 import json
+import logging
+import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -27,14 +34,22 @@ from dataclasses import asdict, fields
 import torch
 import torch.distributed as dist
 
-from harness.files import FileError, read_json, recover_dir, replace_dir, write_json, write_text
+from harness.files import (FileError, default_mode, is_utf8, not_ours, open_regular,
+                           parse_json_line, read_json, recover_dir, remove_dir, replace_dir,
+                           write_atomic, write_json)
+from harness.flags import fits
+from harness.runtime import any_rank
 from harness.tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer,
                                uses_tiktoken)
 from model import PRESETS, LLaDA, LLaDAConfig, preset
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"  # read by transformers beside the remote code
-STATE = "train_state.json"
+STATE, OPTIMIZER = "train_state.json", "train_state"
+# What every save writes itself: an old copy of these is never carried into a new checkpoint
+# (a user's files are, files.replace_dir), so a layout of other shards cannot linger.
+SAVED = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                   r"train_state(\.json)?")
 
 # Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
 OFFICIAL_CONFIG = {
@@ -66,14 +81,64 @@ def read_config(path: str) -> LLaDAConfig:
     config = read_json(os.path.join(path, CONFIG))
     if not isinstance(config, dict):
         raise CheckpointError(f"{os.path.join(path, CONFIG)} is not a JSON object")
-    return config_from_dict(config)
+    return config_from_dict(config, os.path.join(path, CONFIG))
 
 
-def config_from_dict(d: dict) -> LLaDAConfig:
-    """config.json -> LLaDAConfig: the fields model.py uses, every other key kept in `extra`."""
+def config_from_dict(d: dict, where: str = CONFIG) -> LLaDAConfig:
+    """config.json -> LLaDAConfig: the fields model.py uses, each checked (a CheckpointError
+    naming the field and `where`), every other key kept in `extra`."""
     names = {f.name for f in fields(LLaDAConfig)} - {"extra"}
     known = {k: v for k, v in d.items() if k in names}
-    return LLaDAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
+    config = LLaDAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
+    if problem := config_problem(config):
+        raise CheckpointError(f"{where}: {problem}; restore the file from a copy")
+    return config
+
+
+def is_number(v) -> bool:
+    return fits(v, float) and math.isfinite(v)
+
+
+BIGGEST = 2**31 - 1  # any size or id beyond this is a typo; tensors and tables index with it
+SIZE = (lambda v: fits(v, int) and 1 <= v <= BIGGEST, f"a whole number in 1..{BIGGEST}")
+ID = (lambda v: fits(v, int) and 0 <= v <= BIGGEST, f"a whole number in 0..{BIGGEST}")
+BASE = (lambda v: is_number(v) and v > 1, "a finite number above 1 (a RoPE base)")
+RULES = {  # config.json's fields: what each must be for model.py's formulas to mean anything
+    **dict.fromkeys(("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
+                     "vocab_size", "embedding_size", "max_sequence_length"), SIZE),
+    **dict.fromkeys(("mask_token_id", "eos_token_id"), ID),
+    "pad_token_id": (lambda v: v is None or ID[0](v), "a whole number or null"),
+    "rope_theta": BASE,
+    "rms_norm_eps": (lambda v: is_number(v) and v > 0, "a finite number above 0"),
+    "init_std": (lambda v: is_number(v) and v >= 0, "a finite number, at least 0"),
+    "include_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+}
+SCALING_RULES = {  # rope.scale_rope's record, where present (other tools write other keys)
+    "rope_theta": BASE, "original_rope_theta": BASE, "train_len": SIZE, "target_len": SIZE,
+    "lambda": (lambda v: is_number(v) and v > 0, "a finite number above 0"),
+    "position_scale": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "d_crit": (lambda v: v is None or SIZE[0](v), "a whole number or null"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def config_problem(c: LLaDAConfig) -> str | None:
+    """What makes a config impossible for model.py, in words; None if nothing does."""
+    scaling = c.rope_scaling if isinstance(c.rope_scaling, dict) else {}
+    for prefix, values, rules in (("", vars(c), RULES), ("rope_scaling.", scaling, SCALING_RULES)):
+        for name, (ok, must) in rules.items():
+            if name in values and not ok(values[name]):
+                return f"{prefix}{name} is {json.dumps(values[name])[:40]}, it must be {must}"
+    if c.d_model % c.n_heads:
+        return f"n_heads {c.n_heads} does not divide d_model {c.d_model}"
+    if c.head_dim % 2:  # RoPE rotates pairs of dimensions
+        return f"the head size d_model / n_heads = {c.head_dim} must be even"
+    for name in ("mask_token_id", "eos_token_id"):
+        if getattr(c, name) >= c.embedding_size:
+            return f"{name} {getattr(c, name)} has no embedding (embedding_size {c.embedding_size})"
+    return None
 
 
 def config_to_dict(config: LLaDAConfig) -> dict:
@@ -91,7 +156,12 @@ def checkpoint_files(path: str) -> list[str]:
         index = read_json(os.path.join(path, INDEX))
         if not isinstance(index.get("weight_map") if isinstance(index, dict) else None, dict):
             raise CheckpointError(f"{os.path.join(path, INDEX)} has no weight_map")
-        names = sorted(set(index["weight_map"].values()))
+        shards = list(index["weight_map"].values())
+        if not all(isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")
+                   for n in shards):  # "../x" or "/x" would read a file of another folder
+            raise CheckpointError(f"{os.path.join(path, INDEX)} names shards that are not files "
+                                  f"of {path}; restore it from a copy")
+        names = sorted(set(shards))
     elif os.path.isfile(os.path.join(path, SINGLE)):
         names = [SINGLE]
     else:
@@ -109,10 +179,13 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None,
     from safetensors import safe_open
 
     config = read_config(path)
+    if not is_utf8(path):
+        raise CheckpointError(f"{path!r} is not valid UTF-8, and safetensors opens only such "
+                              f"paths; rename the folder")
     with torch.device("meta"):
         model = LLaDA(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state, wrong = {}, []
+    state, wrong = {}, {}
     for file in checkpoint_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -122,23 +195,27 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None,
                         continue
                     t = f.get_tensor(name)
                     if t.shape != expected[name]:
-                        wrong.append(f"{name} is {tuple(t.shape)}, expected {tuple(expected[name])}")
-                        continue
-                    state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+                        wrong[name] = f"{name} is {tuple(t.shape)}, expected {tuple(expected[name])}"
+                    elif not t.is_floating_point():  # would be cast to float silently
+                        wrong[name] = f"{name} holds {str(t.dtype).removeprefix('torch.')}, not " \
+                                      f"floating-point weights"
+                    else:
+                        state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
         except Exception as e:  # a truncated or zero-byte shard: safetensors has its own errors
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"{file} is damaged or not a safetensors file "
                                   f"({str(e).splitlines()[0][:80]}); copy it again") from None
-    missing = sorted(set(expected) - set(state))
+    missing = sorted(set(expected) - set(state) - set(wrong))
     unexpected = sorted(k for k, v in state.items() if v is None)
-    problems = ([f"wrong shape: {w}" for w in wrong] + [f"missing tensor: {m}" for m in missing[:5]]
-                + [f"unexpected tensor: {u}" for u in unexpected[:5]])
+    problems = ([f"wrong tensor: {w}" for w in wrong.values()] +
+                [f"missing tensor: {m}" for m in missing] +
+                [f"unexpected tensor: {u}" for u in unexpected])
     if problems:
-        more = len(missing) + len(unexpected) - len(missing[:5]) - len(unexpected[:5])
-        raise CheckpointError(f"{path} does not match its config.json: " + "; ".join(problems)
-                              + (f" (and {more} more)" if more > 0 else ""))
-    bad = [n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{path} does not match its config.json: " +
+                              "; ".join(problems[:5]) + more)
+    bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}); it came from a "
                               f"diverged run: use an earlier checkpoint")
@@ -155,8 +232,8 @@ def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         write_pretrained(tmp, config, state_dict, max_shard_bytes, extra_files)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is for everyone to read
-        replace_dir(tmp, path)
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes it private
+        replace_dir(tmp, path, CONFIG, SAVED.fullmatch)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -183,6 +260,7 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
         save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        os.chmod(os.path.join(path, name), default_mode())  # safetensors writes it private
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
         write_json(os.path.join(path, INDEX), {"metadata": {"total_size": total},
@@ -205,7 +283,8 @@ def auto_map_files(ref) -> list[str]:
     modeling_llada.py; a tokenizer entry is a list (slow, fast; None for none); "org/repo--x.C"
     lives in another repository."""
     refs = ref if isinstance(ref, list) else [ref]
-    return [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
+    files = [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
+    return [f for f in files if f == os.path.basename(f)]  # "../x.C" would copy from elsewhere
 
 
 def record_remote_code(init: str) -> dict:
@@ -277,90 +356,226 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
                              extra_files: dict, rank: int, world: int) -> None:
     """Every rank writes its optimizer shard, rank 0 the gathered weights and train_state.json
     (and copies extra_files: the tokenizer, the remote code), all into path.tmp, which rank 0
-    then swaps into place."""
-    import torch.distributed.checkpoint as dcp
+    then swaps into place. A failure on rank 0 stops every rank (a FileError)."""
+    import torch.distributed.checkpoint as dcp  # here: importing it takes seconds
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
     tmp = path + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a run killed mid-save
-    _barrier(world)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                 checkpoint_id=os.path.join(tmp, "train_state"), no_dist=not dist.is_initialized())
+
+    def clear_tmp():  # left by a run killed mid-save, if it is one (dcp makes train_state/ first)
+        if problem := not_ours(tmp, OPTIMIZER):
+            raise FileError(f"{problem}; move it away")
+        if os.path.lexists(tmp):
+            remove_dir(tmp, OPTIMIZER)
+
+    on_rank_zero(clear_tmp, rank, world)
+    try:
+        with warnings.catch_warnings(), quiet_root_logger():  # "assuming ... single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
+                     checkpoint_id=os.path.join(tmp, OPTIMIZER), no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
+        raise FileError(f"cannot write {os.path.join(tmp, OPTIMIZER)} ({reason(e)})") from None
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                    cpu_offload=True))
-    if rank == 0:
+
+    def publish():
         write_pretrained(tmp, model.config, weights, extra_files=extra_files)
         write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
                                               "world_size": world, "time": time.time()})
-        replace_dir(tmp, path)
-    _barrier(world)
+        replace_dir(tmp, path, STATE, SAVED.fullmatch)
+
+    on_rank_zero(publish, rank, world)
+
+
+def on_rank_zero(fn, rank: int, world: int) -> None:
+    """fn() on rank 0 while the others wait; if it fails, every rank raises (the others a
+    FileError that points at rank 0's) instead of waiting for it until a timeout."""
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except (OSError, FileError) as e:
+            error = e
+    if any_rank(error is not None, world):
+        raise error or FileError("rank 0 could not write the checkpoint")
 
 
 def find_training_checkpoint(path: str) -> bool:
     """Whether `path` holds a complete training checkpoint, after repairing a save that was
-    killed between the two renames of the swap (the previous checkpoint is then path.old)."""
-    recover_dir(path)
+    killed between the two renames of the swap (the previous checkpoint is then path.old).
+    A FileError if a folder that saves replace or delete (path, path.old, path.tmp) exists and
+    is not one a save wrote: a user's folder there is refused before any step, never lost."""
+    recover_dir(path, STATE)
+    for folder, marker in ((path, STATE), (path + ".old", STATE), (path + ".tmp", OPTIMIZER)):
+        if problem := not_ours(folder, marker):
+            raise FileError(f"{problem}; move it away or pass another --out")
     return os.path.isfile(os.path.join(path, STATE))
 
 
 def read_training_state(path: str) -> dict:
     """train_state.json of a checkpoint: the step and the flags of the run that wrote it."""
-    state = read_json(os.path.join(path, STATE))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) \
-            or not isinstance(state.get("config"), dict):
-        raise FileError(f"{os.path.join(path, STATE)} is not a training state (no step and "
-                        f"config); restore it or start a new run with another --out")
+    where = os.path.join(path, STATE)
+    state = read_json(where)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise FileError(f"{where} is not a training state (no step and config); restore it or "
+                        f"start a new run with another --out")
+    if not fits(state.get("step"), int) or state["step"] < 1:  # a save comes after step 1
+        raise FileError(f"{where}: step {state.get('step')!r} is not a step count (1, 2, ...); "
+                        f"restore the file or start a new run with another --out")
     return state
 
 
+# ---------------------------------------------------------------------------------------------
+# The optimizer state, read without running code. torch.distributed.checkpoint unpickles
+# train_state/.metadata with pickle.load and the non-tensor values (lr, betas, ...) with
+# torch.load(weights_only=False): a crafted checkpoint would run any code on --resume. These
+# two replacements admit only what a saved AdamW state holds.
+
+METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),  # Python 3.13+
+                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """pickle.load for train_state/.metadata, admitting only METADATA_CLASSES and dtypes."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in METADATA_CLASSES or \
+                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f".metadata names {module}.{name}, which no checkpoint "
+                                     f"metadata holds (a file made to run code?); not run")
+
+
+def safe_loaders(path: str):
+    """The storage reader and planner of dcp.load for the folder `path`, reading the metadata
+    with MetadataUnpickler and the plain values with torch.load(weights_only=True)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class MetadataReader(FileSystemReader):
+        metadata = None
+
+        def read_metadata(self) -> Metadata:  # no rank=: per-rank metadata is never written
+            if self.metadata is None:  # read once, so that the caller sees its errors first
+                with open_regular(os.path.join(self.path, ".metadata")) as f:
+                    metadata = MetadataUnpickler(f).load()
+                if not isinstance(metadata, Metadata):
+                    raise pickle.UnpicklingError(".metadata holds no checkpoint metadata")
+                for info in (metadata.storage_data or {}).values():  # the shards it names
+                    name = getattr(info, "relative_path", None)
+                    if not (isinstance(name, str) and name == os.path.basename(name) and
+                            os.path.isfile(os.path.join(self.path, name))):  # not a pipe
+                        raise FileError(f"{name!r}, named by .metadata, is not a file there")
+                if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = self.load_id
+                self.metadata = metadata
+            return self.metadata
+
+    class PlainValuesPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            try:
+                plain = torch.load(value, weights_only=True)
+            except Exception:
+                raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} is not a plain value "
+                                             f"(a file made to run code?); not run") from None
+            again = io.BytesIO()  # what weights_only admitted, pickled again: harmless to load
+            torch.save(plain, again)
+            again.seek(0)
+            super().load_bytes(read_item, again)
+
+    return MetadataReader(path), PlainValuesPlanner()
+
+
 def load_optimizer_state(path: str, model, optimizer) -> None:
+    """The moments and step counts saved in `path`; the hyper-parameters (weight decay, betas)
+    stay the optimizer's own, from the flags, which --allow-changes may have changed."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_optimizer_state_dict,
         set_optimizer_state_dict,
     )
+    where = os.path.join(path, OPTIMIZER)
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    reader, planner = safe_loaders(where)
     try:
-        with warnings.catch_warnings():
+        reader.read_metadata()  # here, not inside dcp.load, which would hide why it failed
+        with warnings.catch_warnings(), quiet_root_logger():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, checkpoint_id=os.path.join(path, "train_state"),
+            dcp.load(state, storage_reader=reader, planner=planner,
                      no_dist=not dist.is_initialized())
-    except Exception as e:  # torch.distributed.checkpoint wraps every failure in its own type
-        raise FileError(f"{os.path.join(path, 'train_state')} cannot be read "
-                        f"({str(e).splitlines()[0][:80]}); resume from another checkpoint") from None
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+        flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
+        for group, own in zip(optimizer.param_groups, flags):
+            group.update(own)
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise FileError(f"{where} cannot be read ({reason(e)}); resume from a copy of the "
+                        f"checkpoint, or start a new run from its weights with --init {path} "
+                        f"and another --out") from None
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+@contextlib.contextmanager
+def quiet_root_logger():
+    """torch.distributed.checkpoint logs every failure with its traceback to the root logger;
+    the error that follows says it in one line instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def reason(e: BaseException) -> str:
+    """The first line of what went wrong, unwrapped from torch.distributed.checkpoint's
+    CheckpointException (which holds each rank's error)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    text = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else ""  # its first sentence
+    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# log.jsonl: one record a step, written by train.py.
+
+def read_log(path: str) -> list[tuple[int, bytes]]:
+    """log.jsonl's records as (step, line), each checked to be one train.py writes; [] if
+    there is no log. A last line cut off by a kill is dropped. A FileError otherwise: a file
+    that is not ours is never truncated."""
+    if not os.path.lexists(path):
+        return []
+    try:
+        with open_regular(path, "move it away or pass another --out") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        row, wrong = parse_json_line(line)
+        if wrong and wrong.startswith("not JSON") and number == len(lines):
+            continue  # the line being written when the run was killed
+        if wrong is None and not (fits(row.get("step"), int) and row["step"] >= 1):
+            wrong = f"not a step record (step {row.get('step')!r})"
+        if wrong:
+            raise FileError(f"{path} line {number}: {wrong}; it is not a log of train.py: move "
+                            f"it away (a new one is started) or pass another --out")
+        records.append((row["step"], line))
+    return records
 
 
 def truncate_log(path: str, step: int) -> None:
-    """Keep log.jsonl's records up to `step` (those past it are about to be redone); a last
-    line cut off by a kill is dropped. A new run (step 0) starts an empty log."""
-    kept = []
-    if step > 0 and os.path.exists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise FileError(f"cannot read {path} ({e.__class__.__name__}); move it away to "
-                            f"resume with a new log") from None
-        for i, line in enumerate(lines):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # the line being written when the run was killed
-                    continue
-                raise FileError(f"{path} line {i + 1} is not JSON; move the file away to resume "
-                                f"with a new log") from None
-            if record.get("step", 0) <= step:
-                kept.append(line + "\n")
-    write_text(path, "".join(kept))
+    """Keep log.jsonl's records up to `step` (those past it are about to be redone). A new
+    run (step 0) starts an empty log."""
+    kept = b"".join(line + b"\n" for s, line in read_log(path) if s <= step)
+    write_atomic(path, lambda f: f.write(kept))

@@ -5,12 +5,15 @@ complete, and reading them with one-line errors that name the file.
 Harness, not part of the paper. Every writer of the project (checkpoints, token caches, logs,
 evaluation results, pictures) goes through `write_atomic` or `replace_dir`: the bytes go to a
 temporary name in the same folder and are renamed over the target when complete, and a rename
-within one file system is atomic. Every JSON reader goes through `read_json`.
+within one file system is atomic. Files and folders get the user's umask, as any other program's.
+Nothing deletes a folder it did not write. Every JSON reader goes through `read_json`, which
+refuses named pipes instead of blocking on them.
 """
 import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -19,6 +22,26 @@ from typing import Callable
 
 class FileError(ValueError):
     """A file that cannot be read or written; the message names it and says what to do."""
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode open() or mkdir() would give under the user's umask (0644 and 0755 under the
+    usual 022). mkstemp and mkdtemp make private ones (0600, 0700), which a colleague sharing
+    a checkpoint could not read; forcing 0644 instead would publish what a umask of 077 keeps
+    private. os.umask can only be read by setting it, so it is set back at once."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
+def is_utf8(path: str) -> bool:
+    """Whether a path's bytes are UTF-8: Python keeps other bytes as lone surrogates, and
+    libraries such as safetensors cannot open such a path."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def write_atomic(path: str, write: Callable) -> None:
@@ -34,7 +57,7 @@ def write_atomic(path: str, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+        os.chmod(tmp, default_mode())  # mkstemp makes it private
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder, a path that is a folder
         raise FileError(f"cannot write {path}: {e.strerror or e}") from None
@@ -62,22 +85,39 @@ def append_line(path: str, obj) -> None:
         raise FileError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def read_json(path: str, missing_ok: bool = False):
-    """The JSON object in `path`; {} for a missing file if missing_ok, else a FileError."""
-    if missing_ok and not os.path.exists(path):
-        return {}
+def open_regular(path: str, advice: str = "put the file itself there"):
+    """`path` opened for binary reading, if it is a regular file. Opening a named pipe waits for
+    a writer forever, and a device may never end: both are a FileError ending with `advice`."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens at once, unread
     except FileNotFoundError:
         raise FileError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise FileError(f"{path} is a folder, not a JSON file") from None
+    except OSError as e:
+        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(mode) else "a named pipe or device"
+        raise FileError(f"{path} is {what}, not a regular file; {advice}")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_json(path: str, missing_ok: bool = False):
+    """The JSON object in `path`; {} for a missing file if missing_ok, else a FileError."""
+    if missing_ok and not os.path.lexists(path):
+        return {}
+    try:
+        with open_regular(path) as f:
+            return json.loads(f.read().decode("utf-8"))
     except OSError as e:
         raise FileError(f"cannot read {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FileError(f"{path} is not valid JSON ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0][:80]}); restore it from a copy") from None
+    except RecursionError:  # json parses nested arrays recursively: "[[[[..." breaks it
+        raise FileError(f"{path} is not valid JSON (nested too deeply); restore it from a "
+                        f"copy") from None
 
 
 def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
@@ -88,6 +128,8 @@ def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
         return None, "not UTF-8 text"
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
     if not isinstance(row, dict):
         return None, "not a JSON object"
     return row, None
@@ -118,28 +160,78 @@ def read_jsonl(path: str, hint: str, skip_blank: bool = True,
     return rows
 
 
-def replace_dir(src: str, dst: str) -> None:
-    """Move a finished folder `src` into place at `dst`.
+def replace_dir(src: str, dst: str, marker: str, written: Callable[[str], bool]) -> None:
+    """Move a finished folder `src` into place at `dst`, losing nothing that someone else put
+    in the old one.
 
     Two renames, so a crash can fall between them: the old folder is first renamed to
-    `dst.old`, then `src` to `dst`. `recover_dir(dst)` repairs either half-way state, and the
-    old folder is deleted only once the new one is in place.
+    `dst.old`, then `src` to `dst`. `recover_dir` repairs either half-way state. Then the old
+    folder's entries that `src` lacks and that the writer does not write itself (`written(name)`
+    is False: a user's results folder put inside a checkpoint) move into the new one, and only
+    then is the old folder deleted. `marker` is the entry that makes a folder one of ours:
+    `dst` or `dst.old` without it was not made here and is never touched (a FileError instead).
     """
-    recover_dir(dst)
+    recover_dir(dst, marker)
     old = dst + ".old"
-    if os.path.exists(dst):
-        if os.path.exists(old):
-            shutil.rmtree(old)
+    for path in (dst, old):
+        if problem := not_ours(path, marker):
+            raise FileError(f"{problem}; move it away")
+    retire_dir(old, dst, marker, written)  # left by a swap cut short after its second rename
+    if os.path.lexists(dst):
         os.replace(dst, old)
     os.replace(src, dst)
-    if os.path.exists(old):
-        shutil.rmtree(old)
+    retire_dir(old, dst, marker, written)
+
+
+def not_ours(path: str, marker: str) -> str | None:
+    """Why a folder at `path` may not be replaced or deleted; None if it is absent, or a real
+    folder (not a link to one) holding `marker` or nothing at all."""
+    if os.path.islink(path):
+        return (f"{path} is a symbolic link, which a save would replace instead of writing "
+                f"where it points")
+    if os.path.lexists(path) and not (os.path.isdir(path) and (
+            os.path.lexists(os.path.join(path, marker)) or not os.listdir(path))):
+        return f"{path} was not written here (it is not a folder holding {marker})"
+    return None
+
+
+def retire_dir(old: str, dst: str, marker: str, written: Callable[[str], bool]) -> None:
+    """Delete the replaced folder `old` (ours), after moving into `dst` what only it holds."""
+    if not os.path.lexists(old):
+        return
+    for name in os.listdir(old):
+        if name != marker and not written(name) and not os.path.lexists(os.path.join(dst, name)):
+            os.replace(os.path.join(old, name), os.path.join(dst, name))
+    remove_dir(old, marker)
+
+
+def remove_dir(path: str, marker: str) -> None:
+    """Delete a folder of ours, its `marker` last: a kill midway leaves a folder that is still
+    recognisably ours, which the next run deletes instead of refusing it."""
+    for name in [n for n in os.listdir(path) if n != marker] + [marker]:
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry)
+        elif os.path.lexists(entry):
+            os.remove(entry)
+    os.rmdir(path)
+
+
+def recover_dir(dst: str, marker: str) -> None:
+    """After a crash inside replace_dir: if `dst` is gone but `dst.old` (ours) exists, put it
+    back."""
+    old = dst + ".old"
+    if not os.path.lexists(dst) and os.path.lexists(old) and not_ours(old, marker) is None:
+        try:
+            os.replace(old, dst)
+        except FileNotFoundError:  # another process of the run put it back first
+            pass
 
 
 def publish_dir(src: str, dst: str) -> bool:
     """Move a finished folder `src` to `dst` unless another process published `dst` first
     (caches: whoever finishes first wins, the other copy is dropped). True if ours went in."""
-    os.chmod(src, 0o755)  # mkdtemp makes it private; a cache is shared by every user's runs
+    os.chmod(src, default_mode(folder=True))  # mkdtemp makes it private
     try:
         os.rename(src, dst)
         return True
@@ -148,13 +240,6 @@ def publish_dir(src: str, dst: str) -> bool:
             raise
         shutil.rmtree(src)
         return False
-
-
-def recover_dir(dst: str) -> None:
-    """After a crash inside replace_dir: if `dst` is gone but `dst.old` exists, put it back."""
-    old = dst + ".old"
-    if not os.path.exists(dst) and os.path.isdir(old):
-        os.replace(old, dst)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@ flags.py: a configuration is a dataclass, and its command-line flags are its fie
 Harness, not part of the paper. Each field is declared once with `flag(default, help, ...)`;
 `add_flags` turns the fields into argparse flags of the same names (`seq_len` -> `--seq-len`)
 and appends the default to the help, so a default is written in exactly one place. Number
-types (`count`, `count0`, `positive`) refuse nan, inf, zero and negatives with one line.
+types (`count`, `count0`, `positive`) refuse nan, inf, zero and negatives with one line, and
+`number(..., highest=)` values beyond what a run can use. `fits` checks a value read back
+from a file (a saved run's flags) against its field's type.
 """
 import argparse
 import math
+import typing
 from dataclasses import MISSING, field, fields
 
 
@@ -58,20 +61,31 @@ def from_args(config_class, args: argparse.Namespace):
                            if f.init and hasattr(args, f.name)})
 
 
-def number(kind, lowest: float, inclusive: bool):
-    """An argparse type: a finite number above `lowest` (or at least it, if inclusive)."""
+def number(kind, lowest: float, inclusive: bool, highest: float | None = None):
+    """An argparse type: a finite number above `lowest` (or at least it, if inclusive), and
+    at most `highest` if given."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive) \
+                or (highest is not None and value > highest):
+            upper = "" if highest is None else f" and at most {highest:g}"
             raise argparse.ArgumentTypeError(
-                f"must be {'at least' if inclusive else 'above'} {lowest:g}, got {text}")
+                f"must be {'at least' if inclusive else 'above'} {lowest:g}{upper}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def fits(value, annotation) -> bool:
+    """Whether `value` (from JSON) is of a field's type: `int`, `float | None`, ... An int is
+    a float too, but true is not a number."""
+    kinds = typing.get_args(annotation) or (annotation,)
+    return any(value is None if k is type(None) else
+               type(value) in (int, float) if k is float else type(value) is k for k in kinds)
 
 
 count = number(int, 0, inclusive=False)  # 1, 2, 3, ...

@@ -50,8 +50,10 @@ def tune_cpu_memory(reuse_freed: bool = False) -> dict:
 def fail(message: str, code: int = 2, every_rank: bool = False):
     """A user's mistake or a file problem: one line, no traceback, and an exit code (2 for bad
     input). Under torchrun every rank usually gets the same answer, so only rank 0 says it;
-    every_rank=True for what happened to one rank alone (a cell it was computing)."""
-    if every_rank or int(os.environ.get("RANK", 0)) == 0:
+    every_rank=True for what happened to one rank alone (a cell it was computing), and a process
+    whose RANK names no other rank's place (a stale one) says it too."""
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    if every_rank or not (rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world)):
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
 
@@ -76,9 +78,41 @@ def stop_on_signals() -> dict:
 # ---------------------------------------------------------------------------------------------
 # Processes: torchrun's environment says how many there are and which one this is.
 
+def process_env() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, checked: a variable left over from a
+    scheduler or a shell would otherwise fail deep inside, or wait for processes that never
+    come."""
+    values = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        text = os.environ.get(name, default)
+        if not text.isdigit():
+            fail(f"{name}={text!r} in the environment is not a process count; unset it, or start "
+                 f"several processes with torchrun")
+        values[name] = int(text)
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if world < 1 or rank >= world:
+        fail(f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')} in the "
+             f"environment names no process of this run (left over from another job?); unset "
+             f"them, or start several processes with torchrun")
+    return rank, world
+
+
+def say_waiting(world: int, what: str, backend: str) -> None:
+    """On rank 0, before a rendezvous: a process that never starts would otherwise hold the
+    others without a word until the process group's timeout."""
+    if os.environ.get("RANK", "0") == "0":
+        from torch.distributed import constants
+        timeout = (backend == "nccl" and getattr(constants, "default_pg_nccl_timeout", None)) \
+            or constants.default_pg_timeout
+        print(f"waiting for the other {world - 1} process(es) at "
+              f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT')} "
+              f"to {what} (torchrun rendezvous, timeout {timeout.total_seconds() / 60:.0f} min)",
+              file=sys.stderr)
+
+
 def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group (NCCL on GPUs, gloo on CPUs)."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = process_env()
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -86,6 +120,7 @@ def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if world > 1:
+        say_waiting(world, "start", backend)
         dist.init_process_group(backend)  # rendezvous from torchrun's environment
     elif fsdp:  # fully_shard needs a process group, even a group of one
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -94,21 +129,24 @@ def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
 
 def join_processes(world: int) -> None:
     """Evaluation's processes under torchrun meet in a gloo group: no tensors travel, it only
-    lets them wait for one another, on GPUs too. Says what it waits for: a process that never
-    starts would otherwise hold the others without a word (torchrun gives up after its timeout)."""
+    lets them wait for one another, on GPUs too."""
     if world > 1:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"waiting for the {world} processes of this run to meet (torchrun "
-                  f"{os.environ.get('MASTER_ADDR', 'localhost')}:{os.environ.get('MASTER_PORT')})",
-                  file=sys.stderr)
+        say_waiting(world, "meet", "gloo")
         dist.init_process_group("gloo")
+
+
+def collective_device() -> torch.device:
+    """Where a small collective's tensor must live: NCCL moves CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def any_rank(flag: bool, world: int) -> bool:
     """True if any rank says so (e.g. a stop was requested on one of them)."""
     if world == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -116,7 +154,7 @@ def any_rank(flag: bool, world: int) -> bool:
 def mean_over_ranks(value: float, world: int) -> float:
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return t.item() / world
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.files import read_json
+from harness.flags import fits
 from model import TIKTOKEN_VOCAB
 
 TIKTOKEN_NAME = "cl100k_base"  # also the marker a tiny checkpoint's config.json carries
@@ -104,9 +105,18 @@ def json_tokenizer(path: str) -> Tokenizer:
         raise ValueError(f"cannot read {file}: {str(e).splitlines()[0][:100]}") from None
     hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
     config = read_json(os.path.join(path, "config.json"), missing_ok=True)
+    if not isinstance(config, dict):
+        raise ValueError(f"{os.path.join(path, 'config.json')} is not a JSON object")
     eos = config.get("eos_token_id", LLADA_EOS)
     mask = config.get("mask_token_id", LLADA_MASK)
+    for name, value in (("eos_token_id", eos), ("mask_token_id", mask)):
+        if not fits(value, int) or value < 0:  # "126336" would compare unequal to 126336 later
+            raise ValueError(f"{os.path.join(path, 'config.json')}: {name} is {value!r}, not a "
+                             f"token id; restore the file from a copy")
     vocab = config.get("vocab_size", max(hf.get_vocab_size(with_added_tokens=True), eos + 1, mask + 1))
+    if not fits(vocab, int) or vocab <= max(eos, mask):
+        raise ValueError(f"{os.path.join(path, 'config.json')}: vocab_size {vocab!r} does not "
+                         f"cover EOS {eos} and [MASK] {mask}; restore the file from a copy")
     bos = prompt_bos(path, hf, config)
     return Tokenizer(
         name=f"tokenizer.json of {path}", source=os.path.abspath(path), fingerprint=f"json-{digest}",

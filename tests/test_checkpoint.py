@@ -1,15 +1,22 @@
 """Tests for checkpoint.py: the official Hugging Face layout round-trips, an official
-directory loads, damaged ones fail with one line, saves are atomic, and what every RoPE method
-saves gives the official modeling code the same logits (all but position interpolation)."""
+directory loads, damaged ones fail with one line, config.json is checked field by field, saves
+are atomic and follow the umask, what every RoPE method saves gives the official modeling code
+the same logits (all but position interpolation), and reading an optimizer state runs no code."""
 import json
 import os
+import pickle
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_model import ids, reference_logits, small_config
 
-from harness.checkpoint import CheckpointError, from_pretrained, record_remote_code, save_pretrained
+import train
+from harness.checkpoint import (CheckpointError, from_pretrained, load_optimizer_state,
+                                read_config, record_remote_code, save_pretrained,
+                                save_training_checkpoint)
+from harness.files import FileError
 from model import LLaDA
 from rope import METHODS, scale_rope
 
@@ -195,3 +202,122 @@ def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
     assert saved == {k: auto_map[k] for k in ("AutoConfig", "AutoModel", "AutoModelForMaskedLM")}
     assert record_remote_code("tiny") == {}  # a preset
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"n_heads": 3, "n_kv_heads": 3}, "n_heads 3 does not divide d_model 64"),
+    ({"n_heads": 0}, "n_heads is 0, it must be a whole number"),
+    ({"d_model": "64"}, 'd_model is "64", it must be a whole number'),
+    ({"n_layers": True}, "n_layers is true, it must be a whole number"),
+    ({"d_model": -64}, "d_model is -64"),
+    ({"d_model": 10**30}, "d_model is 1000000000000000000000000000000"),
+    ({"n_heads": 64, "n_kv_heads": 64}, "the head size d_model / n_heads = 1 must be even"),
+    ({"rope_theta": float("nan")}, "rope_theta is NaN, it must be a finite number above 1"),
+    ({"rope_theta": 0}, "rope_theta is 0, it must be a finite number above 1"),
+    ({"rope_theta": 1.0}, "rope_theta is 1.0"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps is 0, it must be a finite number above 0"),
+    ({"rope_scaling": "abc"}, 'rope_scaling is "abc", it must be an object or null'),
+    ({"rope_scaling": {"position_scale": 0}}, "rope_scaling.position_scale is 0"),
+    ({"rope_scaling": {"position_scale": 1.5}}, "rope_scaling.position_scale is 1.5"),
+    ({"rope_scaling": {"original_rope_theta": float("inf")}}, "original_rope_theta is Infinity"),
+    ({"mask_token_id": "299"}, 'mask_token_id is "299", it must be a whole number'),
+    ({"mask_token_id": 320}, "mask_token_id 320 has no embedding (embedding_size 320)"),
+    ({"include_bias": 0}, "include_bias is 0, it must be true or false"),
+])
+def test_config_values_are_checked_where_they_are_read(tmp_path, net, edit, says):
+    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict())
+    path = tmp_path / "ckpt" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    with pytest.raises(CheckpointError) as e:
+        read_config(str(tmp_path / "ckpt"))
+    assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_non_float_weights_are_refused_instead_of_cast(tmp_path, net):
+    """int64 weights would be cast to float32 and run as if they were a model."""
+    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict())
+    file = tmp_path / "ckpt" / "model.safetensors"
+    state = {k: (v * 1000).to(torch.int64) for k, v in load_file(file).items()}
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="holds int64, not floating-point weights") as e:
+        from_pretrained(str(tmp_path / "ckpt"))
+    assert "missing tensor" not in str(e.value) and "(and " in str(e.value)  # 5 shown, not all
+
+
+@pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755),
+                                                          (0o077, 0o600, 0o700)])
+def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path, net, mask, file_mode, folder_mode):
+    """As a Hugging Face checkpoint: 0644 files under umask 022, so a colleague can read the
+    weights (safetensors and mkstemp write 0600), and private under 077."""
+    previous = os.umask(mask)
+    try:
+        save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict())
+    finally:
+        os.umask(previous)
+    for name in ("model.safetensors", "config.json"):
+        assert os.stat(tmp_path / "ckpt" / name).st_mode & 0o777 == file_mode, name
+    assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == folder_mode
+
+
+class Plant:
+    """Unpickling this runs `touch MARKER`, as a crafted checkpoint would run anything."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def optimizer_checkpoint(path):
+    """A training checkpoint of a small model after one AdamW step; the model and optimizer."""
+    torch.manual_seed(0)
+    model = LLaDA(small_config())
+    opt = train.make_optimizer(model, train.TrainConfig(), 1e-3)
+    model.head(model(ids())).sum().backward()
+    opt.step()
+    save_training_checkpoint(str(path), model, opt, 1, {}, {}, rank=0, world=1)
+    return model, opt
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("vector", ["metadata", "plain-value"])
+def test_reading_an_optimizer_state_runs_no_code_from_it(tmp_path, vector):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    model, opt = optimizer_checkpoint(tmp_path / "ckpt")
+    state = tmp_path / "ckpt" / "train_state"
+    load_optimizer_state(str(tmp_path / "ckpt"), model, opt)  # the real one loads
+    marker = tmp_path / "ran"
+    if vector == "metadata":  # pickle.load in FileSystemReader.read_metadata
+        with open(state / ".metadata", "wb") as f:
+            pickle.dump(Plant(marker), f)
+    else:  # a non-tensor value, torch.load(weights_only=False) in DefaultLoadPlanner
+        sd = get_optimizer_state_dict(model, opt)
+        sd["param_groups"][1]["lr"] = Plant(marker)
+        shutil.rmtree(state)
+        dcp.save({"optimizer": sd}, checkpoint_id=str(state), no_dist=True)
+    with pytest.raises(FileError) as e:
+        load_optimizer_state(str(tmp_path / "ckpt"), model, opt)
+    assert not marker.exists()
+    assert "train_state cannot be read" in str(e.value) and "not run" in str(e.value)
+    assert "posix.system" in str(e.value) if vector == "metadata" else \
+        "optimizer.param_groups.1.lr is not a plain value" in str(e.value)
+
+
+def test_names_in_an_index_or_auto_map_never_reach_outside_the_folder(tmp_path, net):
+    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict(), max_shard_bytes=200_000)
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    for shard in ("../ckpt/model-00001-of-00002.safetensors", 7):
+        data = json.loads(index.read_text())
+        data["weight_map"]["model.transformer.wte.weight"] = shard
+        index.write_text(json.dumps(data))
+        with pytest.raises(CheckpointError, match="names shards that are not files of"):
+            from_pretrained(str(tmp_path / "ckpt"))
+    # --init's remote code: a module path with a folder in it would be copied from, and into,
+    # another folder than the checkpoint's
+    init = tmp_path / "init"
+    init.mkdir()
+    (tmp_path / "outside.py").write_text('"""Not the checkpoint\'s."""\n')
+    (init / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "../outside.X"}}))
+    assert record_remote_code(str(init)) == {}

@@ -1,10 +1,28 @@
 """Tests for harness/files.py: folder publishing (the first finished copy wins, the loser is
-dropped) and the JSON-lines reader's one-line errors."""
+dropped), the swap of a finished folder that loses nothing it did not write, permissions that
+follow the umask, and the readers' one-line errors (pipes, deep nesting) that never block."""
+import json
 import os
+import shutil
+from contextlib import contextmanager
 
 import pytest
 
-from harness.files import FileError, publish_dir, read_jsonl
+from harness.files import (FileError, parse_json_line, publish_dir, read_json, read_jsonl,
+                           remove_dir, replace_dir, write_json)
+
+
+@contextmanager
+def umask(mask: int):
+    previous = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
 
 
 def test_publish_dir_moves_a_finished_folder_in_and_keeps_the_first_one(tmp_path):
@@ -16,7 +34,22 @@ def test_publish_dir_moves_a_finished_folder_in_and_keeps_the_first_one(tmp_path
     assert publish_dir(str(second), str(dst)) is False  # another process finished first
     assert (dst / "meta.json").read_text() == "first"
     assert not first.exists() and not second.exists()
-    assert oct(os.stat(dst).st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755),
+                                                          (0o077, 0o600, 0o700),
+                                                          (0o002, 0o664, 0o775)])
+def test_written_files_and_published_folders_follow_the_umask(tmp_path, mask, file_mode,
+                                                               folder_mode):
+    """As any program's files: readable by a colleague under 022, private under 077 (the
+    temporary-file helpers would make them 0600 and 0700 whatever the umask)."""
+    src = tmp_path / "cache.tmp"
+    with umask(mask):
+        src.mkdir(mode=0o700)  # as mkdtemp makes it
+        write_json(str(src / "meta.json"), {"a": 1})
+        publish_dir(str(src), str(tmp_path / "cache"))
+    assert mode(tmp_path / "cache" / "meta.json") == file_mode
+    assert mode(tmp_path / "cache") == folder_mode
 
 
 def test_read_jsonl_returns_objects_and_names_the_bad_line(tmp_path):
@@ -44,3 +77,88 @@ def test_read_jsonl_refuses_what_is_not_a_regular_file_instead_of_blocking(tmp_p
     for path in (pipe, tmp_path, tmp_path / "missing.jsonl"):
         with pytest.raises(FileError, match="does not exist or is not a file; pass X"):
             read_jsonl(str(path), "pass X")
+
+
+def test_read_json_refuses_pipes_folders_and_deep_nesting_in_one_line(tmp_path):
+    pipe = tmp_path / "config.json"
+    os.mkfifo(pipe)  # open() would wait for a writer forever
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # json recurses: RecursionError
+    for path, says in [(pipe, "is a named pipe or device, not a regular file"),
+                       (tmp_path, "is a folder, not a regular file"),
+                       (deep, "is not valid JSON (nested too deeply)"),
+                       (tmp_path / "missing.json", "does not exist")]:
+        with pytest.raises(FileError) as e:
+            read_json(str(path))
+        assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+    assert read_json(str(tmp_path / "missing.json"), missing_ok=True) == {}
+    assert parse_json_line(b"[" * 100_000) == (None, "JSON nested too deeply")
+
+
+def checkpoint_folder(path, weights: str, marker=True, extra=()):
+    """A folder as a save leaves it: its weights file, its marker, and `extra` entries."""
+    path.mkdir()
+    (path / weights).write_text(weights)
+    if marker:
+        (path / "state.json").write_text("{}")
+    for name in extra:
+        (path / name).mkdir()
+        (path / name / "cell.json").write_text(name)
+    return path
+
+
+WRITTEN = {"state.json", "model.safetensors", "model-00001-of-00002.safetensors"}.__contains__
+
+
+def test_replace_dir_carries_what_the_writer_did_not_write_into_the_new_folder(tmp_path):
+    dst = checkpoint_folder(tmp_path / "ckpt", "model-00001-of-00002.safetensors",
+                            extra=["evals"])  # a user's results, put there between two saves
+    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
+    replace_dir(str(new), str(dst), "state.json", WRITTEN)
+    assert sorted(os.listdir(dst)) == ["evals", "model.safetensors", "state.json"]
+    assert (dst / "evals" / "cell.json").read_text() == "evals"
+    assert (dst / "model.safetensors").read_text() == "model.safetensors"  # the new one
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # the old folder is gone, new moved in
+
+
+def test_replace_dir_finishes_a_swap_cut_short_and_keeps_what_only_the_old_folder_holds(tmp_path):
+    # killed after its second rename: the new checkpoint is in place, the old one beside it
+    dst = checkpoint_folder(tmp_path / "ckpt", "model.safetensors")
+    checkpoint_folder(tmp_path / "ckpt.old", "model.safetensors", extra=["evals"])
+    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
+    replace_dir(str(new), str(dst), "state.json", WRITTEN)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert (dst / "evals" / "cell.json").read_text() == "evals"
+
+
+@pytest.mark.parametrize("what", ["dst-not-ours", "old-not-ours", "dst-link", "dst-file"])
+def test_replace_dir_never_touches_a_folder_it_did_not_write(tmp_path, what):
+    dst, old = tmp_path / "ckpt", tmp_path / "ckpt.old"
+    if what == "dst-not-ours":
+        checkpoint_folder(dst, "notes.txt", marker=False)
+    elif what == "old-not-ours":
+        checkpoint_folder(dst, "model.safetensors")
+        checkpoint_folder(old, "precious.txt", marker=False)
+    elif what == "dst-link":
+        os.symlink(checkpoint_folder(tmp_path / "elsewhere", "model.safetensors"), dst)
+    else:
+        dst.write_text("a file")
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
+    with pytest.raises(FileError, match="move it away"):
+        replace_dir(str(new), str(dst), "state.json", WRITTEN)
+    assert {p: p.read_bytes() for p in before} == before
+    assert what != "dst-link" or os.path.islink(dst)
+
+
+def test_remove_dir_deletes_the_marker_last_so_a_killed_delete_stays_recognisable(
+        tmp_path, monkeypatch):
+    folder = checkpoint_folder(tmp_path / "ckpt.old", "model.safetensors", extra=["a", "b"])
+    deleted = []
+    for module, name in ((shutil, "rmtree"), (os, "remove")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda path, *a, real=real, **k:
+                            (deleted.append(os.path.basename(path)), real(path, *a, **k)))
+    remove_dir(str(folder), "state.json")
+    assert sorted(deleted) == ["a", "b", "model.safetensors", "state.json"]
+    assert deleted[-1] == "state.json" and not folder.exists()

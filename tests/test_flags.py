@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from harness.flags import add_flags, count, count0, flag, from_args, positive, positive0
+from harness.flags import add_flags, count, count0, fits, flag, from_args, number, positive, positive0
 
 
 @dataclass
@@ -59,6 +59,8 @@ def test_choices_refuse_other_values(capsys):
     (positive, "inf", False), (positive0, "0", True), (positive0, "-1", False),
     (count, "3", True), (count, "0", False), (count, "-1", False), (count, "1.5", False),
     (count0, "0", True), (count0, "-2", False), (count, "abc", False),
+    (number(float, 0, False, 1), "1", True), (number(float, 0, False, 1), "1.5", False),
+    (number(float, 0, False, 1), "1e308", False),
 ])
 def test_number_flags_refuse_what_would_run_wrongly(parse, text, ok):
     if ok:
@@ -66,3 +68,19 @@ def test_number_flags_refuse_what_would_run_wrongly(parse, text, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
+
+
+def test_an_upper_bound_is_said_in_the_message():
+    with pytest.raises(argparse.ArgumentTypeError, match="must be above 0 and at most 1, got 2"):
+        number(float, 0, False, 1)("2")
+
+
+@pytest.mark.parametrize("value, annotation, ok", [
+    (512, int, True), ("512", int, False), (True, int, False), (512.0, int, False),
+    (None, int | None, True), (None, int, False), (2, float, True), (True, float, False),
+    (2e-5, float | None, True), ("2e-5", float | None, False), (False, bool, True),
+    (0, bool, False), ("eod", str, True), (3, str, False),
+])
+def test_fits_tells_a_saved_value_of_the_wrong_type(value, annotation, ok):
+    """Values read back from JSON: a count must not be a string nor true, a rate may be 2."""
+    assert fits(value, annotation) is ok

@@ -1,5 +1,6 @@
 """Tests for runtime.py: the CPU memory settings are explicit (nothing happens on import) and
-do what they say, the number flags refuse what would train wrongly, and the memory plan."""
+do what they say, and a second interrupt exits at once. torchrun's environment and the
+rendezvous message are tested as a user meets them, in test_bad_input.py."""
 import ctypes
 import os
 import subprocess
@@ -61,3 +62,17 @@ def test_reuse_freed_serves_large_blocks_from_the_heap_instead_of_their_own_mmap
     reused = int(fresh_python(MMAPPED_BYTES.replace("sys.argv[1]", "'reuse'"), off))
     assert default >= 64 * 2**20  # glibc's default: the block is its own mapping, unmapped on free
     assert reused < 64 * 2**20  # with reuse: from the heap, whose freed space is kept
+
+
+def test_a_second_interrupt_exits_at_once_without_waiting_for_the_step():
+    """stop_on_signals: the first Ctrl-C only asks to stop after the step; the second exits at
+    once with 130. Signalled to itself, so the order never depends on the machine's speed."""
+    code = ("import os, signal, time; from harness.runtime import stop_on_signals; "
+            "stop = stop_on_signals(); os.kill(os.getpid(), signal.SIGINT); "
+            "print('asked', stop['signal'] == signal.SIGINT, flush=True); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(60); print('not reached')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 130
+    assert r.stdout.split() == ["asked", "True"]
+    assert r.stderr.strip() == "second interrupt: exiting without saving"

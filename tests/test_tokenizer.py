@@ -1,7 +1,9 @@
 """Tests for tokenizer.py's prompt encoding: BOS exactly where a Hugging Face tokenizer puts
-it (its post-processor, or add_bos_token in tokenizer_config.json), never in corpus text."""
+it (its post-processor, or add_bos_token in tokenizer_config.json), never in corpus text; and
+the files beside tokenizer.json read with one-line errors (pipes, ids of the wrong type)."""
 import json
 import os
+import re
 
 import pytest
 from tokenizers import Tokenizer as HF
@@ -58,4 +60,30 @@ def test_a_broken_tokenizer_config_is_a_one_line_error_naming_it(tmp_path):
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         f.write("{not json")
     with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
+def test_a_named_pipe_beside_the_tokenizer_is_refused_instead_of_blocking(tmp_path, name):
+    path = make_tokenizer(tmp_path / "t", False, True)
+    os.remove(os.path.join(path, name))
+    os.mkfifo(os.path.join(path, name))  # reading it would wait for a writer forever
+    with pytest.raises(ValueError, match=f"{name} is a named pipe or device, not a regular file"):
+        load_tokenizer(path)
+
+
+@pytest.mark.parametrize("edit, says", [
+    ({"mask_token_id": "5"}, "mask_token_id is '5', not a token id"),
+    ({"eos_token_id": True}, "eos_token_id is True, not a token id"),
+    ({"vocab_size": 3}, "vocab_size 3 does not cover EOS 1 and [MASK] 5"),
+])
+def test_special_ids_of_the_wrong_type_are_refused_when_read(tmp_path, edit, says):
+    """A [MASK] id given as a string would otherwise be compared with the model's int and
+    reported as a mismatch of two equal-looking numbers."""
+    path = make_tokenizer(tmp_path / "t", False, None)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, **edit}, f)
+    with pytest.raises(ValueError, match=re.escape(says)):
         load_tokenizer(path)

@@ -292,6 +292,7 @@ def describe(config: LLaDAConfig) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Describe a LLaDA model preset without allocating it.")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
     p.add_argument("--preset", default="llada-8b", help=f"one of {', '.join(PRESETS)} (default llada-8b)")
     args = p.parse_args(argv)
     if args.preset not in PRESETS:

@@ -11,8 +11,11 @@ Harness, not part of the paper (data.py packs what this file prepares). Sources:
                asked for thousands of tokens later
 
 The cache is tokens.bin (every document back to back, uint32), offsets.npy (where each
-starts), names.json (which file, or line of a .jsonl, each came from) and meta.json, built in parallel worker processes in a temporary folder renamed into
-place, and keyed by the tokenizer, the split and the files' sizes and times.
+starts), names.json (which file, or line of a .jsonl, each came from) and meta.json, built in
+parallel worker processes in a temporary folder renamed into place, and keyed by the tokenizer,
+the split and the files' sizes and times. What cannot be read is skipped and named in a warning:
+files that are not UTF-8, unreadable or not regular files (a named pipe would block forever),
+and documents over 256 MB (a worker holds about 8 bytes per byte while tokenizing).
 
 Run `python data.py --help` to build a cache and print its statistics.
 """
@@ -491,9 +494,15 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
     reused = os.path.exists(path)  # a folder under its final name is complete (or damaged)
     if not reused:
         try:
+            new_folder = not os.path.isdir(cache_dir)
             os.makedirs(cache_dir, exist_ok=True)
             if data is None:
-                check_synthetic_size(synthetic.n_docs, cache_dir)
+                try:
+                    check_synthetic_size(synthetic.n_docs, cache_dir)
+                except ValueError:
+                    if new_folder:  # refused before any work: nothing left behind either
+                        os.rmdir(cache_dir)
+                    raise
             build_cache(path, name, key, tasks, tokenizer, select, split != "train", workers,
                         progress)
         except OSError as e:  # a cache folder that cannot be created, a full disk
@@ -571,7 +580,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 progress: bool | None) -> None:
     remove_abandoned(path)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path) or ".")
-    building = try_lock(os.path.join(tmp, BUILDING))  # held until the folder is published or removed
+    building = try_lock(os.path.join(tmp, BUILDING))  # held until published or removed
     started = time.time()
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     synthetic = tasks[0].reader == "synthetic"
@@ -656,7 +665,8 @@ def open_cache(path: str, tokenizer: Tokenizer, reused: bool) -> Corpus:
         raise damaged("meta.json or names.json is not valid JSON") from None
     fields = {"name": str, "n_docs": int, "n_skipped": int, "skipped": list}
     if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in fields.items()):
-        raise damaged(f"meta.json does not hold {', '.join(f'{k} ({t.__name__})' for k, t in fields.items())}")
+        wanted = ", ".join(f"{k} ({t.__name__})" for k, t in fields.items())
+        raise damaged(f"meta.json does not hold {wanted}")
     if not (isinstance(names, list) and len(names) == meta["n_docs"]):
         raise damaged(f"names.json is not a list of {meta['n_docs']} names")
     try:
@@ -674,7 +684,8 @@ def open_cache(path: str, tokenizer: Tokenizer, reused: bool) -> Corpus:
         raise damaged(f"{len(tokens)} tokens, offsets say {offsets[-1]}")
     # Ids past the vocabulary only come from outside (this tokenizer made the ones it built)
     if reused and (top := max_token(tokens)) >= tokenizer.vocab_size:
-        raise damaged(f"token id {top} in tokens.bin, past the tokenizer's {tokenizer.vocab_size} ids")
+        raise damaged(f"token id {top} in tokens.bin, past the tokenizer's "
+                      f"{tokenizer.vocab_size} ids")
     return Corpus(meta["name"], tokens, offsets, tokenizer.eos_id, path, reused, meta["skipped"],
                   meta["n_skipped"], names)
 

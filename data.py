@@ -18,13 +18,14 @@ Run `python data.py` to build the synthetic corpus and print how it packs; `--da
 import argparse
 import functools
 import math
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from harness.prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus
+from harness.flags import count, positive0
+from harness.prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus, printable
+from harness.runtime import fail
 from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer
 from masks import STRATEGIES, check_strategy, num_packed_sequences, pack_sequence
 
@@ -129,7 +130,7 @@ def describe(corpus: Corpus, seq_len: int, strategy: str) -> str:
     p = np.percentile(lengths, [10, 50, 90]).astype(int)
     lines = [
         f"corpus: {corpus.name}",
-        f"cache: {corpus.path} ({'reused' if corpus.reused else 'built now'})",
+        f"cache: {printable(corpus.path)} ({'reused' if corpus.reused else 'built now'})",
         f"documents: {corpus.n_docs:,}, tokens: {corpus.n_tokens:,}, skipped: {corpus.n_skipped:,}",
         f"document length: min {lengths.min():,}, p10 {p[0]:,}, median {p[1]:,}, mean "
         f"{lengths.mean():,.0f}, p90 {p[2]:,}, max {lengths.max():,}",
@@ -149,6 +150,7 @@ def describe(corpus: Corpus, seq_len: int, strategy: str) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenize a corpus into the cache (or reuse it) and "
                                             "print its statistics and how it packs.")
+    p.error = fail  # one line, not the usage block
     p.add_argument("--data", default=None,
                    help="folder of .txt books (PG19 layout, optionally with train/ validation/ "
                         "test/) or .jsonl files with a \"text\" field; default: the built-in "
@@ -156,39 +158,37 @@ def main(argv=None):
     p.add_argument("--split", default="train", choices=SPLITS,
                    help="which split: the subfolder when --data has them, otherwise train is every "
                         "document not held out and validation the held-out ones (default train)")
-    p.add_argument("--heldout", type=float, default=0.02,
+    p.add_argument("--heldout", type=positive0, default=0.02,
                    help="fraction of documents held out for validation, chosen by a hash of their "
                         "text, when --data has no split folders (default 0.02)")
     p.add_argument("--tokenizer", default=TIKTOKEN_NAME,
                    help=f"{TIKTOKEN_NAME} (tiktoken, the tiny and small presets' tokenizer; "
                         f"default) or a checkpoint directory with tokenizer.json")
-    p.add_argument("--seq-len", type=int, default=2048,
+    p.add_argument("--seq-len", type=count, default=2048,
                    help="packed sequence length for the packing statistics (default 2048)")
     p.add_argument("--strategy", default="adaptive", choices=list(STRATEGIES),
                    help="document masking strategy; eod adds a separator per document "
                         "(default adaptive)")
     p.add_argument("--cache-dir", default=CACHE_DIR,
                    help=f"where token caches live (default {CACHE_DIR})")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=count, default=None,
                    help="processes that tokenize (default: one per CPU core)")
     p.add_argument("--synthetic-seed", type=int, default=0,
                    help="seed of the synthetic corpus (default 0)")
-    p.add_argument("--synthetic-docs", type=int, default=SyntheticConfig.n_docs,
+    p.add_argument("--synthetic-docs", type=count, default=SyntheticConfig.n_docs,
                    help=f"documents in the synthetic corpus (default {SyntheticConfig.n_docs})")
     args = p.parse_args(argv)
     try:
-        if args.seq_len <= 0:
-            raise ValueError(f"--seq-len must be positive, got {args.seq_len}")
         tokenizer = load_tokenizer(args.tokenizer)
         synthetic = SyntheticConfig(seed=args.synthetic_seed, n_docs=args.synthetic_docs)
         corpus = load_corpus(tokenizer, args.data, args.split, args.heldout, synthetic,
                              args.cache_dir, args.workers)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except KeyboardInterrupt:  # the cache's temporary folder is already removed
+        fail("interrupted; no token cache was written", 130)
     print(f"tokenizer: {tokenizer.name} (EOS {tokenizer.eos_id}, [MASK] {tokenizer.mask_id})")
     print(describe(corpus, args.seq_len, args.strategy))
-
 
 if __name__ == "__main__":
     main()

@@ -417,7 +417,12 @@ if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Train a tiny masked-diffusion model on counting "
                                             "sequences, then sample from it (CPU, seconds).")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     args = p.parse_args()
+    if args.steps < 0:
+        p.error(f"--steps must be 0 or more, got {args.steps}")
+    if not 0 <= args.seed < 2**63:  # torch.manual_seed's range
+        p.error(f"--seed must be in 0..2^63-1, got {args.seed}")
     demo(args.steps, args.seed)

@@ -196,7 +196,8 @@ def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     """The plan, the results folder (never mixing settings) and the model."""
     task = TASKS[cfg.task]
     config = read_config(cfg.model)
-    check_scaling_args(max(cfg.len), cfg.train_len, config.head_dim, cfg.d_crit)
+    base, train_len = config.rope_origin(cfg.train_len)  # what rope_for_length scales from
+    check_scaling_args(max(cfg.len), train_len, config.head_dim, cfg.d_crit, base, cfg.rope)
     check_fits(config, task.forward_tokens(cfg), dtype, device,  # before a haystack is built
                f"--len {max(cfg.len):,}")
     tokenizer = model_tokenizer(cfg.model)

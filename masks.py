@@ -346,33 +346,53 @@ def plot_strategies(path: str, doc_lens=(5, 3, 6, 2), eod_id_label: str = "EOD")
     plt.close(fig)
 
 
+def pairs_computed(doc_lens: list[int], strategy: str) -> int:
+    """Query-key pairs a strategy's attention computes: sum(n^2) inside documents, L^2 across
+    the whole sequence; counted, not drawn, so any length costs nothing."""
+    return sum(n * n for n in doc_lens) if isolates_documents(strategy) else sum(doc_lens) ** 2
+
+
+MAX_PLOT_TOKENS = 256  # --plot draws a cell per query-key pair: beyond this nobody can see one
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Document masking strategies for packed sequences "
                                             "(concat, eod, adaptive).")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
     p.add_argument("--plot", action="store_true",
                    help="draw the three strategies for a small example into --out")
-    p.add_argument("--out", default="docs/masks.png", help="where --plot writes the PNG")
+    p.add_argument("--out", default="docs/masks.png",
+                   help="where --plot writes the picture (.png, .pdf, .svg, ...)")
     p.add_argument("--doc-lens", type=int, nargs="+", default=[5, 3, 6, 2],
-                   help="document lengths of the example sequence")
+                   help=f"document lengths of the example sequence (--plot: {MAX_PLOT_TOKENS} "
+                        f"tokens at most)")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.doc_lens):
         p.error(f"--doc-lens must all be positive, got {args.doc_lens}")
     if not args.plot:
         for strategy, (sep, iso) in STRATEGIES.items():
             lens = [n + sep for n in args.doc_lens]
-            pairs = int(allowed(lens, strategy).sum())
             print(f"{strategy:<9} separator={'yes' if sep else 'no ':<3} attention="
                   f"{'inside each document' if iso else 'whole sequence':<21} "
-                  f"query-key pairs computed: {pairs} of {sum(lens) ** 2}")
+                  f"query-key pairs computed: {pairs_computed(lens, strategy)} of {sum(lens) ** 2}")
         print("pass --plot to draw them")
         return
+    # eod adds a separator to every document, and the picture has a cell per pair
+    if sum(args.doc_lens) + len(args.doc_lens) > MAX_PLOT_TOKENS:
+        p.error(f"--plot draws a cell per query-key pair, and --doc-lens sum to "
+                f"{sum(args.doc_lens)} tokens (at most {MAX_PLOT_TOKENS} with a separator per "
+                f"document can be seen); pass shorter ones, or leave out --plot")
+    if not os.path.splitext(args.out)[1] or os.path.isdir(args.out):
+        # without an extension matplotlib would append .png: --out /tmp would write /tmp.png
+        p.error(f"--out {args.out!r} is not a picture's file name; pass one such as docs/masks.png")
     try:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         plot_strategies(args.out, tuple(args.doc_lens))
     except OSError as e:
         p.error(f"cannot write {args.out}: {e.strerror or e}")
+    except ValueError as e:  # matplotlib: an extension it has no writer for
+        p.error(f"cannot write {args.out}: {e}; pass a .png, .pdf or .svg file name")
     print(f"wrote {args.out}")
-
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ This file imports no other project file: a student can copy it alone.
 Run `python rope.py --target-len 131072` for a table of every method.
 """
 import argparse
+import itertools
 import math
 
 import torch
@@ -58,12 +59,29 @@ def diffusion_aware_lambda(target_len: int, train_len: int, head_dim: int, base:
 
 def method_critical_dim(method: str, train_len: int, head_dim: int, base: float,
                         d_crit: int | None = None) -> int | None:
-    """The critical dimension a method uses (None for methods that have none)."""
-    if method == "critical":
-        return d_crit or critical_dim(head_dim, base, train_len)
-    if method == "diffusion":
-        return d_crit or critical_dim(head_dim, base, 2 * train_len)
-    return None
+    """The critical dimension a method uses (None for methods that have none), computed at the
+    method's capacity: T_train for critical, 2 T_train for diffusion.
+
+    The formula only means something between 2 and the head size: below 2 (a capacity under
+    2pi tokens) no pair completes a turn and lambda divides by zero or, negative, silently
+    shrinks to 1; above the head size (a capacity over 2pi b) every pair does. Either is a
+    ValueError that says which T_train would work.
+    """
+    if method not in ("critical", "diffusion"):
+        return None
+    if d_crit:
+        return d_crit
+    scale = 1 if method == "critical" else 2  # T_cap = scale * T_train
+    d = critical_dim(head_dim, base, scale * train_len)
+    if not 2 <= d <= head_dim:
+        # d >= 2 needs T_cap > 2pi; d <= head_dim needs T_cap <= 2pi b
+        lo, hi = math.floor(2 * math.pi) // scale + 1, math.floor(2 * math.pi * base) // scale
+        fix = f"it needs a T_train in {lo}..{hi}: pass another --train-len, or --d-crit" \
+            if lo <= hi else "no T_train gives one at this base: pass --d-crit"
+        raise ValueError(f"T_train {train_len} gives the {method} rope a critical dimension of "
+                         f"{d} (head size {head_dim}, base {base:.10g}), outside 2..{head_dim}; "
+                         f"{fix}")
+    return d
 
 
 def rope_lambda(method: str, target_len: int, train_len: int = 4096, head_dim: int = 128,
@@ -78,11 +96,23 @@ def rope_lambda(method: str, target_len: int, train_len: int = 4096, head_dim: i
         raise ValueError(f"unknown rope method {method!r}; choose one of {', '.join(METHODS)}")
     if target_len <= train_len or method in ("none", "pi"):
         return 1.0
-    if method == "ntk":
-        return ntk_lambda(target_len, train_len, head_dim)
-    if method == "critical":
-        return max(1.0, critical_lambda(target_len, train_len, head_dim, base, d_crit))
-    return max(1.0, diffusion_aware_lambda(target_len, train_len, head_dim, base, d_crit))
+    if method == "ntk" and head_dim <= 2:
+        raise ValueError(f"plain NTK needs a head size above 2, got {head_dim}")
+    d_crit = method_critical_dim(method, train_len, head_dim, base, d_crit)  # checked; None for ntk
+    try:
+        if method == "ntk":
+            lam = ntk_lambda(target_len, train_len, head_dim)
+        elif method == "critical":
+            lam = max(1.0, critical_lambda(target_len, train_len, head_dim, base, d_crit))
+        else:
+            lam = max(1.0, diffusion_aware_lambda(target_len, train_len, head_dim, base, d_crit))
+    except OverflowError:  # float ** float raises where float * float gives inf
+        lam = math.inf
+    if not math.isfinite(base * lam):
+        raise ValueError(f"the {method} rope at T_target {target_len} scales the base {base:.10g} "
+                         f"past the float range (lambda {lam:.3g}); pass a smaller --base or "
+                         f"--target-len")
+    return lam
 
 
 def position_scale(method: str, target_len: int, train_len: int) -> float:
@@ -109,13 +139,21 @@ def scale_rope(method: str, target_len: int, train_len: int, head_dim: int, base
 
 
 def check_scaling_args(target_len: int, train_len: int | None, head_dim: int,
-                       d_crit: int | None = None) -> None:
-    """One-line errors for lengths and critical dimensions the formulas above cannot take."""
+                       d_crit: int | None = None, base: float | None = None,
+                       method: str | None = None) -> None:
+    """One-line errors (ValueError) for lengths, critical dimensions and bases the formulas
+    above cannot take. With base and method, also every value derived from them: the critical
+    dimension at the method's capacity and the new base (scale_rope, which checks them)."""
     if target_len <= 0 or (train_len is not None and train_len <= 0):
         raise ValueError(f"context lengths must be positive token counts, got target "
                          f"{target_len}, train {train_len}")
     if d_crit is not None and not 0 < d_crit <= head_dim:
         raise ValueError(f"--d-crit must be in 1..{head_dim} (the head size), got {d_crit}")
+    if method is None or base is None or train_len is None:
+        return
+    if not (math.isfinite(base) and base > 1):  # nan fails both
+        raise ValueError(f"the RoPE base must be a finite number above 1, got {base}")
+    scale_rope(method, target_len, train_len, head_dim, base, d_crit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,18 +254,19 @@ def main(argv=None):
     p.add_argument("--d-crit", type=int, default=None,
                    help="override the critical dimension of 'critical' and 'diffusion' "
                         "(the paper's later version reports 73 worked best for LLaDA)")
+    p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
     args = p.parse_args(argv)
     if args.head_dim <= 2 or args.head_dim % 2:
         p.error(f"--head-dim must be an even number above 2, got {args.head_dim}")
-    if not args.base > 1:  # also rejects nan
-        p.error(f"--base must be above 1, got {args.base}")
+    if not (math.isfinite(args.base) and args.base > 1):  # nan fails both
+        p.error(f"--base must be a finite number above 1, got {args.base}")
     try:
-        for target_len in args.target_len:
-            check_scaling_args(target_len, args.train_len, args.head_dim, args.d_crit)
+        for target_len, method in itertools.product(args.target_len, METHODS):
+            check_scaling_args(target_len, args.train_len, args.head_dim, args.d_crit, args.base,
+                               method)
     except ValueError as e:
         p.error(str(e))
     print_table(args.target_len, args.train_len, args.head_dim, args.base, args.d_crit)
-
 
 if __name__ == "__main__":
     main()

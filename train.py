@@ -288,8 +288,10 @@ def check_inputs(cfg: TrainConfig) -> str:
         raise UserError(f"--init {cfg.init} is neither a preset ({', '.join(PRESETS)}) nor a directory")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UserError(f"--out {cfg.out} is a file, not a folder; pass another --out")
-    check_scaling_args(cfg.target_len or cfg.seq_len, cfg.train_len, init_config(cfg).head_dim,
-                       cfg.d_crit)
+    init = init_config(cfg)
+    base, train_len = init.rope_origin(cfg.train_len)  # what scale_model_rope scales from
+    check_scaling_args(cfg.target_len or cfg.seq_len, train_len, init.head_dim, cfg.d_crit, base,
+                       cfg.rope)
     ckpt = os.path.join(cfg.out, "checkpoint")
     init = None if cfg.resume or cfg.init in PRESETS else cfg.init  # a resume reads the checkpoint
     for name, path in (("--init", init), ("--cache-dir", cfg.cache_dir)):

@@ -15,11 +15,13 @@ Prints a markdown table and the goals as ratios:
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from bench.child import run_child
 from bench.memory import memory_mb, reset_peak
+from harness.flags import count
+from harness.runtime import fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +69,8 @@ def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
 def measure(what, L, doc_len, repeats):
     cmd = [sys.executable, "-m", "bench.bench_attention", "--child", what, str(L), str(doc_len),
            str(repeats)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_child(cmd, f"the {what} case at {L} tokens", ROOT)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -77,15 +79,22 @@ def main(argv=None):
         print(json.dumps(run_case(what, L, doc_len, repeats)))
         return
     p = argparse.ArgumentParser(description="Full vs adaptive attention on the CPU: time and peak memory.")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072],
-                   help="sequence lengths to measure")
-    p.add_argument("--doc-len", type=int, default=4096, help="document length of the adaptive rows")
-    p.add_argument("--short-docs", type=int, default=64,
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--lengths", type=count, nargs="+", default=[4096, 16384, 65536, 131072],
+                   help="sequence lengths to measure, multiples of --doc-len")
+    p.add_argument("--doc-len", type=count, default=4096, help="document length of the adaptive rows")
+    p.add_argument("--short-docs", type=count, default=64,
                    help="document length of the many-documents row (at 65536 tokens)")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=count, default=3,
                    help="timed repetitions, the best kept: the first run of a shape in a fresh "
                         "process also pays for its memory (default 3; 1 at 131072)")
     args = p.parse_args(argv)
+    # the adaptive rows tile each sequence with whole documents
+    if any(L % args.doc_len for L in args.lengths):
+        fail(f"--lengths {' '.join(map(str, args.lengths))} must all be multiples of --doc-len "
+             f"{args.doc_len}")
+    if 65536 in args.lengths and 65536 % args.short_docs:
+        fail(f"--short-docs {args.short_docs} must divide 65536, the many-documents row's length")
 
     print("| case | L | documents | time (s) | peak memory above baseline (MB) |")
     print("|---|---:|---:|---:|---:|")

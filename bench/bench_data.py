@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 
@@ -26,6 +25,8 @@ import numpy as np
 
 import data
 from harness import prepare
+from harness.flags import count, positive
+from harness.runtime import fail
 from harness.tokenizer import tiktoken_tokenizer
 
 
@@ -111,6 +112,9 @@ def bench_packing(corpora, seq_len, max_seqs):
     print("| corpus | documents / sequence | strategy | call | sequences | seconds | sequences/s | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     for label, c in corpora:
+        if c.n_tokens < seq_len:
+            fail(f"--seq-len {seq_len} is longer than the {label} corpus ({c.n_tokens:,} tokens); "
+                 f"pass a smaller --seq-len, or a larger --mb or --short-docs")
         label = f"{label}, mean document {c.n_tokens / c.n_docs:,.0f} tokens"
         for strategy in ("concat", "eod", "adaptive"):
             s = data.Schedule(c, seq_len, strategy, batch_size=1, seed=0)
@@ -127,16 +131,25 @@ def bench_packing(corpora, seq_len, max_seqs):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmark data.py: tokenization pipeline and packing.")
-    p.add_argument("--mb", type=float, default=32, help="megabytes of books to tokenize (default 32)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(),
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--mb", type=positive, default=32, help="megabytes of books to tokenize (default 32)")
+    p.add_argument("--workers", type=count, default=os.cpu_count(),
                    help="most worker processes to try (default: every core)")
-    p.add_argument("--seq-len", type=int, default=65536, help="packed sequence length (default 65536)")
-    p.add_argument("--short-docs", type=int, default=4000,
+    p.add_argument("--seq-len", type=count, default=65536, help="packed sequence length (default 65536)")
+    p.add_argument("--short-docs", type=count, default=4000,
                    help="documents of the short-document corpus for packing (default 4000)")
-    p.add_argument("--max-seqs", type=int, default=200, help="most sequences packed per row (default 200)")
-    p.add_argument("--repeats", type=int, default=2,
+    p.add_argument("--max-seqs", type=count, default=200, help="most sequences packed per row (default 200)")
+    p.add_argument("--repeats", type=count, default=2,
                    help="tokenization timings are the best of this many runs (default 2)")
     args = p.parse_args(argv)
+    # The books, and a cache of about their size per build, stay on disk until the end; the
+    # direct row holds every book's ids as Python ints, about 10 bytes per byte of text.
+    disk, free = args.mb * 1e6 * (1 + 2 * args.repeats), shutil.disk_usage(tempfile.gettempdir()).free
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if disk > free or 10 * args.mb * 1e6 > 0.8 * memory:
+        fail(f"--mb {args.mb:g} needs about {disk / 1e9:,.1f} GB of disk in {tempfile.gettempdir()} "
+             f"({free / 1e9:,.1f} GB free) and {10 * args.mb / 1e3:,.1f} GB of memory "
+             f"({memory / 1e9:,.1f} GB); pass a smaller --mb")
     tok = tiktoken_tokenizer()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}")
@@ -155,7 +168,7 @@ def main(argv=None):
         bench_packing([("books", books), ("synthetic corpus", short)],
                       args.seq_len, args.max_seqs)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        fail(str(e))
     finally:
         shutil.rmtree(work)
 

@@ -21,11 +21,13 @@ there, so ask for it with fewer steps: `--parts sampler --lengths 131072 --steps
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from bench.child import run_child
 from bench.memory import memory_mb, reset_peak
+from harness.flags import count, positive
+from harness.runtime import fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,8 +66,8 @@ def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> 
 def measure_loss(method, tokens, args) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_diffusion", "--child", method, str(tokens),
            str(args.vocab), str(args.d), str(args.chunk_size)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_child(cmd, f"the {method} loss at {tokens} tokens", ROOT)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def bench_loss(args) -> None:
@@ -107,7 +109,10 @@ def bench_sampler(args) -> None:
     from model import LLaDA, PrefixCache, preset
 
     torch.manual_seed(0)
-    model = from_pretrained(args.model) if args.model else LLaDA(preset("tiny", init_std=args.init_std))
+    try:
+        model = from_pretrained(args.model) if args.model else LLaDA(preset("tiny", init_std=args.init_std))
+    except ValueError as e:  # CheckpointError: no config.json, damaged weights
+        fail(str(e))
     model = model.to(getattr(torch, args.dtype)).eval()
     name = args.model or f"tiny preset, random weights (std {args.init_std})"
     print(f"## Sampler: {name} ({model.config.n_layers} layers, d_model {model.config.d_model}), "
@@ -148,31 +153,36 @@ def main(argv=None):
         print(json.dumps(loss_case(method, tokens, vocab, d, chunk)))
         return
     p = argparse.ArgumentParser(description="Chunked-loss memory and sampler speed (diffusion.py).")
+    p.error = fail  # one line, not the usage block
     p.add_argument("--parts", nargs="+", default=["loss", "sampler"], choices=["loss", "sampler"],
                    help="which measurements to run (default both)")
-    p.add_argument("--tokens", type=int, default=65536, help="masked tokens of the loss case")
-    p.add_argument("--vocab", type=int, default=126464, help="vocabulary of the loss case")
-    p.add_argument("--d", type=int, default=64, help="hidden size of the loss case")
-    p.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk of the chunked loss")
-    p.add_argument("--naive-tokens", type=int, nargs="+", default=[1024, 2048, 4096],
+    p.add_argument("--tokens", type=count, default=65536, help="masked tokens of the loss case")
+    p.add_argument("--vocab", type=count, default=126464, help="vocabulary of the loss case")
+    p.add_argument("--d", type=count, default=64, help="hidden size of the loss case")
+    p.add_argument("--chunk-size", type=count, default=4096, help="rows per chunk of the chunked loss")
+    p.add_argument("--naive-tokens", type=count, nargs="+", default=[1024, 2048, 4096],
                    help="lengths at which the naive loss is measured (then extrapolated)")
-    p.add_argument("--chunked-tokens", type=int, nargs="+", default=[8192, 65536],
+    p.add_argument("--chunked-tokens", type=count, nargs="+", default=[8192, 65536],
                    help="lengths at which the chunked loss is measured")
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768],
+    p.add_argument("--lengths", type=count, nargs="+", default=[4096, 32768],
                    help="prompt lengths of the sampler (131072 is slow on a CPU)")
-    p.add_argument("--gen-length", type=int, default=32, help="tokens the sampler generates (default 32)")
-    p.add_argument("--block-length", type=int, default=32, help="tokens per decoding block (default 32)")
-    p.add_argument("--steps", type=int, default=8, help="decoding steps; at 131072 use 2 (default 8)")
+    p.add_argument("--gen-length", type=count, default=32, help="tokens the sampler generates (default 32)")
+    p.add_argument("--block-length", type=count, default=32, help="tokens per decoding block (default 32)")
+    p.add_argument("--steps", type=count, default=8, help="decoding steps; at 131072 use 2 (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the sampler's model (default float32)")
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
-    p.add_argument("--init-std", type=float, default=0.02,
+    p.add_argument("--init-std", type=positive, default=0.02,
                    help="std of the random tiny weights; larger makes tokens depend more on context")
     args = p.parse_args(argv)
-    if len(args.naive_tokens) < 2:
-        p.error("--naive-tokens needs at least two lengths to extrapolate from")
+    if len(set(args.naive_tokens)) < 2:
+        fail("--naive-tokens needs at least two different lengths to extrapolate from")
+    if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
+        fail(f"--gen-length {args.gen_length} must be a multiple of --block-length "
+             f"{args.block_length}, and --steps {args.steps} a multiple of the blocks "
+             f"({args.gen_length} / {args.block_length})")
     if args.model and not os.path.isdir(args.model):
-        p.error(f"--model {args.model} is not a directory; pass a checkpoint saved by train.py")
+        fail(f"--model {args.model} is not a directory; pass a checkpoint saved by train.py")
     if "loss" in args.parts:
         bench_loss(args)
     if "sampler" in args.parts:

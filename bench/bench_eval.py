@@ -18,11 +18,13 @@ with --exact-131072; everything else takes about 10 minutes.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from bench.child import run_child
 from bench.memory import memory_mb, reset_peak
+from harness.flags import count
+from harness.runtime import fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,10 +65,8 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
 
 def measure(length: int, mode: str, model_dir: str | None) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_eval", "--child", str(length), mode, model_dir or ""]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        raise SystemExit(f"error: the {length} {mode} case failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    out = run_child(cmd, f"the {length} {mode} case", ROOT)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -76,24 +76,33 @@ def main(argv=None):
         return
     p = argparse.ArgumentParser(description="Time and peak memory of one NIAH cell (evaluate.py), "
                                             "exact and with the prompt cache, on the CPU.")
-    p.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072],
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--lengths", type=count, nargs="+", default=[8192, 32768, 131072],
                    help="context lengths in cl100k tokens (default 8192 32768 131072)")
     p.add_argument("--exact-131072", action="store_true",
                    help="also run the exact cell at lengths >= 131072 (about half an hour on 2 cores)")
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
     args = p.parse_args(argv)
     if args.model and not os.path.isdir(args.model):
-        p.error(f"--model {args.model} is not a directory")
+        fail(f"--model {args.model} is not a directory")
 
     import torch
 
-    from harness.runtime import tune_cpu_memory
-    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
+    import evaluate
+    from evaluations import niah
     from harness.checkpoint import read_config
     from harness.results import generation_flops
+    from harness.runtime import tune_cpu_memory
+    from harness.tokenizer import tiktoken_tokenizer
     from model import preset
+    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
 
-    config = read_config(args.model) if args.model else preset("tiny")
+    try:  # what evaluate.py checks before its first cell: the checkpoint, the needle fits
+        config = read_config(args.model) if args.model else preset("tiny")
+        niah.plan(evaluate.task_config("niah")(len=[min(args.lengths)], depths=[50]),
+                  tiktoken_tokenizer(), tiktoken_tokenizer())
+    except ValueError as e:
+        fail(str(e))
     print(f"## One NIAH cell: {args.model or 'tiny preset, random weights'} ({config.n_layers} "
           f"layers, d_model {config.d_model}, {config.n_heads} heads), float32 on the CPU "
           f"({os.cpu_count()} cores, {torch.get_num_threads()} threads); 32 tokens, one block, "

@@ -13,13 +13,15 @@ the cells per second of one. Prints a markdown table.
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 
 import torch
 
+from bench.child import run_child
 from harness.checkpoint import save_pretrained
+from harness.flags import count
+from harness.runtime import fail
 from model import LLaDA, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,25 +43,26 @@ def cells_per_second(processes: int, ckpt: str, args, results: str) -> tuple[flo
     cmd += ["evaluate.py", "--model", ckpt, "--len", str(args.len), "--depths", *depths,
             "--repeats", str(args.repeats), "--results", results]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"error: evaluate.py failed:\n{out.stderr[-2000:]}")
-    found = re.search(r"ran (\d+) cells in .*?\(([\d.e+-]+) cells/s", out.stdout)
+    out = run_child(cmd, f"evaluate.py on {processes} process(es)", ROOT, env)
+    found = re.search(r"ran (\d+) cells in .*?\(([\d.e+-]+) cells/s", out)
     return float(found.group(2)), int(found.group(1))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="NIAH cells per second with one evaluate.py process "
                                             "and with several sharing the cells (CPU).")
-    p.add_argument("--processes", type=int, default=2, help="processes of the second run "
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--processes", type=count, default=2, help="processes of the second run "
                    "(default 2; one core each, so no more than the cores)")
-    p.add_argument("--len", type=int, default=1024, help="context length of every cell "
+    p.add_argument("--len", type=count, default=1024, help="context length of every cell "
                    "(default 1024)")
-    p.add_argument("--depths", type=int, default=21, help="needle depths, spread over 0..100 "
+    p.add_argument("--depths", type=count, default=21, help="needle depths, spread over 0..100 "
                    "(default 21)")
-    p.add_argument("--repeats", type=int, default=2, help="haystacks per depth (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="runs of each, best kept (default 2)")
+    p.add_argument("--repeats", type=count, default=2, help="haystacks per depth (default 2)")
+    p.add_argument("--rounds", type=count, default=2, help="runs of each, best kept (default 2)")
     args = p.parse_args(argv)
+    if not 2 <= args.depths <= 101:  # spread over 0..100 in whole percent
+        fail(f"--depths must be in 2..101 (spread over 0..100), got {args.depths}")
     with tempfile.TemporaryDirectory() as work:
         ckpt = tiny_checkpoint(os.path.join(work, "tiny"))
         best = {}

@@ -22,13 +22,15 @@ peak (and flattering every fraction) or the model.
     python -m bench.bench_model [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
 import argparse
+import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from harness.runtime import tune_cpu_memory
-from model import LLaDA, preset
+from harness.flags import count
+from harness.runtime import fail, tune_cpu_memory
+from model import PRESETS, LLaDA, num_params, preset
 
 
 def best_times(cases: dict, rounds: int) -> dict:
@@ -78,18 +80,24 @@ def main(argv=None):
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", help="model preset (default small)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048],
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model preset (default small)")
+    p.add_argument("--lengths", type=count, nargs="+", default=[256, 1024, 2048],
                    help="sequence lengths, batch 1 (default 256 1024 2048)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the model and the matmuls (default float32; the goal is float32)")
-    p.add_argument("--rounds", type=int, default=8,
+    p.add_argument("--rounds", type=count, default=8,
                    help="timed rounds; every matmul and pass runs once per round, best is kept "
                         "(default 8)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = preset(args.preset)
+    need = 2 * num_params(cfg) * dtype.itemsize  # the weights and their gradients
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * memory:
+        fail(f"--preset {args.preset} needs {need / 1e9:.0f} GB for its weights and gradients "
+             f"alone, and this machine has {memory / 1e9:.0f} GB; pass a smaller preset")
     net = LLaDA(cfg).to(dtype)
     print(f"preset {args.preset}, {args.dtype}, {torch.get_num_threads()} threads, batch 1, "
           f"best of {args.rounds} interleaved rounds\n")

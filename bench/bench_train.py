@@ -13,14 +13,16 @@ by the torch.mm peak of this machine's cores, measured in the same run. Prints a
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 import torch
 
 from bench.bench_model import matmul_peak
-from model import preset
+from bench.child import run_child
+from harness.flags import count, count0
+from harness.runtime import fail
+from model import PRESETS, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +42,7 @@ def run(nproc: int, seq_len: int, args, out: str) -> float:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             str(nproc)] if nproc > 1 else [sys.executable]) + flags
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    run_child(cmd, f"train.py at {seq_len} tokens on {nproc} process(es)", ROOT, env)
     with open(os.path.join(out, "log.jsonl")) as f:
         rates = [json.loads(line)["tokens_per_s"] for line in f][args.warmup_steps:]
     return sum(rates) / len(rates)
@@ -48,12 +50,16 @@ def run(nproc: int, seq_len: int, args, out: str) -> float:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Training tokens/s and model FLOP utilisation on the CPU.")
-    p.add_argument("--preset", default="small", help="model preset (default small)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024],
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--preset", default="small", choices=list(PRESETS), help="model preset (default small)")
+    p.add_argument("--lengths", type=count, nargs="+", default=[256, 1024],
                    help="sequence lengths, each run with 1 and 2 processes (default 256 1024)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default 8)")
-    p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out (default 3)")
+    p.add_argument("--steps", type=count, default=8, help="optimizer steps per run (default 8)")
+    p.add_argument("--warmup-steps", type=count0, default=3, help="first steps left out (default 3)")
     args = p.parse_args(argv)
+    if args.warmup_steps >= args.steps:
+        fail(f"--warmup-steps {args.warmup_steps} leaves none of --steps {args.steps} to measure; "
+             f"pass more --steps")
     cfg = preset(args.preset)
     peak = matmul_peak(cfg, 1024, torch.float32, 5)
     print(f"preset {args.preset}, float32, {torch.get_num_threads()} cores, batch 1 per process, "

@@ -13,7 +13,9 @@ measured MFU). The README's wall times come from this script.
 import argparse
 
 from evaluations.longbench import DATASETS, answer_tokens
+from harness.flags import positive
 from harness.results import forward_flops, generation_flops
+from harness.runtime import fail
 from model import preset
 
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # the authors' NeedleBench config: 8K..128K
@@ -32,13 +34,14 @@ def ppl_flops(c, length: int, chunk: int = 64, draws: int = 8) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Estimated one-GPU wall time of the paper's "
                                             "evaluations for LLaDA-8B (FLOPs / throughput).")
-    p.add_argument("--peak-tflops", type=float, default=790.0,
+    p.error = fail  # one line, not the usage block
+    p.add_argument("--peak-tflops", type=positive, default=790.0,
                    help="the GPU's dense bf16 peak in TFLOP/s (H200: about 790)")
-    p.add_argument("--mfu", type=float, default=0.4,
+    p.add_argument("--mfu", type=positive, default=0.4,
                    help="assumed share of the peak sustained at long context (default 0.4)")
     args = p.parse_args(argv)
-    if not (args.peak_tflops > 0 and 0 < args.mfu <= 1):
-        p.error("--peak-tflops must be positive and --mfu in (0, 1]")
+    if args.mfu > 1:
+        fail(f"--mfu is a share of the peak, in (0, 1]; got {args.mfu}")
     c = preset("llada-8b")
     speed = args.peak_tflops * 1e12 * args.mfu
 

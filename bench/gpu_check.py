@@ -57,6 +57,7 @@ import torch
 
 import masks
 from harness import runtime
+from harness.runtime import fail
 from harness.flags import count, positive
 from harness.tokenizer import TIKTOKEN_NAME, TIKTOKEN_VOCAB
 from model import LLaDA, LLaDAConfig, preset
@@ -724,11 +725,6 @@ def machine() -> str:
         flash = "no flash-attn"
     return (f"{props.name} ({props.total_memory / GIB:.0f} GiB), torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, {flash}")
-
-
-def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def parse_args(argv=None):

@@ -11,11 +11,15 @@ Harness, not part of the paper (data.py packs what this file prepares). Sources:
                asked for thousands of tokens later
 
 The cache is tokens.bin (every document back to back, uint32), offsets.npy (where each
-starts), names.json (which file, or line of a .jsonl, each came from) and meta.json, built in parallel worker processes in a temporary folder renamed into
-place, and keyed by the tokenizer, the split and the files' sizes and times.
+starts), names.json (which file, or line of a .jsonl, each came from) and meta.json, built in
+parallel worker processes in a temporary folder renamed into place, and keyed by the tokenizer,
+the split and the files' sizes and times. What cannot be read is skipped and named in a warning:
+files that are not UTF-8, unreadable or not regular files (a named pipe would block forever),
+and documents over 256 MB (a worker holds about 8 bytes per byte while tokenizing).
 
 Run `python data.py --help` to build a cache and print its statistics.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,16 +29,21 @@ import os
 import random
 import re
 import shutil
+import signal
+import stat
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from harness.files import FileError, parse_json_line, publish_dir, read_json, write_json
+from harness.files import (FileError, parse_json_line, publish_dir, read_json, release,
+                           try_lock, write_json)
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -131,6 +140,9 @@ def filler_text(n_tokens: int, tokenizer: Tokenizer, seed: int = 0) -> str:
 
 JSONL_CHUNK_BYTES = 8 << 20  # big .jsonl files are split into ranges of about this size
 MAX_SKIPPED_KEPT = 1000  # skipped documents named in meta.json; a wrong field name skips millions
+# A worker holds about 8 bytes per byte of a document while tokenizing it (the ids as Python
+# ints): longer documents are skipped, and a .txt that big is a corpus in one file, not a book.
+MAX_DOCUMENT_BYTES = 256 << 20
 
 
 @dataclass
@@ -142,11 +154,36 @@ class Task:
     end: int = 0
     synthetic: SyntheticConfig | None = None
     work: int = 0  # bytes or documents, for the progress bar
+    why: str = ""  # reader "skip": why the file is not read
+
+
+def open_regular(path: str):
+    """`path` opened for binary reading if it is a regular file, else an OSError. O_NONBLOCK:
+    open() of a named pipe would wait for a writer forever (the listing skips pipes; this
+    covers one put in place after it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{file_kind(os.fstat(fd).st_mode)}, not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
 
 
 def read_text_file(task: Task):
     try:
-        with open(task.path, "rb") as f:
+        with open_regular(task.path) as f:
+            if os.fstat(f.fileno()).st_size > MAX_DOCUMENT_BYTES:
+                yield task.name, None, (f"larger than {MAX_DOCUMENT_BYTES >> 20} MB (a .txt is "
+                                        f"one document: split it, or make it a .jsonl)")
+                return
             raw = f.read()
     except OSError as e:
         yield task.name, None, f"unreadable: {e.strerror or e}"
@@ -162,25 +199,49 @@ def read_text_file(task: Task):
     yield task.name, text, None
 
 
+def jsonl_lines(f, start: int, end: int):
+    """The lines of bytes [start, end) of an open file, as bytes.splitlines gives them (so \r
+    ends a line too), read a line at a time: a line longer than MAX_DOCUMENT_BYTES comes as None
+    and is never held whole."""
+    f.seek(start)
+    pos = start
+    while pos < end:
+        line = f.readline(min(MAX_DOCUMENT_BYTES + 1, end - pos))
+        if not line:  # the file got shorter
+            return
+        pos += len(line)
+        if len(line) > MAX_DOCUMENT_BYTES:
+            pos = next_line_start(f, pos, end)
+            f.seek(pos)
+            yield None
+        else:
+            yield from line.splitlines()
+
+
 def read_jsonl_chunk(task: Task):
     """Lines of one byte range. Names are (file, line within the range): the range's first line
     number is only known once the ranges before it are read, so the caller adds it."""
     try:
-        with open(task.path, "rb") as f:
-            f.seek(task.start)
-            raw = f.read(task.end - task.start)
+        with open_regular(task.path) as f:
+            lines = list(enumerate(jsonl_lines(f, task.start, task.end)))
     except OSError as e:
         yield task.name, None, f"unreadable: {e.strerror or e}"
         return
-    if task.start == 0 and not raw.strip():
+    if task.start == 0 and all(line is not None and not line.strip() for _, line in lines):
         yield task.name, None, "empty"
         return
-    for i, line in enumerate(raw.splitlines()):
+    for i, line in lines:
         name = (task.name, i)
+        if line is None:
+            yield name, None, f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
+            continue
         if not line.strip():
             yield name, None, None  # a blank line is no document, but it still counts as a line
             continue
-        obj, wrong = parse_json_line(line)
+        try:
+            obj, wrong = parse_json_line(line)
+        except RecursionError:  # json recurses once per [ or {
+            obj, wrong = None, "not JSON (nested too deeply)"
         if wrong:  # a corpus skips what it cannot read, and says so at the end
             yield name, None, wrong
             continue
@@ -193,12 +254,17 @@ def read_jsonl_chunk(task: Task):
             yield name, text, None
 
 
+def skip_file(task: Task):
+    yield task.name, None, task.why  # never opened: a named pipe would block the read forever
+
+
 def read_synthetic(task: Task):
     for i in range(task.start, task.end):
         yield f"synthetic document {i}", synthetic_document(task.synthetic, i), None
 
 
-READERS = {"text": read_text_file, "jsonl": read_jsonl_chunk, "synthetic": read_synthetic}
+READERS = {"text": read_text_file, "jsonl": read_jsonl_chunk, "synthetic": read_synthetic,
+           "skip": skip_file}
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -262,6 +328,9 @@ def corpus_files(data: str, split: str) -> tuple[str, list[str], bool]:
                          f"or leave --data out for the synthetic corpus")
     if os.path.isfile(data):
         return os.path.dirname(os.path.abspath(data)), [os.path.abspath(data)], True
+    if not os.path.isdir(data):
+        raise ValueError(f"--data {data} is {file_kind(os.stat(data).st_mode)}, not a folder or a "
+                         f"file; pass a folder of .txt or .jsonl files")
     present = [s for s in SPLITS if os.path.isdir(os.path.join(data, s))]
     folder, by_hash = data, True
     if present:
@@ -282,24 +351,45 @@ def corpus_files(data: str, split: str) -> tuple[str, list[str], bool]:
     return folder, files, by_hash
 
 
-def file_signature(path: str) -> list:
+def printable(path: str) -> str:
+    """A path as it can be printed: bytes that are not UTF-8 (Python holds them as surrogates,
+    which a strict stdout refuses to encode) shown as \\xff escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def file_signature(path: str) -> tuple[int, int, int]:
+    """(size, modification time, mode); -1s for a file that cannot be looked at."""
     try:
         st = os.stat(path)
-        return [st.st_size, st.st_mtime_ns]
+        return st.st_size, st.st_mtime_ns, st.st_mode
     except OSError:
-        return [-1, -1]  # unreadable: it is reported when the cache is built
+        return -1, -1, -1  # unreadable: it is reported when the cache is built
+
+
+def next_line_start(f, pos: int, end: int) -> int:
+    """Where the line holding byte `pos` of an open file ends (the next line starts), or `end`;
+    read in blocks, so a file without newlines is never held whole."""
+    f.seek(pos)
+    while pos < end:
+        block = f.read(min(1 << 20, end - pos))
+        if not block:
+            break
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return pos + newline + 1
+        pos += len(block)
+    return end
 
 
 def jsonl_ranges(path: str, size: int) -> list[tuple[int, int]]:
     """Byte ranges of about JSONL_CHUNK_BYTES that start and end on line boundaries."""
     starts = [0]
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while starts[-1] + JSONL_CHUNK_BYTES < size:
-            f.seek(starts[-1] + JSONL_CHUNK_BYTES)
-            f.readline()
-            if f.tell() >= size:
+            start = next_line_start(f, starts[-1] + JSONL_CHUNK_BYTES, size)
+            if start >= size:
                 break
-            starts.append(f.tell())
+            starts.append(start)
     return list(zip(starts, starts[1:] + [size]))
 
 
@@ -314,7 +404,7 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
             raise ValueError(f"the synthetic corpus needs at least one document, got {synthetic.n_docs}")
         if split == "test":
             raise ValueError("the synthetic corpus has train and validation splits only")
-        step = 100
+        step = max(100, -(-synthetic.n_docs // 10_000))  # at most 10,000 tasks: they are cheap
         tasks = [Task("synthetic", "", "synthetic", i, min(i + step, synthetic.n_docs), synthetic,
                       min(step, synthetic.n_docs - i)) for i in range(0, synthetic.n_docs, step)]
         name = f"synthetic (built-in, seed {synthetic.seed}, {split})"
@@ -327,19 +417,25 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
     tasks, signatures = [], []
     for path in files:
         rel = os.path.relpath(path, folder)
-        size, mtime = file_signature(path)
+        size, mtime, mode = file_signature(path)
         signatures.append([rel, size, mtime])
-        if path.endswith(".jsonl") and size > 0:
-            tasks += [Task("jsonl", path, rel, a, b, work=b - a) for a, b in jsonl_ranges(path, size)]
+        if mode != -1 and not stat.S_ISREG(mode):  # reported as skipped, like unreadable files
+            tasks.append(Task("skip", path, rel, why=f"{file_kind(mode)}, not a regular file"))
+        elif path.endswith(".jsonl") and size > 0:
+            try:
+                ranges = jsonl_ranges(path, size)
+            except OSError:  # gone or unreadable since it was listed: the worker says which
+                ranges = [(0, size)]
+            tasks += [Task("jsonl", path, rel, a, b, work=b - a) for a, b in ranges]
         else:
             tasks.append(Task("text" if path.endswith(".txt") else "jsonl", path, rel, 0, max(size, 0),
                               work=max(size, 0)))
     label = os.path.basename(os.path.abspath(data))
     if by_hash:
         share = f"{1 - heldout:.0%} of documents" if split == "train" else f"{heldout:.0%} held out"
-        name = f"{data} ({split}: {share})"
+        name = f"{printable(data)} ({split}: {share})"
     else:
-        name = f"{os.path.join(data, split)} ({split} folder)"
+        name = f"{printable(os.path.join(data, split))} ({split} folder)"
     key = {"folder": os.path.abspath(folder), "files": signatures}
     return name, key, label, tasks, heldout if by_hash else None
 
@@ -395,25 +491,96 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
     tok_label = tokenizer.fingerprint.split("-")[-1][:11]
     dirname = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{label}-{split}-{tok_label}-{digest}")
     path = os.path.join(cache_dir, dirname)
-    reused = os.path.isfile(os.path.join(path, "meta.json"))
+    reused = os.path.exists(path)  # a folder under its final name is complete (or damaged)
     if not reused:
         try:
+            new_folder = not os.path.isdir(cache_dir)
+            os.makedirs(cache_dir, exist_ok=True)
+            if data is None:
+                try:
+                    check_synthetic_size(synthetic.n_docs, cache_dir)
+                except ValueError:
+                    if new_folder:  # refused before any work: nothing left behind either
+                        os.rmdir(cache_dir)
+                    raise
             build_cache(path, name, key, tasks, tokenizer, select, split != "train", workers,
                         progress)
         except OSError as e:  # a cache folder that cannot be created, a full disk
             raise FileError(f"cannot write the token cache in {cache_dir}: "
                             f"{e.strerror or e}; pass --cache-dir DIR") from None
-    corpus = open_cache(path, tokenizer.eos_id, reused)
+    corpus = open_cache(path, tokenizer, reused)
     if corpus.n_skipped:
         report_skipped(corpus)
     return corpus
 
 
+# What a synthetic cache costs, measured on the generator: about 800 tokens a document (4 bytes
+# each in tokens.bin, plus its name in names.json), and about 200 bytes of the builder's memory
+# (its length and name in Python lists).
+SYNTHETIC_DISK_PER_DOC = 3300
+SYNTHETIC_MEMORY_PER_DOC = 200
+
+
+def check_synthetic_size(n_docs: int, cache_dir: str) -> None:
+    """Refuse, before any work, a synthetic corpus whose cache cannot fit on the disk or whose
+    build cannot fit in memory (a typo of a few zeros would otherwise run for hours)."""
+    gb = 1e9
+    disk, free = n_docs * SYNTHETIC_DISK_PER_DOC, shutil.disk_usage(cache_dir).free
+    if disk > free:
+        raise ValueError(f"a synthetic corpus of {n_docs:,} documents needs about {disk / gb:,.1f} "
+                         f"GB of token cache (800 tokens a document), and {cache_dir} has "
+                         f"{free / gb:,.1f} GB free; ask for fewer documents")
+    memory = n_docs * SYNTHETIC_MEMORY_PER_DOC
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if memory > 0.8 * total:
+        raise ValueError(f"a synthetic corpus of {n_docs:,} documents needs about "
+                         f"{memory / gb:,.1f} GB of memory to build, and this machine has "
+                         f"{total / gb:,.1f} GB; ask for fewer documents")
+
+
+BUILDING = ".building"  # locked by the process that builds a temporary cache folder
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """Ctrl-C (SIGINT) ignored inside. Processes started inside inherit it: the parent alone
+    handles a Ctrl-C (stops the pool, removes the temporary folder, says one line), and no
+    worker prints a traceback. signal() works in the main thread only; elsewhere Ctrl-C never
+    arrives anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def remove_abandoned(path: str, min_age_s: float = 60.0) -> None:
+    """Remove the temporary folders of this cache that a killed build left (kill -9, a lost
+    machine: no clean-up ran). A live build holds its folder's lock; a folder younger than
+    min_age_s is left alone, since its builder may not have taken the lock yet."""
+    parent, prefix = os.path.dirname(path) or ".", os.path.basename(path) + ".tmp-"
+    for name in os.listdir(parent):
+        folder = os.path.join(parent, name)
+        try:
+            if not name.startswith(prefix) or time.time() - os.stat(folder).st_mtime < min_age_s:
+                continue
+            lock = try_lock(os.path.join(folder, BUILDING))
+        except (OSError, FileError):  # gone meanwhile, or another user's
+            continue
+        if lock is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            lock.close()
+
+
 def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: Tokenizer,
                 heldout: float | None, want_heldout: bool, workers: int | None,
                 progress: bool | None) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    remove_abandoned(path)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path) or ".")
+    building = try_lock(os.path.join(tmp, BUILDING))  # held until published or removed
     started = time.time()
     workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
     synthetic = tasks[0].reader == "synthetic"
@@ -422,15 +589,17 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
     pool, lengths, names, skipped, n_skipped, line_base = None, [], [], [], 0, 0
     try:
-        if workers > 1:
-            # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
-            # thread pools, tqdm's monitor) and can hang, e.g. when training is started from a
-            # process that already ran the model. An executor, not multiprocessing.Pool: if a
-            # worker dies (out of memory), Pool waits forever, an executor raises.
-            pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
-                                       init_worker, (tokenizer.source,))
-        # map keeps the task order, so the cache is the same for any number of workers
-        results = pool.map(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
+        with ctrl_c_ignored():  # map starts the worker processes
+            if workers > 1:
+                # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
+                # thread pools, tqdm's monitor) and can hang, e.g. when training is started
+                # from a process that already ran the model. An executor, not
+                # multiprocessing.Pool: if a worker dies (out of memory), Pool waits forever,
+                # an executor raises.
+                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                           init_worker, (tokenizer.source,))
+            # map keeps the task order, so the cache is the same for any number of workers
+            results = pool.map(run, tasks) if pool else (run(t, tokenizer=tokenizer) for t in tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
             for task, result in zip(tasks, results):
                 result.tokens.tofile(out)
@@ -455,13 +624,19 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 "n_tokens": int(offsets[-1]), "n_skipped": n_skipped, "skipped": skipped,
                 "build_seconds": round(time.time() - started, 2), "key": key}
         write_json(os.path.join(tmp, "meta.json"), meta)  # last: marks the cache complete
+        release(building, os.path.join(tmp, BUILDING))  # not part of the cache
         publish_dir(tmp, path)  # another process may have finished the same cache first
+    except BrokenProcessPool:
+        raise ValueError(f"a process tokenizing {name} died (out of memory?); free memory, or "
+                         f"pass fewer --workers if the command has the flag") from None
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        bar.close()
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+        with ctrl_c_ignored():  # a second Ctrl-C cutting this short hangs the exit, in the executor
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            bar.close()
+            building.close()
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp)
 
 
 def document_name(doc, line_base: int) -> str:
@@ -470,15 +645,54 @@ def document_name(doc, line_base: int) -> str:
     return f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
 
 
-def open_cache(path: str, eos_id: int, reused: bool) -> Corpus:
-    meta = read_json(os.path.join(path, "meta.json"))
-    offsets = np.load(os.path.join(path, "offsets.npy"))
-    tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np.uint32, mode="r")
+CACHE_FILES = ("meta.json", "names.json", "offsets.npy", "tokens.bin")
+
+
+def open_cache(path: str, tokenizer: Tokenizer, reused: bool) -> Corpus:
+    """The cache in `path`, checked: one edited, replaced or cut short from outside is a
+    ValueError that names the file and says to delete the folder, never a crash mid-training
+    (or, for token ids past the vocabulary, an index error in the embedding)."""
+    def damaged(what: str) -> ValueError:
+        return ValueError(f"cache {path} is damaged ({what}); delete it and run again")
+
+    for name in CACHE_FILES:  # a named pipe would block the read below forever
+        mode = file_signature(os.path.join(path, name))[2]
+        if mode == -1 or not stat.S_ISREG(mode):
+            raise damaged(f"no {name}" if mode == -1 else f"{name} is {file_kind(mode)}")
+    try:
+        meta, names = (read_json(os.path.join(path, n)) for n in ("meta.json", "names.json"))
+    except (ValueError, RecursionError):  # FileError, or JSON nested past the recursion limit
+        raise damaged("meta.json or names.json is not valid JSON") from None
+    fields = {"name": str, "n_docs": int, "n_skipped": int, "skipped": list}
+    if not isinstance(meta, dict) or any(type(meta.get(k)) is not t for k, t in fields.items()):
+        wanted = ", ".join(f"{k} ({t.__name__})" for k, t in fields.items())
+        raise damaged(f"meta.json does not hold {wanted}")
+    if not (isinstance(names, list) and len(names) == meta["n_docs"]):
+        raise damaged(f"names.json is not a list of {meta['n_docs']} names")
+    try:
+        offsets = np.load(os.path.join(path, "offsets.npy"), allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # not an .npy, or one of objects (pickled)
+        raise damaged("offsets.npy is not a numpy array of offsets") from None
+    try:
+        tokens = np.memmap(os.path.join(path, "tokens.bin"), dtype=np.uint32, mode="r")
+    except (ValueError, OSError):  # empty, or not a whole number of uint32
+        raise damaged("tokens.bin is not a whole number of uint32 token ids") from None
+    if offsets.dtype != np.int64 or offsets.shape != (meta["n_docs"] + 1,) or offsets[0] != 0 \
+            or (np.diff(offsets) < 0).any():
+        raise damaged(f"offsets.npy is not {meta['n_docs'] + 1} increasing int64 offsets")
     if len(tokens) != offsets[-1]:
-        raise ValueError(f"cache {path} is damaged ({len(tokens)} tokens, offsets say "
-                         f"{offsets[-1]}); delete it and run again")
-    return Corpus(meta["name"], tokens, offsets, eos_id, path, reused, meta["skipped"],
-                  meta["n_skipped"], read_json(os.path.join(path, "names.json")))
+        raise damaged(f"{len(tokens)} tokens, offsets say {offsets[-1]}")
+    # Ids past the vocabulary only come from outside (this tokenizer made the ones it built)
+    if reused and (top := max_token(tokens)) >= tokenizer.vocab_size:
+        raise damaged(f"token id {top} in tokens.bin, past the tokenizer's "
+                      f"{tokenizer.vocab_size} ids")
+    return Corpus(meta["name"], tokens, offsets, tokenizer.eos_id, path, reused, meta["skipped"],
+                  meta["n_skipped"], names)
+
+
+def max_token(tokens: np.ndarray, chunk: int = 1 << 26) -> int:
+    """The largest id in a memory-mapped token file, a chunk (256 MB) at a time."""
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
 
 
 def report_skipped(corpus: Corpus, shown: int = 10) -> None:

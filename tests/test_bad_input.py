@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from harness.checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
 from harness.files import lock_folder
-from harness.prepare import SyntheticConfig, synthetic_texts
+from harness.prepare import SyntheticConfig, load_corpus, synthetic_texts
+from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -507,20 +509,73 @@ def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, ti
 # The other scripts: the same rule.
 
 @pytest.mark.parametrize("args, fragment", [
-    (["data.py", "--synthetic-docs", "0"], "needs at least one document"),
+    (["data.py", "--synthetic-docs", "0"], "--synthetic-docs: must be above 0"),
+    (["data.py", "--synthetic-docs", "1000000000000"], "needs about 3,300,000.0 GB of token cache"),
+    (["data.py", "--workers", "0"], "--workers: must be above 0"),
     (["data.py", "--data", "/no/such/books"], "--data /no/such/books does not exist"),
     (["data.py", "--heldout", "2"], "--heldout must be in [0, 1)"),
     (["data.py", "--cache-dir", "/proc/ultrallada-cache"], "cannot write the token cache"),
+    (["data.py", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
     (["masks.py", "--plot", "--out", "/proc/ultrallada/masks.png"], "cannot write /proc/ultrallada"),
+    (["masks.py", "--plot", "--out", "/tmp"], "--out '/tmp' is not a picture's file name"),
+    (["masks.py", "--plot", "--doc-lens", "100000", "100000"], "--doc-lens sum to 200000 tokens"),
     (["masks.py", "--doc-lens", "0"], "--doc-lens must all be positive"),
     (["model.py", "--preset", "huge"], "unknown preset 'huge'"),
+    (["model.py", "--size", "8b"], "unrecognized arguments: --size 8b"),
     (["rope.py", "--target-len", "0"], "must be positive"),
-    (["rope.py", "--base", "nan"], "--base must be above 1"),
+    (["rope.py", "--base", "nan"], "--base must be a finite number above 1"),
+    (["rope.py", "--base", "inf"], "--base must be a finite number above 1"),
+    (["rope.py", "--train-len", "3"], "critical dimension of -6 (head size 128, base 500000)"),
+    (["rope.py", "--base", "1e308", "--target-len", "1000000000"], "past the float range"),
+    (["diffusion.py", "--steps", "-1"], "--steps must be 0 or more, got -1"),
 ])
 def test_the_other_scripts_answer_bad_input_in_one_line(args, fragment):
     r = script(*args)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and fragment in r.stderr
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""
+
+
+def test_train_len_without_a_critical_dimension_is_refused_before_any_work(tmp_path, books, cache,
+                                                                          tiny_ckpt):
+    # T_train 3 made the critical dimension 0 (ZeroDivisionError), 1 and 2 a negative one (the
+    # run trained unscaled); evaluate.py failed the same way after loading the model
+    out = tmp_path / "out"
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1", "--train-len", "3"))
+    one_line_error(r, "T_train 3 gives the diffusion rope a critical dimension of 0 (head size 64, "
+                      "base 10000), outside 2..64; it needs a T_train in 4..31415")
+    assert not out.exists()
+    results = tmp_path / "res"
+    r = script("evaluate.py", "--model", tiny_ckpt, "--len", "512", "--rope", "critical",
+               "--train-len", "1", "--results", results)
+    one_line_error(r, "T_train 1 gives the critical rope a critical dimension of -2 (head size 16")
+    assert not results.exists()
+
+
+def test_a_token_cache_damaged_from_outside_is_named_before_training(tmp_path, books):
+    cache = tmp_path / "cache"
+    corpus = load_corpus(tiktoken_tokenizer(), books, cache_dir=str(cache), workers=1)
+    tokens = np.memmap(os.path.join(corpus.path, "tokens.bin"), dtype=np.uint32, mode="r+")
+    tokens[:] = 4_000_000_000  # past any vocabulary: the embedding would fail mid-step
+    tokens.flush()
+    out = tmp_path / "out"
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1"))
+    one_line_error(r, f"cache {corpus.path} is damaged (token id 4000000000 in tokens.bin, past "
+                      f"the tokenizer's 100279 ids); delete it and run again")
+    assert not out.exists()
+
+
+def test_a_named_pipe_in_the_data_is_skipped_by_ppl(tmp_path, books, tiny_ckpt):
+    data = tmp_path / "books"
+    shutil.copytree(books, data)
+    os.mkfifo(data / "aaa.txt")  # read first, it blocked the run forever
+    r = subprocess.run([sys.executable, "evaluate.py", "--task", "ppl", "--model", tiny_ckpt, "--len",
+                        "128", "--draws", "1", "--data", data, "--cache-dir", tmp_path / "cache",
+                        "--results", tmp_path / "res"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 documents: aaa.txt (a named pipe, not a regular file)" in r.stderr
+    assert os.listdir(tmp_path / "cache")[0].startswith("books-") and \
+        len(os.listdir(tmp_path / "cache")) == 1  # no temporary folder left
 
 
 def test_an_unwritable_token_cache_is_named(tmp_path, books):

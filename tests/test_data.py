@@ -2,9 +2,16 @@
 
 Every test makes its own small data (in tmp_path); nothing is downloaded.
 """
+import glob
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,11 +21,14 @@ import data
 from data import Schedule
 from harness import prepare
 from harness.checkpoint import config_to_dict, model_tokenizer
+from harness.files import try_lock
 from harness.prepare import Corpus, SyntheticConfig
 from harness.tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 from model import preset
 
 EOS = 10**9  # a separator id no test token can equal
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +472,238 @@ def test_cli_prints_stats_and_one_line_errors(tmp_path, capsys):
     data.main(["--cache-dir", str(tmp_path), "--synthetic-docs", "40", "--seq-len", "256", "--workers", "1"])
     out = capsys.readouterr().out
     assert "corpus: synthetic (built-in, seed 0, train)" in out and "packed sequences of 256" in out
-    with pytest.raises(SystemExit) as exit_:
-        data.main(["--data", str(tmp_path / "missing"), "--cache-dir", str(tmp_path)])
-    assert exit_.value.code == 2
-    assert re.match(r"^error: --data .*missing does not exist; pass", capsys.readouterr().err)
+    for args, message in [(["--data", str(tmp_path / "missing")], r"--data .*missing does not exist; pass"),
+                          (["--workers", "0"], "argument --workers: must be above 0, got 0"),
+                          (["--synthetic-docs", "-5"], "argument --synthetic-docs: must be above 0"),
+                          (["--seq-len", "1e3"], "argument --seq-len: '1e3' is not an integer")]:
+        with pytest.raises(SystemExit) as exit_:
+            data.main([*args, "--cache-dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err  # no usage block
+        assert re.match(f"^error: {message}", err), err
+
+
+def data_py(*args, env=ENV, **popen):
+    """data.py as a user runs it; a hang fails the test instead of holding it forever."""
+    return subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, **popen)
+
+
+def one_error_line(r, fragment: str, code: int = 2) -> None:
+    assert r.returncode == code, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("error: ") == 1, r.stderr[-2000:]
+    line = next(x for x in r.stderr.splitlines() if x.startswith("error: "))
+    assert fragment in line, line
+
+
+def test_files_that_are_not_regular_are_skipped_and_never_opened(tmp_path):
+    make_books(tmp_path / "books")
+    os.mkfifo(tmp_path / "books" / "aa.jsonl")  # sorts first: its read would block everything
+    os.mkfifo(tmp_path / "books" / "zz.txt")
+    cache = tmp_path / "cache"
+    r = data_py("--data", tmp_path / "books", "--heldout", 0, "--cache-dir", cache, "--workers", 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 2 documents: aa.jsonl (a named pipe, not a regular file), zz.txt (a named " \
+           "pipe, not a regular file)" in r.stderr
+    assert "documents: 3," in r.stdout
+    assert len(os.listdir(cache)) == 1 and not glob.glob(str(cache / "*.tmp-*"))
+    one_error_line(data_py("--data", tmp_path / "books" / "zz.txt", "--cache-dir", cache),
+                   "zz.txt is a named pipe, not a folder or a file")
+
+
+def test_a_pipe_that_appears_after_the_listing_is_not_waited_for(tmp_path):
+    pipe = str(tmp_path / "late.txt")
+    os.mkfifo(pipe)
+    said = []
+    reader = threading.Thread(target=lambda: said.append(next(prepare.read_text_file(
+        prepare.Task("text", pipe, "late.txt")))), daemon=True)
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # blocked in open(): give it a writer so the thread can end
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+    assert said == [("late.txt", None, "unreadable: a named pipe, not a regular file")]
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, tok):
+    folder = tmp_path_factory.mktemp("small_cache")
+    c = prepare.load_corpus(tok, synthetic=SyntheticConfig(seed=4, n_docs=30), cache_dir=str(folder),
+                            workers=1)
+    return c.path
+
+
+def damage_meta(d, change):
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(d, "meta.json"), "w") as f:
+        json.dump(change(meta), f)
+
+
+DAMAGE = {  # what a cache folder damaged from outside holds, and what the one line says
+    "meta without a key": (lambda d: damage_meta(d, lambda m: {k: v for k, v in m.items()
+                                                               if k != "skipped"}),
+                           r"meta.json does not hold name \(str\), n_docs"),
+    "meta a list": (lambda d: damage_meta(d, lambda m: [1, 2]), "meta.json does not hold"),
+    "meta a bool count": (lambda d: damage_meta(d, lambda m: {**m, "n_skipped": True}),
+                          "meta.json does not hold"),
+    "meta nested too deep": (lambda d: write(os.path.join(d, "meta.json"), "[" * 100000 + "]" * 100000),
+                             "meta.json or names.json is not valid JSON"),
+    "names not a list": (lambda d: write(os.path.join(d, "names.json"), "{}"),
+                         "names.json is not a list of"),
+    "offsets garbage": (lambda d: write(os.path.join(d, "offsets.npy"), os.urandom(200), "wb"),
+                        "offsets.npy is not a numpy array of offsets"),
+    "offsets of objects": (lambda d: np.save(os.path.join(d, "offsets.npy"),
+                                             np.array([0, "x"], dtype=object), allow_pickle=True),
+                           "offsets.npy is not a numpy array of offsets"),
+    "offsets decreasing": (lambda d: np.save(os.path.join(d, "offsets.npy"),
+                                             np.load(os.path.join(d, "offsets.npy"))[::-1].copy()),
+                           "offsets.npy is not"),
+    "tokens cut mid-id": (lambda d: os.truncate(os.path.join(d, "tokens.bin"), 1001),
+                          "tokens.bin is not a whole number of uint32 token ids"),
+    "tokens cut short": (lambda d: os.truncate(os.path.join(d, "tokens.bin"), 1000),
+                         "250 tokens, offsets say"),
+    "ids past the vocabulary": (lambda d: np.full(os.path.getsize(os.path.join(d, "tokens.bin")) // 4,
+                                                  4_000_000_000, np.uint32).tofile(os.path.join(d, "tokens.bin")),
+                                "token id 4000000000 in tokens.bin, past the tokenizer's 100279 ids"),
+    "no meta": (lambda d: os.remove(os.path.join(d, "meta.json")), "(no meta.json)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_cache_is_one_line_that_names_the_file(tmp_path, tok, small_cache, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(os.path.dirname(small_cache), cache)
+    folder = cache / os.path.basename(small_cache)
+    do, message = DAMAGE[damage]
+    do(str(folder))
+    with pytest.raises(ValueError) as e:
+        prepare.load_corpus(tok, synthetic=SyntheticConfig(seed=4, n_docs=30), cache_dir=str(cache),
+                            workers=1)
+    said = str(e.value)
+    assert said.startswith(f"cache {folder} is damaged (") and said.endswith("; delete it and run again")
+    assert re.search(message, said), said
+    assert "pickle" not in said and "\n" not in said  # never the advice to unpickle it
+
+
+def test_a_cache_file_that_is_a_pipe_is_not_read(tmp_path, small_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(os.path.dirname(small_cache), cache)
+    meta = cache / os.path.basename(small_cache) / "meta.json"
+    os.remove(meta)
+    os.mkfifo(meta)
+    r = data_py("--synthetic-seed", 4, "--synthetic-docs", 30, "--cache-dir", cache, "--workers", 1)
+    one_error_line(r, "is damaged (meta.json is a named pipe); delete it and run again")
+
+
+def test_json_nested_too_deeply_is_a_skipped_line(tmp_path, tok):
+    write(tmp_path / "d" / "x.jsonl", '{"text": "One."}\n' + "[" * 100000 + "\n" + '{"text": "Two."}\n')
+    c = prepare.load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"),
+                            workers=1)
+    assert c.names == ["x.jsonl line 1", "x.jsonl line 3"]
+    assert c.skipped == [["x.jsonl line 2", "not JSON (nested too deeply)"]]
+
+
+def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 100)
+    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", 64)
+    folder = tmp_path / "d"
+    write(folder / "big.txt", "word " * 40)  # 200 bytes: one document, over the limit
+    write(folder / "small.txt", "A short book.")
+    long_line = json.dumps({"text": "x" * 500})
+    write(folder / "x.jsonl", f'{{"text": "First."}}\n{long_line}\n{{"text": "Third."}}\n'
+                              f'{long_line}')  # the last line has no newline
+    write(folder / "y.jsonl", "z" * 5000)  # no newline at all
+    asked = []
+
+    class Spy:  # the file reads, with the sizes asked for
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.f.read(n)
+
+        def readline(self, n=-1):
+            asked.append(n)
+            return self.f.readline(n)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real = prepare.open_regular
+    monkeypatch.setattr(prepare, "open_regular", lambda path: Spy(real(path)))
+    c = prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    assert c.names == ["small.txt", "x.jsonl line 1", "x.jsonl line 3"]
+    assert [n for n, _ in c.skipped] == ["big.txt", "x.jsonl line 2", "x.jsonl line 4",
+                                         "y.jsonl line 1"]
+    assert c.skipped[0][1].startswith("larger than 0 MB (a .txt is one document")
+    assert all(r == "longer than 0 MB" for _, r in c.skipped[1:])
+    # every read was bounded (the small book's whole-file read aside): none held a long line
+    assert -1 in asked and all(n == -1 or 0 < n <= 1 << 20 for n in asked), asked
+    assert asked.count(-1) == 1
+
+
+def test_a_synthetic_corpus_too_big_for_the_disk_is_refused_before_any_work(tmp_path):
+    r = data_py("--synthetic-docs", 10**12, "--cache-dir", tmp_path / "cache")
+    one_error_line(r, "a synthetic corpus of 1,000,000,000,000 documents needs about 3,300,000.0 GB")
+    assert os.listdir(tmp_path) == []  # not even the cache folder
+
+
+def test_ctrl_c_while_building_is_one_line_and_leaves_nothing(tmp_path):
+    """As a terminal delivers Ctrl-C: to the whole process group, workers included."""
+    cache = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "data.py", "--synthetic-docs", "20000", "--workers", "2",
+                          "--cache-dir", str(cache)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        # tokens are being written: the workers run and the parent collects their results
+        while not any(os.path.getsize(f) for f in glob.glob(str(cache / "*.tmp-*" / "tokens.bin"))):
+            assert p.poll() is None and time.time() < deadline, p.communicate()
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, err[-2000:]
+    assert err == "error: interrupted; no token cache was written\n"  # no worker's traceback
+    assert os.listdir(cache) == []
+
+
+def test_temporary_folders_of_killed_builds_are_removed(tmp_path, tok):
+    cfg, cache = SyntheticConfig(seed=5, n_docs=20), str(tmp_path / "cache")
+    path = prepare.load_corpus(tok, synthetic=cfg, cache_dir=cache, workers=1).path
+    shutil.rmtree(path)
+    killed, young, held = (f"{path}.tmp-{x}" for x in ("killed", "young", "held"))
+    for folder in (killed, young, held):
+        os.makedirs(folder)
+        write(os.path.join(folder, "tokens.bin"), "partial")
+    for folder in (killed, held):
+        os.utime(folder, (time.time() - 3600, time.time() - 3600))
+    lock = try_lock(os.path.join(held, prepare.BUILDING))  # a build still running, elsewhere
+    try:
+        c = prepare.load_corpus(tok, synthetic=cfg, cache_dir=cache, workers=1)
+    finally:
+        lock.close()
+    assert not c.reused and c.path == path
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(x) for x in (path, young, held))
+    assert not os.path.exists(os.path.join(path, prepare.BUILDING))  # not part of the cache
+
+
+def test_a_path_that_is_not_utf8_is_printed(tmp_path):
+    folder = os.path.join(os.fsencode(tmp_path), b"bad\xffname")
+    os.makedirs(folder)
+    write(os.path.join(folder, b"book.txt"), "A book in a folder whose name is not UTF-8.")
+    r = subprocess.run([sys.executable, b"data.py", b"--data", folder, b"--cache-dir",
+                        os.path.join(os.fsencode(tmp_path), b"cache"), b"--workers", b"1"],
+                       cwd=ROOT, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"},
+                       capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert b"corpus: " + os.fsencode(tmp_path) + b"/bad\\xffname (train" in r.stdout

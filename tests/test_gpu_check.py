@@ -1,6 +1,8 @@
 """Tests for bench/gpu_check.py on the CPU: --help and the clean refusal without CUDA, and the
 logic of its checks on small tensors and fakes: tolerances (a wrong attention fails), FLOPs and
 MFU, the memory plan it compares against, skipping what a missing package needs, the table."""
+import importlib.abc
+import importlib.machinery
 import json
 import math
 import os
@@ -242,13 +244,32 @@ def test_a_missing_package_skips_its_check_without_running_it():
         ["pass", "pass"]
 
 
-def test_flash_attn_is_probed_without_importing_it():
-    reason = g.skip_reason(g.CHECKS["attention-bf16"].needs)
-    if g.module_found("flash_attn"):
-        assert reason is None
+class LoudLoader(importlib.abc.Loader):
+    """An installed flash-attn as far as the finders can tell, whose import fails the test."""
+    def create_module(self, spec):
+        raise AssertionError("flash_attn was imported")
+
+    def exec_module(self, module):
+        raise AssertionError("flash_attn was imported")
+
+
+class InstalledFlashAttn(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "flash_attn":
+            return importlib.machinery.ModuleSpec("flash_attn", LoudLoader())
+        return None
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_flash_attn_is_probed_without_importing_it(monkeypatch, installed):
+    if installed:
+        monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [InstalledFlashAttn(), *sys.meta_path])
     else:
-        assert reason == "flash-attn is not installed (pip install flash-attn)"
-        assert "flash_attn" not in sys.modules or sys.modules["flash_attn"] is None
+        monkeypatch.setitem(sys.modules, "flash_attn", None)  # what hide_flash_attn does
+    reason = g.skip_reason(g.CHECKS["attention-bf16"].needs)
+    assert reason == (None if installed else "flash-attn is not installed (pip install flash-attn)")
+    assert sys.modules.get("flash_attn") is None  # found or not, never imported
     assert g.skip_reason(g.CHECKS["attention-fp32"].needs) is None
 
 

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -236,3 +238,38 @@ def test_an_adaptive_plan_does_not_depend_on_flash_and_serves_sdpa_in_float32(mo
     ids = masks.doc_ids(lens)
     mask = (ids[:, :, None] == ids[:, None, :])[:, None]  # (B, 1, L, L)
     assert torch.allclose(out, masks.sdpa(q, k, v, mask), atol=1e-6)
+
+
+@pytest.mark.parametrize("doc_lens", [[5, 3, 6, 2], [1], [7, 1, 1, 30]])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_pairs_are_counted_as_the_mask_would_count_them(doc_lens, strategy):
+    assert masks.pairs_computed(doc_lens, strategy) == int(allowed(doc_lens, strategy).sum())
+
+
+def test_cli_counts_pairs_of_any_length_without_building_a_mask(capsys, monkeypatch):
+    def no_mask(*a, **k):
+        raise AssertionError("an L x L mask of 2e9 tokens would need 4e18 bytes")
+    monkeypatch.setattr(masks, "allowed", no_mask)
+    main(["--doc-lens", "1000000000", "1000000000"])
+    out = capsys.readouterr().out
+    assert "query-key pairs computed: 2000000000000000000 of 4000000000000000000" in out  # adaptive
+    assert "query-key pairs computed: 4000000008000000004 of 4000000008000000004" in out  # eod
+
+
+@pytest.mark.parametrize("out, args, message", [
+    ("", [], "--out '' is not a picture's file name"),  # matplotlib wrote ".png"
+    ("folder", [], "is not a picture's file name"),  # ... and "folder.png" beside the folder
+    ("picture", [], "is not a picture's file name"),
+    ("masks.xyz", [], "Format 'xyz' is not supported"),
+    ("masks.png", ["--doc-lens", "200", "100"], "--doc-lens sum to 300 tokens"),
+])
+def test_plot_refuses_what_it_cannot_draw_and_writes_nothing(tmp_path, monkeypatch, capsys, out,
+                                                            args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["--plot", "--out", out, *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert sorted(os.listdir(tmp_path)) == ["folder"] and not os.listdir(tmp_path / "folder")

@@ -157,9 +157,11 @@ def test_cli_describes_the_8b_model_without_allocating(capsys):
 def test_unknown_preset(capsys):
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset("huge")
-    with pytest.raises(SystemExit):
-        model_py.main(["--preset", "huge"])
-    assert "unknown preset 'huge'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        model_py.main(["--preset", " tiny"])  # a stray space is no preset either
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "error: unknown preset ' tiny'; choose one of llada-8b, " \
+        "tiny, small\n"  # one line, without argparse's usage block
 
 
 @pytest.mark.parametrize("doc_lens", [None, [[7, 20, 13], [40]]])

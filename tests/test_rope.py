@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from rope import (METHODS, apply_rope, critical_dim, main, position_scale, rope_lambda,
-                  rope_tables, rotate_half, scale_rope)
+from rope import (METHODS, apply_rope, check_scaling_args, critical_dim, main,
+                  method_critical_dim, position_scale, rope_lambda, rope_tables, rotate_half,
+                  scale_rope)
 
 LENGTHS = [8192, 16384, 24576, 32768]
 
@@ -125,11 +126,51 @@ def test_cli_table(capsys):
         assert f" {method} " in out
 
 
-def test_cli_rejects_bad_head_dim(capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--head-dim", "7"], "--head-dim must be an even number above 2, got 7"),
+    (["--train-len", "3"], "T_train 3 gives the critical rope a critical dimension of -6"),
+    (["--base", "inf"], "--base must be a finite number above 1, got inf"),
+    (["--target-len", "1000000000", "--base", "1e308"], "scales the base 1e+308 past the float"),
+    (["--target-len", "x"], "argument --target-len: invalid int value: 'x'"),
+])
+def test_cli_errors_are_one_line_without_usage(capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        main(["--head-dim", "7"])
+        main(args)
     assert e.value.code == 2
-    assert "--head-dim must be an even number" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [captured.err.splitlines()[0]]  # no usage block
+    assert captured.err.startswith("error: ") and message in captured.err
+    assert captured.out == ""  # refused before any row of the table
+
+
+# The tiny preset's head (64) and base (10000): the critical dimension is 2 ceil(32 log_b(T_cap /
+# 2pi)), in 2..64 exactly for 2pi < T_cap <= 2pi b, T_cap = T_train (critical), 2 T_train (diffusion).
+@pytest.mark.parametrize("method, lowest, highest", [("critical", 7, 62831),
+                                                     ("diffusion", 4, 31415)])
+def test_a_critical_dimension_outside_2_to_the_head_size_is_refused(method, lowest, highest):
+    assert method_critical_dim(method, lowest, 64, 1e4) == 2
+    assert method_critical_dim(method, highest, 64, 1e4) == 64
+    for train_len in (1, 2, lowest - 1, highest + 1):  # 1 and 2 gave negative dimensions
+        with pytest.raises(ValueError, match=f"T_train {train_len} gives the {method} rope a "
+                                             f"critical dimension of .* it needs a T_train in "
+                                             f"{lowest}..{highest}"):
+            scale_rope(method, 4096, train_len, 64, 1e4)
+    # an override takes the formula's place, and methods without one do not care
+    assert scale_rope(method, 4096, 3, 64, 1e4, d_crit=32)["d_crit"] == 32
+    assert scale_rope("ntk", 4096, 3, 64, 1e4)["lambda"] > 1
+
+
+def test_check_scaling_args_refuses_derived_values_before_any_work():
+    check_scaling_args(8192, 512, 64, None, 1e4, "diffusion")  # the tiny model's own window
+    with pytest.raises(ValueError, match="critical dimension of 0"):
+        check_scaling_args(8192, 3, 64, None, 1e4, "diffusion")  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="finite number above 1, got inf"):
+        check_scaling_args(8192, 512, 64, None, float("inf"), "critical")
+    with pytest.raises(ValueError, match="past the float range"):
+        check_scaling_args(10**9, 4096, 128, None, 1e308, "critical")  # was an OverflowError
+    with pytest.raises(ValueError, match="--d-crit must be in 1..64"):
+        check_scaling_args(8192, 512, 64, 65, 1e4, "critical")
+    check_scaling_args(8192, 3, 64, None)  # without base and method: the flags alone
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

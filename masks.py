@@ -394,5 +394,6 @@ def main(argv=None):
         p.error(f"cannot write {args.out}: {e}; pass a .png, .pdf or .svg file name")
     print(f"wrote {args.out}")
 
+
 if __name__ == "__main__":
     main()

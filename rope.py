@@ -268,5 +268,6 @@ def main(argv=None):
         p.error(str(e))
     print_table(args.target_len, args.train_len, args.head_dim, args.base, args.d_crit)
 
+
 if __name__ == "__main__":
     main()

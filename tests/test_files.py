@@ -1,7 +1,6 @@
 """Tests for harness/files.py: folder publishing (the first finished copy wins, the loser is
 dropped), the swap of a finished folder that loses nothing it did not write, permissions that
 follow the umask, and the readers' one-line errors (pipes, deep nesting) that never block."""
-import json
 import os
 import shutil
 from contextlib import contextmanager

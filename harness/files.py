@@ -128,8 +128,8 @@ def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
         return None, "not UTF-8 text"
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg})"
-    except RecursionError:
-        return None, "JSON nested too deeply"
+    except RecursionError:  # json recurses once per [ or {
+        return None, "not JSON (nested too deeply)"
     if not isinstance(row, dict):
         return None, "not a JSON object"
     return row, None

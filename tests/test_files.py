@@ -91,7 +91,7 @@ def test_read_json_refuses_pipes_folders_and_deep_nesting_in_one_line(tmp_path):
             read_json(str(path))
         assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
     assert read_json(str(tmp_path / "missing.json"), missing_ok=True) == {}
-    assert parse_json_line(b"[" * 100_000) == (None, "JSON nested too deeply")
+    assert parse_json_line(b"[" * 100_000) == (None, "not JSON (nested too deeply)")
 
 
 def checkpoint_folder(path, weights: str, marker=True, extra=()):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import scripts
 from harness.checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
 from harness.files import lock_folder
 from harness.prepare import SyntheticConfig, load_corpus, synthetic_texts
@@ -24,9 +25,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def script(name: str, *args, check_code: int | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, name, *map(str, args)], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=600)
+def script(name: str, *args, check_code: int | None = None, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
+    """The script in a process of its own, as a user runs it (forked: tests/scripts.py)."""
+    r = scripts.run(name, *args, env=env)
     if check_code is not None:
         assert r.returncode == check_code, r.stderr[-2000:]
     return r
@@ -362,9 +364,8 @@ def test_a_run_writes_with_the_users_umask(tmp_path, books, mask, file_mode, fol
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2"),
 ])
 def test_a_stale_torchrun_environment_is_one_line(tmp_path, books, cache, env, fragment):
-    r = subprocess.run([sys.executable, "train.py", *train_flags(books, cache, tmp_path / "out",
-                                                                 "--max-steps", "1")],
-                       cwd=ROOT, env={**ENV, **env}, capture_output=True, text=True, timeout=600)
+    r = script("train.py", *train_flags(books, cache, tmp_path / "out", "--max-steps", "1"),
+               env=env)
     one_line_error(r, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -494,7 +495,7 @@ def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, ti
                           "--depths", "50", "--results", results], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(8)
+        time.sleep(5)  # it says why it waits after 2 s
         assert p.poll() is None  # still waiting
         assert not [n for n in os.listdir(results) if n.endswith(".json")]
     finally:
@@ -568,10 +569,8 @@ def test_a_named_pipe_in_the_data_is_skipped_by_ppl(tmp_path, books, tiny_ckpt):
     data = tmp_path / "books"
     shutil.copytree(books, data)
     os.mkfifo(data / "aaa.txt")  # read first, it blocked the run forever
-    r = subprocess.run([sys.executable, "evaluate.py", "--task", "ppl", "--model", tiny_ckpt, "--len",
-                        "128", "--draws", "1", "--data", data, "--cache-dir", tmp_path / "cache",
-                        "--results", tmp_path / "res"], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=300)
+    r = script("evaluate.py", "--task", "ppl", "--model", tiny_ckpt, "--len", "128", "--draws",
+               "1", "--data", data, "--cache-dir", tmp_path / "cache", "--results", tmp_path / "res")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 documents: aaa.txt (a named pipe, not a regular file)" in r.stderr
     assert os.listdir(tmp_path / "cache")[0].startswith("books-") and \

@@ -1,0 +1,74 @@
+"""Run the project's scripts as a user does, each in a process of its own, without paying for
+Python and torch to start every time (about 2 s a script, and the bad-input tests run a
+hundred): the processes are forked from a server that imported torch and the project once
+(multiprocessing's forkserver), and each then runs the script's __main__ with its argv, its
+environment, its working folder and its own stdout and stderr, and exits with its code. A
+crash is printed as Python prints it, so "Traceback" in stderr means the same as in a shell.
+Tests that signal a script or need torchrun start real subprocesses instead."""
+import multiprocessing
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRELOAD = ["torch", "numpy", "train", "evaluate", "data", "masks", "rope", "model", "diffusion"]
+_context = None
+
+
+def _run(name: str, args: list[str], env: dict, out_path: str, err_path: str) -> None:
+    """In the forked process: become `python name args...` run from ROOT with `env`."""
+    os.chdir(ROOT)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out_path), (2, err_path)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    import torch
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
+    sys.argv = [name, *args]
+    code = 0
+    try:
+        if name.startswith("-m"):
+            runpy.run_module(name[2:], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(name, run_name="__main__")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # sys.exit("message"), as Python does it
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run(name: str, *args, env: dict | None = None, timeout: float = 600
+        ) -> subprocess.CompletedProcess:
+    """`python NAME ARGS` (or `python -m MODULE ARGS` with name "-mMODULE"), as
+    subprocess.run(capture_output=True, text=True) returns it."""
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    args = [str(a) for a in args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        p = _context.Process(target=_run, args=(name, args, env, out, err))
+        p.start()
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+            raise subprocess.TimeoutExpired([name, *args], timeout)
+        with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
+            return subprocess.CompletedProcess([name, *args], p.exitcode, f_out.read(),
+                                               f_err.read())

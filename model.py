@@ -20,7 +20,6 @@ sequence with LLaDA's 126464-token vocabulary would need 33 GB of float32 logits
 Run `python model.py --preset llada-8b` for the parameter count and memory, allocating nothing.
 """
 import argparse
-import copy
 import math
 from dataclasses import dataclass, field, replace
 
@@ -104,7 +103,8 @@ PRESETS = {
 def preset(name: str, **overrides) -> LLaDAConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return replace(copy.deepcopy(PRESETS[name]), **overrides)  # a copy: callers may edit it
+    base = PRESETS[name]  # a copy of it: callers may edit the copy's extra keys
+    return replace(base, extra=dict(base.extra), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------

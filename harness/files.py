@@ -85,22 +85,42 @@ def append_line(path: str, obj) -> None:
         raise FileError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-def open_regular(path: str, advice: str = "put the file itself there"):
-    """`path` opened for binary reading, if it is a regular file. Opening a named pipe waits for
-    a writer forever, and a device may never end: both are a FileError ending with `advice`."""
+class NotRegularFile(OSError):
+    """A named pipe, a device, a socket or a folder where a file was to be read."""
+
+
+def file_kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
+
+
+def open_if_regular(path: str):
+    """`path` opened for binary reading if it is a regular file, else an OSError (NotRegularFile
+    saying what it is). Opening a named pipe waits for a writer forever and a device may never
+    end, so the file is opened without waiting (O_NONBLOCK) and looked at first."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens at once, unread
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens at once, unread
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(f"{file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: str, advice: str = "put the file itself there"):
+    """open_if_regular, with a FileError a user reads: a pipe or a device ends with `advice`."""
+    try:
+        return open_if_regular(path)
     except FileNotFoundError:
         raise FileError(f"{path} does not exist") from None
+    except NotRegularFile as e:
+        raise FileError(f"{path} is {e}; {advice}") from None
     except OSError as e:
         raise FileError(f"cannot read {path}: {e.strerror or e}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        what = "a folder" if stat.S_ISDIR(mode) else "a named pipe or device"
-        raise FileError(f"{path} is {what}, not a regular file; {advice}")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
 
 
 def read_json(path: str, missing_ok: bool = False):

@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from harness.files import (FileError, parse_json_line, publish_dir, read_json, release,
-                           try_lock, write_json)
+from harness.files import (FileError, file_kind, open_if_regular, parse_json_line, publish_dir,
+                           read_json, release, try_lock, write_json)
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -157,29 +157,9 @@ class Task:
     why: str = ""  # reader "skip": why the file is not read
 
 
-def open_regular(path: str):
-    """`path` opened for binary reading if it is a regular file, else an OSError. O_NONBLOCK:
-    open() of a named pipe would wait for a writer forever (the listing skips pipes; this
-    covers one put in place after it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{file_kind(os.fstat(fd).st_mode)}, not a regular file")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def file_kind(mode: int) -> str:
-    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
-             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
-    return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
-
-
 def read_text_file(task: Task):
     try:
-        with open_regular(task.path) as f:
+        with open_if_regular(task.path) as f:
             if os.fstat(f.fileno()).st_size > MAX_DOCUMENT_BYTES:
                 yield task.name, None, (f"larger than {MAX_DOCUMENT_BYTES >> 20} MB (a .txt is "
                                         f"one document: split it, or make it a .jsonl)")
@@ -222,7 +202,7 @@ def read_jsonl_chunk(task: Task):
     """Lines of one byte range. Names are (file, line within the range): the range's first line
     number is only known once the ranges before it are read, so the caller adds it."""
     try:
-        with open_regular(task.path) as f:
+        with open_if_regular(task.path) as f:
             lines = list(enumerate(jsonl_lines(f, task.start, task.end)))
     except OSError as e:
         yield task.name, None, f"unreadable: {e.strerror or e}"
@@ -381,7 +361,7 @@ def next_line_start(f, pos: int, end: int) -> int:
 def jsonl_ranges(path: str, size: int) -> list[tuple[int, int]]:
     """Byte ranges of about JSONL_CHUNK_BYTES that start and end on line boundaries."""
     starts = [0]
-    with open_regular(path) as f:
+    with open_if_regular(path) as f:
         while starts[-1] + JSONL_CHUNK_BYTES < size:
             start = next_line_start(f, starts[-1] + JSONL_CHUNK_BYTES, size)
             if start >= size:
@@ -450,9 +430,11 @@ class Corpus:
     eos_id: int  # the separator of the eod strategy
     path: str | None = None  # the cache directory
     reused: bool = False  # loaded from an existing cache, nothing tokenized
-    skipped: list = field(default_factory=list)  # [name, reason] of documents not read (the first 1000)
+    # [name, reason] of the documents not read (the first 1000)
+    skipped: list = field(default_factory=list)
     n_skipped: int = 0
-    names: list[str] = field(default_factory=list)  # document j came from names[j] ("b.txt", "x.jsonl line 3")
+    # document j came from names[j] ("b.txt", "x.jsonl line 3")
+    names: list[str] = field(default_factory=list)
 
     @property
     def n_docs(self) -> int:

@@ -197,7 +197,7 @@ def edit_json(path, edit) -> None:
     ("optimizer-truncated", "train_state cannot be read (RuntimeError: PytorchStreamReader"),
     ("log-list", "log.jsonl line 3: not a JSON object"),
     ("log-string-step", "log.jsonl line 3: not a step record (step 'x')"),
-    ("log-pipe", "log.jsonl is a named pipe or device, not a regular file"),  # blocked forever
+    ("log-pipe", "log.jsonl is a named pipe, not a regular file"),  # blocked forever
 ])
 def test_a_damaged_checkpoint_or_log_is_named_in_one_line_and_nothing_is_written(
         tmp_path, trained, books, cache, damage, fragment):

@@ -636,8 +636,8 @@ def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    real = prepare.open_regular
-    monkeypatch.setattr(prepare, "open_regular", lambda path: Spy(real(path)))
+    real = prepare.open_if_regular
+    monkeypatch.setattr(prepare, "open_if_regular", lambda path: Spy(real(path)))
     c = prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
     assert c.names == ["small.txt", "x.jsonl line 1", "x.jsonl line 3"]
     assert [n for n, _ in c.skipped] == ["big.txt", "x.jsonl line 2", "x.jsonl line 4",

@@ -83,7 +83,7 @@ def test_read_json_refuses_pipes_folders_and_deep_nesting_in_one_line(tmp_path):
     os.mkfifo(pipe)  # open() would wait for a writer forever
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)  # json recurses: RecursionError
-    for path, says in [(pipe, "is a named pipe or device, not a regular file"),
+    for path, says in [(pipe, "is a named pipe, not a regular file"),
                        (tmp_path, "is a folder, not a regular file"),
                        (deep, "is not valid JSON (nested too deeply)"),
                        (tmp_path / "missing.json", "does not exist")]:

@@ -9,13 +9,15 @@ Paper map: docs/paper.md section 5. The paper's evaluations, each in evaluations
     longbench    LongBench's 21 datasets at 16K
     ppl          long-document perplexity, LongLLaDA's protocol
 
-A task module holds its flags (`Options`, a dataclass) and five functions: check(cfg) refuses
-bad flags and data before any model work, plan(cfg, tokenizer, counter) lists the cells,
-run_cell(...) evaluates one, cell_flops(...) says what it costs, and report(cells, cfg, folder)
-writes the tables and pictures. This runner owns the flags every task shares, the model and
-the cell loop. --rope re-scales the checkpoint's RoPE base for each evaluated length, the
-paper's training-free comparison (LLaDA with and without NTK scaling); --rope-factor multiplies
-it by one factor, as the authors' wrapper did; without either it runs as saved.
+A task module holds its flags (`Options`, a dataclass), the keys its results need (`KEYS`)
+and six functions: check(cfg) refuses bad flags and data before any model work,
+forward_tokens(cfg) sizes its largest forward (the memory check), plan(cfg, tokenizer,
+counter) lists the cells, run_cell(...) evaluates one, cell_flops(...) says what it costs, and
+report(cells, cfg, folder) writes the tables and pictures. This runner owns the flags every
+task shares, the model and the cell loop. --rope re-scales the checkpoint's RoPE base for each
+evaluated length, the paper's training-free comparison (LLaDA with and without NTK scaling);
+--rope-factor multiplies it by one factor, as the authors' wrapper did; without either it runs
+as saved.
 
 Every cell is one JSON file in the results folder, written atomically; a rerun skips finished
 cells, so an interrupted run loses at most the cell in progress, and the reports are rebuilt
@@ -55,7 +57,9 @@ DEFAULT_MODEL = os.path.join("out", "checkpoint")  # where train.py writes
 
 @dataclass
 class EvalConfig:
-    """The flags every task shares; each task adds its own (evaluations/<task>.py, Options)."""
+    """The flags every task shares; each task adds its own (evaluations/<task>.py, Options).
+    None of these is in a result's settings but the model and the dtype (settings()): the rope
+    choice is in each cell's name, the rest say where and how a run goes."""
     task: str = flag("niah", "niah: synthetic needle in a haystack for tiny models; needlebench: "
                      "the authors' NIAH (NeedleBench origin); ruler: RULER's 13 tasks; "
                      "longbench: LongBench's 21 datasets; ppl: long-document perplexity. "
@@ -65,29 +69,26 @@ class EvalConfig:
                                  "(every task but longbench, which uses --max-len): niah counts "
                                  "the whole prompt in cl100k tokens; needlebench and ruler count "
                                  "cl100k tokens as the authors' configs do; ppl scores the first "
-                                 "L model tokens of each document", type=count, nargs="+",
-                                 setting=False)
+                                 "L model tokens of each document", type=count, nargs="+")
     rope: str | None = flag(None, "re-scale the checkpoint's RoPE base for each evaluated length: "
                             "none, ntk, critical (LongLLaDA), diffusion (UltraLLaDA) or pi "
-                            "(default: the checkpoint's base as saved)", choices=METHODS,
-                            setting=False)
+                            "(default: the checkpoint's base as saved)", choices=METHODS)
     train_len: int | None = flag(None, "with --rope: the context the base was trained for "
                                  "(default: the checkpoint's rope_scaling train_len, else "
-                                 "max_sequence_length)", type=count, setting=False)
+                                 "max_sequence_length)", type=count)
     d_crit: int | None = flag(None, "with --rope critical/diffusion: override the critical "
-                              "dimension (1..head size)", type=count, setting=False)
+                              "dimension (1..head size)", type=count)
     rope_factor: float | None = flag(None, "multiply the checkpoint's RoPE base by this fixed "
                                      "factor at every length, as the authors' wrapper applies "
                                      "its scaling_factor (LongLLaDA's rows: 4, 14, 31, 55); not "
-                                     "with --rope", type=positive, setting=False)
-    results: str | None = flag(None, "results folder (default: results/<model name>/<task>/)",
-                               setting=False)
+                                     "with --rope", type=positive)
+    results: str | None = flag(None, "results folder (default: results/<model name>/<task>/)")
     overwrite: bool = flag(False, "redo cells that already have a result, and replace results "
-                           "made with other settings", setting=False)
-    device: str | None = flag(None, "cuda or cpu (default: cuda when available)", setting=False)
+                           "made with other settings")
+    device: str | None = flag(None, "cuda or cpu (default: cuda when available)")
     dtype: str | None = flag(None, "the model's dtype (default: bfloat16 on CUDA, float32 on "
                              "CPU; the authors' wrapper loads LLaDA in float16)",
-                             choices=("float32", "bfloat16", "float16"), setting=False)
+                             choices=("float32", "bfloat16", "float16"))
     rope_label: str = field(default="ckpt", init=False)  # how the base was chosen, in file names
 
 
@@ -198,8 +199,9 @@ def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     config = read_config(cfg.model)
     base, train_len = config.rope_origin(cfg.train_len)  # what rope_for_length scales from
     check_scaling_args(max(cfg.len), train_len, config.head_dim, cfg.d_crit, base, cfg.rope)
-    check_fits(config, task.forward_tokens(cfg), dtype, device,  # before a haystack is built
-               f"--len {max(cfg.len):,}")
+    tokens = task.forward_tokens(cfg)  # the longest prompt and its answer, every row at once
+    check_fits(config, tokens, dtype, device,  # before a haystack is built
+               f"this run's largest forward ({tokens:,} tokens)")
     tokenizer = model_tokenizer(cfg.model)
     check_tokenizer_fits(tokenizer, config, cfg.model)
     cfg.rope_label = rope_label(cfg)
@@ -280,11 +282,10 @@ def run_cells(cfg, run: Run, ropes: dict, device, rank: int) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--compare" in argv:  # a report over finished results, no model (evaluations/compare.py)
-        return compare.main(argv)
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        return compare.main(argv)  # a report over finished results, no model
     rank, world = process_env()  # torchrun's environment, checked
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
-    say = print if rank == 0 else (lambda *a, **k: None)
     cfg = parse_args(argv)
     tune_cpu_memory()  # huge pages for large CPU tensors, before the first one
     try:
@@ -314,16 +315,16 @@ def main(argv=None):
         dist.destroy_process_group()
     if rank != 0:
         return
-    if len(run.finished()) > before:
-        seconds = time.perf_counter() - started
-        say(f"ran {len(run.finished()) - before} cells in {duration(seconds)} "
-            f"({(len(run.finished()) - before) / seconds:.3g} cells/s; estimated {duration(estimate)})")
+    ran, seconds = len(run.finished()) - before, time.perf_counter() - started
+    if ran:
+        print(f"ran {ran} cells in {duration(seconds)} ({ran / seconds:.3g} cells/s; estimated "
+              f"{duration(estimate)})")
     found = read_results(run.folder, cfg.task, run.task.KEYS)
     mine = [cell for cell in found.values() if cell.get("settings") == run.settings]
     if len(mine) < len(found):
-        say(f"({len(found) - len(mine)} cells in {run.folder} were made with other settings "
-            f"and are left out)")
-    say(run.task.report(mine, cfg, run.folder) if mine else "no results yet")
+        print(f"({len(found) - len(mine)} cells in {run.folder} were made with other settings "
+              f"and are left out)")
+    print(run.task.report(mine, cfg, run.folder) if mine else "no results yet")
 
 
 if __name__ == "__main__":

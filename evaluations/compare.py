@@ -226,6 +226,14 @@ def compare(folders: dict[str, str], out: str) -> str:
     return text
 
 
+def default_label(folder: str) -> str:
+    """results/<model>/ is labelled <model>; a benchmark's own folder, results/<model>/niah,
+    its parent's name too."""
+    path = os.path.abspath(folder)
+    return os.path.basename(os.path.dirname(path) if os.path.basename(path) in BENCHMARKS
+                            else path)
+
+
 def main(argv) -> None:
     p = argparse.ArgumentParser(
         description="The paper's tables side by side: one row per model, from the results "
@@ -242,10 +250,14 @@ def main(argv) -> None:
              "B=results/b")
     folders = {}
     for item in args.compare:
-        name, _, folder = item.rpartition("=") if "=" in item else ("", "", item)
+        name, _, folder = item.partition("=") if "=" in item else ("", "", item)
         if not os.path.isdir(folder):
             fail(f"--compare {item}: {folder} is not a folder")
-        folders[name or os.path.basename(os.path.abspath(folder))] = folder
+        name = name or default_label(folder)
+        if name in folders:  # two rows of one name: one would silently replace the other
+            fail(f"--compare: two folders are labelled {name!r} ({folders[name]}, {folder}); "
+                 f"name them, e.g. --compare A={folders[name]} B={folder}")
+        folders[name] = folder
     try:
         print(compare(folders, args.out))
     except ValueError as e:  # FileError too: a folder that cannot be written

@@ -269,7 +269,7 @@ def check(cfg) -> None:
             raise ValueError(f"--{name} {value!r}: must be a whole number of 1 or more")
     if not cfg.len:
         raise ValueError("--len: give at least one context length (cl100k tokens)")
-    for value in cfg.len:  # the decoding flags are the runner's to check (evaluate.check_config)
+    for value in cfg.len:
         positive_int("len", value)
     positive_int("repeats", cfg.repeats)
     results.check_decoding(cfg)

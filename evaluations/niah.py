@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluations.needlebench import heatmap_report, needlebench_score
+# A cell decodes one prompt as NeedleBench's do: the same size (forward_tokens), cost
+# (cell_flops), score and report.
+from evaluations.needlebench import (cell_flops, forward_tokens,  # noqa: F401
+                                     heatmap_report, needlebench_score)
 from harness import results
 from harness.flags import count, count0, flag
 from harness.prepare import filler_text
@@ -161,11 +164,6 @@ def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it.
 
-def forward_tokens(cfg) -> int:
-    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
-    return max(cfg.len) + cfg.gen_length
-
-
 def check(cfg) -> None:
     results.check_decoding(cfg)
     results.check_cell_count(len(set(cfg.len)) * len(set(cfg.depths)) * cfg.repeats,
@@ -216,11 +214,6 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
             # scored as NeedleBench scores: 100 with the keyword, else 0.2 x edit similarity
             "score": needlebench_score(out["answer"], cfg.needle, cfg.keyword)}
-
-
-def cell_flops(c, cfg, cell: dict) -> float:
-    return results.generation_flops(c, cell["length"], cfg.gen_length, cfg.block_length,
-                                    cfg.steps, cfg.prompt_cache)
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:

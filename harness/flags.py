@@ -4,7 +4,7 @@ flags.py: a configuration is a dataclass, and its command-line flags are its fie
 Harness, not part of the paper. Each field is declared once with `flag(default, help, ...)`;
 `add_flags` turns the fields into argparse flags of the same names (`seq_len` -> `--seq-len`)
 and appends the default to the help, so a default is written in exactly one place. Number
-types (`count`, `count0`, `positive`) refuse nan, inf, zero and negatives with one line, and
+types refuse nan, inf and negatives with one line (`count` and `positive` zero too), and
 `number(..., highest=)` values beyond what a run can use. `fits` checks a value read back
 from a file (a saved run's flags) against its field's type.
 """
@@ -47,7 +47,8 @@ def add_flags(parser, config_class) -> None:
             parser.add_argument(name, action=action, default=default, help=help_text)
             continue
         if default is not None and default != []:
-            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            shown = " ".join(map(str, default)) if isinstance(default, list) else \
+                repr(default) if isinstance(default, str) and default.strip() != default else default
             # "... (paper: 65536)" becomes "... (paper: 65536; default: 2048)"
             help_text = help_text[:-1] + f"; default: {shown})" if help_text.endswith(")") \
                 else help_text + f" (default: {shown})"

@@ -43,7 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from harness.files import (FileError, file_kind, open_if_regular, parse_json_line, publish_dir,
-                           read_json, release, try_lock, write_json)
+                           read_json, try_lock, write_json)
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -603,8 +603,10 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 "n_tokens": int(offsets[-1]), "n_skipped": n_skipped, "skipped": skipped,
                 "build_seconds": round(time.time() - started, 2), "key": key}
         write_json(os.path.join(tmp, "meta.json"), meta)  # last: marks the cache complete
-        release(building, os.path.join(tmp, BUILDING))  # not part of the cache
-        publish_dir(tmp, path)  # another process may have finished the same cache first
+        # Published with its lock still held: a build that sees this folder before the rename
+        # must not take it for an abandoned one (remove_abandoned) and delete it mid-rename.
+        if publish_dir(tmp, path):  # False: another process finished the same cache first
+            os.remove(os.path.join(path, BUILDING))  # the lock's file is not part of the cache
     except BrokenProcessPool:
         raise ValueError(f"a process tokenizing {name} died (out of memory?); free memory, or "
                          f"pass fewer --workers if the command has the flag") from None

@@ -216,22 +216,28 @@ def sound(record, task: str, keys: tuple) -> bool:
             and not non_finite(record))
 
 
-def read_results(folder: str, task: str, keys: tuple = ()) -> dict[str, dict]:
-    """Every finished cell of `task` in the folder, by file name. A file that is not sound
-    (not JSON, not a regular file, a key or number missing or NaN) was damaged from outside
-    (writes are atomic): it is left out, and the next run does it again."""
-    found = {}
+def scan_results(folder: str, task: str, keys: tuple = ()) -> tuple[dict[str, dict], list[str]]:
+    """The finished cells of `task` in the folder by file name, and the names of the files
+    that are not sound (not JSON, a named pipe, a key or number missing or NaN): damaged from
+    outside, since writes are atomic. One listing gives both, so a cell another process writes
+    meanwhile is in neither."""
+    found, damaged = {}, []
     for name in result_files(folder, task):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):  # a named pipe would block the reader forever
-            continue
         try:
-            cell = read_json(path)
+            cell = read_json(os.path.join(folder, name))  # refuses a named pipe, never opens it
         except FileError:
-            continue
+            cell = None
         if sound(cell, task, keys):
             found[name] = cell
-    return found
+        else:
+            damaged.append(name)
+    return found, damaged
+
+
+def read_results(folder: str, task: str, keys: tuple = ()) -> dict[str, dict]:
+    """The finished, sound cells of `task` in the folder (scan_results); the next run redoes
+    the damaged ones."""
+    return scan_results(folder, task, keys)[0]
 
 
 def finished_cells(folder: str, task: str, names: list[str]) -> set:
@@ -240,14 +246,13 @@ def finished_cells(folder: str, task: str, names: list[str]) -> set:
 
 
 def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bool,
-                progress=lambda finished, waiting: None) -> int:
-    """evaluate_one(name) -> record for each cell without a result, written to folder/name;
-    returns how many this process wrote. Any number of processes may share a folder: each walks
-    the same list and takes the cells nobody holds. A claim is a lock on .claims/NAME, given up
-    by a killed process, so its cell goes to whoever comes next; a journal line says who
-    computed each cell. When nothing is left to claim, wait=True waits for the cells that other
-    processes hold (taking over any they abandon); wait=False returns."""
-    ran = 0
+                progress=lambda finished, waiting: None) -> None:
+    """evaluate_one(name) -> record for each cell without a result, written to folder/name.
+    Any number of processes may share a folder: each walks the same list and takes the cells
+    nobody holds. A claim is a lock on .claims/NAME, given up by a killed process, so its cell
+    goes to whoever comes next; a journal line says who computed each cell. When nothing is
+    left to claim, wait=True waits for the cells that other processes hold (taking over any
+    they abandon); wait=False returns."""
     while len(finished := finished_cells(folder, task, names)) < len(names):
         progress(len(finished), False)
         took = False
@@ -255,25 +260,28 @@ def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bo
             claim_path = os.path.join(folder, ".claims", name)
             if name in finished or (claim := try_lock(claim_path)) is None:
                 continue
+            written = False
             try:
                 if os.path.exists(os.path.join(folder, name)):
                     continue  # finished by another process since the listing
                 record = {**evaluate_one(name), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
                 write_json(os.path.join(folder, name), record)
+                written = took = True
                 append_line(os.path.join(folder, f".journal-{task}.jsonl"),
                             {"cell": name, "process": record.get("process"),
                              "finished": record["finished"]})
-                ran, took = ran + 1, True
                 progress(len(finished_cells(folder, task, names)), False)
             finally:
-                release(claim, claim_path)
+                # The claim file goes only once the result is there: a process that opened it
+                # just before could lock the removed file while another locks a new one, and
+                # both would compute a cell that has no result yet.
+                release(claim, claim_path if written else None)
         if not took:  # what is left is held by other processes
             if not wait:
                 break
             progress(len(finished), True)
             time.sleep(2)
     progress(len(finished_cells(folder, task, names)), False)
-    return ran
 
 
 def check_outside_checkpoints(folder: str) -> None:
@@ -285,8 +293,8 @@ def check_outside_checkpoints(folder: str) -> None:
                 os.path.exists(os.path.join(path, n)) for n in (
                     "model.safetensors", "model.safetensors.index.json", "train_state.json")):
             raise ValueError(f"--results {folder} lies inside the checkpoint folder {path}, "
-                             f"which a training run replaces whole at each save; pass a folder "
-                             f"outside it")
+                             f"which a training run rewrites at every save (while one saves, "
+                             f"a cell written there fails); pass a folder outside it")
         path = os.path.dirname(path)
 
 
@@ -302,7 +310,7 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: li
     lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
     try:
         recorded = read_json(os.path.join(folder, f".settings-{task}.json"), missing_ok=True)
-        done = read_results(folder, task, keys)
+        done, damaged = scan_results(folder, task, keys)
         other = [n for n, c in done.items() if c.get("settings") != current]
         old = recorded if recorded and recorded != current else \
             (done[other[0]].get("settings") or {}) if other else None
@@ -315,7 +323,6 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: li
         if not write:
             return
         planned = {c["name"] for c in cells}
-        damaged = [n for n in result_files(folder, task) if n not in done]
         for name in damaged + (other + [n for n in done if n in planned] if overwrite else []):
             os.remove(os.path.join(folder, name))  # a named pipe too: remove() never opens it
         write_json(os.path.join(folder, f".settings-{task}.json"), current)

@@ -4,6 +4,7 @@ rows beside them, CSV and figures. The folders are written here as evaluate.py w
 import csv
 import json
 import os
+import shutil
 
 import pytest
 
@@ -105,9 +106,15 @@ def test_the_command_line_reports_and_refuses_empty_or_missing_folders(folders, 
     assert evaluate.main(["--compare", f"ultra={folders['A']}", folders["B"], "--out",
                           str(out)]) is None
     printed = capsys.readouterr().out
-    assert "| ultra | 75.00 | 25.00 |" in printed and "| needlebench | 25.00 |" in printed
+    assert "| ultra | 75.00 | 25.00 |" in printed and "| B | 25.00 |" in printed
+    # NAME=DIR splits at the first "=": a folder's name may hold one
+    odd = tmp_path / "run=2"
+    shutil.copytree(folders["A"], odd)
+    assert evaluate.main([f"--compare=a={odd}", "--out", str(out)]) is None
+    assert "| a | 75.00 | 25.00 |" in capsys.readouterr().out
     for argv, says in [(["--compare", str(tmp_path / "nowhere")], "is not a folder"),
-                       (["--compare", str(tmp_path)], "no results in")]:
+                       (["--compare", str(tmp_path)], "no results in"),
+                       (["--compare", folders["B"], folders["B"]], "two folders are labelled 'B'")]:
         with pytest.raises(SystemExit) as e:
             evaluate.main(argv + ["--out", str(out)])
         err = capsys.readouterr().err

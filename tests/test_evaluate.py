@@ -543,7 +543,8 @@ BAD = [
     (["--model", "{ckpt}", "--task", "ppl", "--len", "1024", "--data", "{hay}", "--document",
       "essay.txt"], "fewer than --len 1024"),
     # sizes that cannot exist are refused before any work (a typo away from 1,000,000)
-    (["--model", "{ckpt}", "--len", "1000000000"], "--len 1,000,000,000 needs at least"),
+    (["--model", "{ckpt}", "--len", "1000000000"],
+     "this run's largest forward (1,000,000,032 tokens) needs at least"),
     (["--model", "{ckpt}", "--task", "ppl", "--len", "1000000000"], "GiB available"),
     (["--model", "{ckpt}", "--len", "300", "--gen-length", "1000000000", "--block-length",
       "1000000000", "--steps", "1"], "needs at least"),

@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import re
@@ -37,8 +36,8 @@ import torch.distributed as dist
 from harness.files import (FileError, default_mode, is_utf8, not_ours, open_regular,
                            parse_json_line, read_json, recover_dir, remove_dir, replace_dir,
                            write_atomic, write_json)
-from harness.flags import fits
-from harness.runtime import any_rank
+from harness.flags import finite_number, fits
+from harness.runtime import rank_zero_first
 from harness.tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer,
                                uses_tiktoken)
 from model import PRESETS, LLaDA, LLaDAConfig, preset
@@ -95,30 +94,26 @@ def config_from_dict(d: dict, where: str = CONFIG) -> LLaDAConfig:
     return config
 
 
-def is_number(v) -> bool:
-    return fits(v, float) and math.isfinite(v)
-
-
 BIGGEST = 2**31 - 1  # any size or id beyond this is a typo; tensors and tables index with it
 SIZE = (lambda v: fits(v, int) and 1 <= v <= BIGGEST, f"a whole number in 1..{BIGGEST}")
 ID = (lambda v: fits(v, int) and 0 <= v <= BIGGEST, f"a whole number in 0..{BIGGEST}")
-BASE = (lambda v: is_number(v) and v > 1, "a finite number above 1 (a RoPE base)")
+BASE = (lambda v: finite_number(v) and v > 1, "a finite number above 1 (a RoPE base)")
 RULES = {  # config.json's fields: what each must be for model.py's formulas to mean anything
     **dict.fromkeys(("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
                      "vocab_size", "embedding_size", "max_sequence_length"), SIZE),
     **dict.fromkeys(("mask_token_id", "eos_token_id"), ID),
     "pad_token_id": (lambda v: v is None or ID[0](v), "a whole number or null"),
     "rope_theta": BASE,
-    "rms_norm_eps": (lambda v: is_number(v) and v > 0, "a finite number above 0"),
-    "init_std": (lambda v: is_number(v) and v >= 0, "a finite number, at least 0"),
+    "rms_norm_eps": (lambda v: finite_number(v) and v > 0, "a finite number above 0"),
+    "init_std": (lambda v: finite_number(v) and v >= 0, "a finite number, at least 0"),
     "include_bias": (lambda v: isinstance(v, bool), "true or false"),
     "weight_tying": (lambda v: isinstance(v, bool), "true or false"),
     "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
 }
 SCALING_RULES = {  # rope.scale_rope's record, where present (other tools write other keys)
     "rope_theta": BASE, "original_rope_theta": BASE, "train_len": SIZE, "target_len": SIZE,
-    "lambda": (lambda v: is_number(v) and v > 0, "a finite number above 0"),
-    "position_scale": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "lambda": (lambda v: finite_number(v) and v > 0, "a finite number above 0"),
+    "position_scale": (lambda v: finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "d_crit": (lambda v: v is None or SIZE[0](v), "a whole number or null"),
     "method": (lambda v: isinstance(v, str), "a string"),
 }
@@ -372,7 +367,8 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
         if os.path.lexists(tmp):
             remove_dir(tmp, OPTIMIZER)
 
-    on_rank_zero(clear_tmp, rank, world)
+    rank_zero_first(clear_tmp, rank, world, (OSError, FileError), "write the checkpoint",
+                    others=False)
     try:
         with warnings.catch_warnings(), quiet_root_logger():  # "assuming ... single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -389,20 +385,8 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
                                               "world_size": world, "time": time.time()})
         replace_dir(tmp, path, STATE, SAVED.fullmatch)
 
-    on_rank_zero(publish, rank, world)
-
-
-def on_rank_zero(fn, rank: int, world: int) -> None:
-    """fn() on rank 0 while the others wait; if it fails, every rank raises (the others a
-    FileError that points at rank 0's) instead of waiting for it until a timeout."""
-    error = None
-    if rank == 0:
-        try:
-            fn()
-        except (OSError, FileError) as e:
-            error = e
-    if any_rank(error is not None, world):
-        raise error or FileError("rank 0 could not write the checkpoint")
+    rank_zero_first(publish, rank, world, (OSError, FileError), "write the checkpoint",
+                    others=False)
 
 
 def find_training_checkpoint(path: str) -> bool:

@@ -89,6 +89,11 @@ def fits(value, annotation) -> bool:
                type(value) in (int, float) if k is float else type(value) is k for k in kinds)
 
 
+def finite_number(value) -> bool:
+    """A number read from JSON that a computation can use: not true, not NaN or infinite."""
+    return fits(value, float) and math.isfinite(value)
+
+
 count = number(int, 0, inclusive=False)  # 1, 2, 3, ...
 count0 = number(int, 0, inclusive=True)  # 0, 1, 2, ...
 positive = number(float, 0, inclusive=False)  # a finite number above 0

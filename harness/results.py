@@ -18,7 +18,7 @@ from tqdm import tqdm
 from diffusion import generate
 from harness.files import (FileError, append_line, read_json, release, try_lock, wait_for_lock,
                            write_json)
-from harness.flags import count, flag
+from harness.flags import count, finite_number, flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,18 +201,14 @@ def non_finite(value) -> bool:
     return isinstance(value, list) and any(non_finite(v) for v in value)
 
 
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def sound(record, task: str, keys: tuple) -> bool:
     """A result its task's report can use: the task's keys are there, the score a number, the
     perplexity's chunk NLLs numbers, and nothing NaN or infinite."""
     return (isinstance(record, dict) and record.get("task") == task
             and isinstance(record.get("settings"), dict) and all(k in record for k in keys)
-            and (is_number(record["score"]) if "score" in keys else True)
+            and (finite_number(record["score"]) if "score" in keys else True)
             and (isinstance(record["chunk_nll"], list) and len(record["chunk_nll"]) > 0
-                 and all(map(is_number, record["chunk_nll"])) if "chunk_nll" in keys else True)
+                 and all(map(finite_number, record["chunk_nll"])) if "chunk_nll" in keys else True)
             and not non_finite(record))
 
 

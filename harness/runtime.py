@@ -159,9 +159,12 @@ def mean_over_ranks(value: float, world: int) -> float:
     return t.item() / world
 
 
-def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,)):
-    """fn() on rank 0, then on the others: rank 0 builds a cache once, the others read it.
-    If rank 0 fails, every rank stops instead of waiting for it forever."""
+def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,), what: str = "load the corpus",
+                    others: bool = True):
+    """fn() on rank 0, then (others=True) on the others: rank 0 builds a cache once, the others
+    read it; others=False: rank 0 alone (writes a checkpoint). If rank 0 fails with one of
+    `errors`, every rank raises (the others errors[-1], pointing at rank 0's) instead of
+    waiting for it until a timeout."""
     result, error = None, None
     if rank == 0:
         try:
@@ -169,8 +172,8 @@ def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,)):
         except errors as e:
             error = e
     if any_rank(error is not None, world):
-        raise error or ValueError("rank 0 could not load the corpus")
-    return result if rank == 0 else fn()
+        raise error or errors[-1](f"rank 0 could not {what}; its error is above")
+    return result if rank == 0 or not others else fn()
 
 
 # ---------------------------------------------------------------------------------------------

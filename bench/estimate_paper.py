@@ -12,13 +12,14 @@ measured MFU). The README's wall times come from this script.
 """
 import argparse
 
+from evaluations import ppl
+from evaluations.compare import NIAH_LENGTHS  # the authors' NeedleBench config: 8K..128K
 from evaluations.longbench import DATASETS, answer_tokens
 from harness.flags import positive
-from harness.results import forward_flops, generation_flops
+from harness.results import generation_flops
 from harness.runtime import fail
 from model import preset
 
-NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # the authors' NeedleBench config: 8K..128K
 RULER_LENGTHS = [4096, 8192, 16384, 32768]  # the paper's RULER table
 # Rows of the official LongBench files (200 each, 150 for multifieldqa_en, 500 for the two
 # code datasets); the prompts are cut to 16000 tokens, and most are longer, so all count 16000.
@@ -26,9 +27,9 @@ LONGBENCH_ROWS = {name: 500 if name in ("lcc", "repobench-p") else 150
                   if name == "multifieldqa_en" else 200 for name in DATASETS}
 
 
-def ppl_flops(c, length: int, chunk: int = 64, draws: int = 8) -> float:
-    return sum(draws * forward_flops(c, end, end, (chunk + 1) / 2)
-               for end in range(2 * chunk, length + 1, chunk))
+def ppl_flops(c, length: int) -> float:
+    """ppl.cell_flops of the paper's protocol: 64-token chunks, 8 draws."""
+    return ppl.cell_flops(c, ppl.Options(chunk_size=64, draws=8), {"length": length})
 
 
 def main(argv=None):

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import scripts
-from harness.checkpoint import find_training_checkpoint, from_pretrained, save_pretrained
+from harness.checkpoint import find_training_checkpoint, from_pretrained
 from harness.files import lock_folder
-from harness.prepare import SyntheticConfig, load_corpus, synthetic_texts
+from harness.prepare import load_corpus
 from harness.tokenizer import tiktoken_tokenizer
-from model import LLaDA, preset
+from tiny import tiny_checkpoint, write_books
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -47,10 +47,7 @@ def one_line_error(r, *fragments: str, code: int = 2) -> str:
 
 @pytest.fixture(scope="module")
 def books(tmp_path_factory):
-    d = tmp_path_factory.mktemp("books")
-    for i, text in enumerate(synthetic_texts(SyntheticConfig(seed=3, n_docs=60))):
-        (d / f"book{i:03d}.txt").write_text(text)
-    return str(d)
+    return write_books(tmp_path_factory.mktemp("books"), seed=3, n_docs=60)
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +90,6 @@ def snapshot(folder) -> dict:
             for p in sorted(folder.rglob("*")) if p.name != ".lock"}
 
 
-def tiny_checkpoint(path, scale: float = 1.0):
-    """A one-layer tiny-vocabulary checkpoint, its weights multiplied by `scale`."""
-    cfg = preset("tiny", d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64, n_layers=1)
-    cfg.extra["tokenizer"] = "cl100k_base"
-    torch.manual_seed(0)
-    save_pretrained(str(path), cfg, {k: v * scale for k, v in LLaDA(cfg).state_dict().items()})
-    return str(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # train.py: flags
 
@@ -123,7 +111,7 @@ def test_train_flags_are_checked_before_any_work(tmp_path, books, cache, flag, v
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_updates_or_saves(tmp_path, books, cache):
-    init = tiny_checkpoint(tmp_path / "huge", scale=1e20)  # finite, but attention overflows
+    init = tiny_checkpoint(tmp_path / "huge", scale=1e20)[0]  # finite, but attention overflows
     out = tmp_path / "out"
     r = script("train.py", *train_flags(books, cache, out, "--init", init, "--max-steps", "3",
                                         "--save-every", "1"))
@@ -309,7 +297,7 @@ def test_what_train_py_did_not_write_is_refused_up_front_and_kept(tmp_path, book
     elif case == "foreign-log":
         (out / "log.jsonl").write_text('{"my": "log"}\n')
     elif case == "init-inside-out":  # training from the model it would overwrite
-        extra = ["--init", tiny_checkpoint(out / "checkpoint" / "model")]
+        extra = ["--init", tiny_checkpoint(out / "checkpoint" / "model")[0]]
     elif case == "cache-inside-out":  # the first save would refuse the folder the cache made
         extra = ["--cache-dir", str(out / "checkpoint" / "cache")]
     elif case == "foreign-old":  # a save would rename it back as a checkpoint, then delete it
@@ -393,7 +381,7 @@ def test_a_rendezvous_says_what_it_waits_for(tmp_path, books, cache):
 ])
 def test_an_impossible_init_is_refused_when_its_config_is_read(tmp_path, books, cache, args,
                                                                 fragment):
-    init = tiny_checkpoint(tmp_path / "init")
+    init = tiny_checkpoint(tmp_path / "init")[0]
     path = tmp_path / "init" / "config.json"
     if "ZEROHEADS" in args:
         edit_json(path, lambda c: c.update(n_heads=0))
@@ -449,12 +437,7 @@ def test_a_second_interrupt_exits_at_once_and_leaves_no_half_checkpoint(tmp_path
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    cfg = preset("tiny", d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64, n_layers=1)
-    cfg.extra["tokenizer"] = "cl100k_base"
-    torch.manual_seed(0)
-    save_pretrained(path, cfg, LLaDA(cfg).state_dict())
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")[0]
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -25,22 +25,12 @@ from harness.checkpoint import read_config, save_pretrained
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
+from tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tok():
     return tiktoken_tokenizer()
-
-
-def tiny_checkpoint(path, seed=0, **overrides):
-    """A random one-layer cl100k model, saved the way train.py saves tiny presets."""
-    torch.manual_seed(seed)
-    cfg = preset("tiny", **{**dict(d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64,
-                                   n_layers=1), **overrides})
-    cfg.extra["tokenizer"] = "cl100k_base"
-    model = LLaDA(cfg)
-    save_pretrained(str(path), cfg, model.state_dict())
-    return str(path), model
 
 
 @pytest.fixture(scope="module")

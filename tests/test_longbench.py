@@ -13,7 +13,7 @@ import torch
 
 from evaluations import longbench as lb
 from harness.tokenizer import tiktoken_tokenizer
-from model import LLaDA, preset
+from tiny import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -361,10 +361,7 @@ def one_thread():
 
 
 def test_run_cell_and_report_with_a_tiny_random_model(data, tok, tmp_path, one_thread):
-    torch.manual_seed(0)
-    mc = preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
-    mc.extra["tokenizer"] = "cl100k_base"
-    model = LLaDA(mc).eval()
+    model = tiny_model().eval()
     cfg = config(data, datasets=["hotpotqa", "trec"], max_len=256, rope_label="none")
     lb.check(cfg)
     cells, work, _ = lb.plan(cfg, tok, None)

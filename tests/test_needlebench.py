@@ -15,6 +15,7 @@ from evaluations import needlebench
 from evaluations.needlebench import check, needlebench_sample, needlebench_score
 from harness.files import FileError
 from harness.tokenizer import cl100k, tiktoken_tokenizer
+from tiny import tiny_model
 
 # Multi-byte words too, so that cuts fall inside characters as they do in real text.
 WORDS = ("harbor lantern council meadow orbit ledger quarry violet summit ferry canal delegate "
@@ -296,11 +297,7 @@ def test_plan_lists_every_cell_with_unique_names(paths):
 
 
 def test_run_cell_end_to_end_and_report(paths, tmp_path):
-    from model import LLaDA, preset
-    torch.manual_seed(0)
-    mcfg = preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
-    mcfg.extra["tokenizer"] = "cl100k_base"
-    model = LLaDA(mcfg).eval()
+    model = tiny_model().eval()
     tok = tiktoken_tokenizer()
     cfg = make_cfg(*paths, len=[1024], depths=[0, 100], repeats=1)  # 32 tokens, 1 block, 16 steps
     cells, work, _ = needlebench.plan(cfg, tok, tok)

@@ -295,12 +295,9 @@ def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path
     import torch
 
     from harness.tokenizer import tiktoken_tokenizer
-    from model import LLaDA, preset
+    from tiny import tiny_model
 
-    torch.manual_seed(0)
-    mc = preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, mlp_hidden_size=64)
-    mc.extra["tokenizer"] = "cl100k_base"
-    model = LLaDA(mc).eval()
+    model = tiny_model().eval()
     tok = tiktoken_tokenizer()
     cfg = config(data, samples=1, gen_length=8, block_length=8, steps=8,
                  ruler_tasks=["niah_single_1", "qa_squad"])

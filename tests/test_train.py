@@ -10,10 +10,11 @@ import torch
 
 import train
 from harness.checkpoint import from_pretrained, save_pretrained, save_training_checkpoint
-from harness.prepare import SyntheticConfig, filler_text, synthetic_texts
+from harness.prepare import filler_text
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
+from tiny import write_books
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,10 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """A small folder of books the tests write themselves (synthetic text, 120 documents)."""
-    d = tmp_path_factory.mktemp("books")
-    for i, text in enumerate(synthetic_texts(SyntheticConfig(seed=7, n_docs=120))):
-        (d / f"book{i:03d}.txt").write_text(text)
-    return str(d)
+    return write_books(tmp_path_factory.mktemp("books"), seed=7, n_docs=120)
 
 
 @pytest.fixture(scope="module")

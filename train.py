@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from harness.checkpoint import (check_tokenizer_fits, find_training_checkpoint, from_pretrained,
+from harness.checkpoint import (STATE, check_tokenizer_fits, find_training_checkpoint, from_pretrained,
                                 load_optimizer_state, model_tokenizer, read_config, read_log,
                                 read_training_state, record_remote_code, record_tokenizer,
                                 save_training_checkpoint, truncate_log)
@@ -371,36 +371,39 @@ def main(argv=None):
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted while starting; nothing was written", 130)
-    # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
-    # (a resumed run's checkpoint carries both already)
-    extra_files = {**record_tokenizer(tokenizer, model.config),
-                   **record_remote_code(ckpt if cfg.resume else cfg.init)}
-    rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
-    peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
-    say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
-        f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "
-        f"sequences of {cfg.seq_len:,}")
-    say(f"rope: {rope['method']}, base {rope['original_rope_theta']:,.0f} -> {rope['rope_theta']:,.0f} "
-        f"(lambda {rope['lambda']:.3f}, T_train {rope['train_len']:,} -> T_target {rope['target_len']:,}); "
-        f"mask: {cfg.mask}; {world} process(es) on {device.type}, {cfg.dtype}, "
-        f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
-    if rope["method"] == "pi" and rank == 0:
-        print("warning: --rope pi also scales positions, which only this repository's model.py "
-              "reads (rope_scaling in config.json): the official modeling_llada.py reads "
-              "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
-
-    model = parallelize(model, cfg, world, device)
-    optimizer = make_optimizer(model, cfg, peak_lr)
-    first = 0
     try:
+        # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
+        # (a resumed run's checkpoint carries both already)
+        extra_files = {**record_tokenizer(tokenizer, model.config),
+                       **record_remote_code(ckpt if cfg.resume else cfg.init)}
+        rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
+        peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
+        say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
+            f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "
+            f"sequences of {cfg.seq_len:,}")
+        say(f"rope: {rope['method']}, base {rope['original_rope_theta']:,.0f} -> "
+            f"{rope['rope_theta']:,.0f} (lambda {rope['lambda']:.3f}, T_train "
+            f"{rope['train_len']:,} -> T_target {rope['target_len']:,}); mask: {cfg.mask}; "
+            f"{world} process(es) on {device.type}, {cfg.dtype}, "
+            f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
+        if rope["method"] == "pi" and rank == 0:
+            print("warning: --rope pi also scales positions, which only this repository's model.py "
+                  "reads (rope_scaling in config.json): the official modeling_llada.py reads "
+                  "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
+
+        model = parallelize(model, cfg, world, device)
+        optimizer = make_optimizer(model, cfg, peak_lr)
+        first = 0
         if cfg.resume:
             first = read_training_state(ckpt)["step"]
             load_optimizer_state(ckpt, model, optimizer)
         if rank == 0:
             # the steps past the checkpoint are about to be redone
             truncate_log(os.path.join(cfg.out, "log.jsonl"), first)
-    except ValueError as e:
+    except ValueError as e:  # a FileError or CheckpointError
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted before the first step; no checkpoint was changed", 130)
     if first >= cfg.max_steps:
         say(f"{ckpt} is already at step {first} of --max-steps {cfg.max_steps}: nothing to do")
         return
@@ -409,13 +412,22 @@ def main(argv=None):
         run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
                   rank, world, device)
     except FileError as e:  # names the file: a full disk, something in the way of the save
-        fail(f"{e}; the last complete checkpoint is intact: fix that and --resume")
+        kept, again = what_is_kept(ckpt)
+        fail(f"{e}; {kept}: fix that and {again}")
     except OSError as e:  # a folder made read-only mid-run
-        fail(f"cannot write in {cfg.out}: {e.strerror or e}; the last complete checkpoint is "
-             f"intact: fix that and --resume")
+        kept, again = what_is_kept(ckpt)
+        fail(f"cannot write in {cfg.out}: {e.strerror or e}; {kept}: fix that and {again}")
     if world > 1:
         dist.destroy_process_group()
     del lock
+
+
+def what_is_kept(ckpt: str) -> tuple[str, str]:
+    """What a failed run leaves and how to go on: from the last checkpoint, or, when the run
+    failed before its first save, from the start (there is nothing to --resume)."""
+    if os.path.isfile(os.path.join(ckpt, STATE)):
+        return "the last checkpoint is intact", "--resume"
+    return "no checkpoint was saved yet", "run again"
 
 
 def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int, peak_lr: float,
@@ -432,10 +444,11 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
         if not record.pop("finite"):
             bar.close()
+            kept, again = what_is_kept(ckpt)
             fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
-                 f"{record['grad_norm']}; stopped without updating or saving (the last "
-                 f"checkpoint is intact). Lower --lr or raise --warmup, then --resume "
-                 f"--allow-changes", 1)
+                 f"{record['grad_norm']}; stopped without updating or saving ({kept}). Lower "
+                 f"--lr or raise --warmup, then {again}"
+                 f"{' --allow-changes' if again == '--resume' else ''}", 1)
         tokens_seen += schedule.per_step * cfg.seq_len
         record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
         if rank == 0:
@@ -449,9 +462,10 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         stopping = any_rank(stop["signal"] is not None, world)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
             if not weights_finite(model, world):  # the last update overflowed
-                fail(f"step {step + 1}: the update made weights non-finite; not saved (the "
-                     f"last checkpoint is intact). Lower --lr or --weight-decay, then --resume "
-                     f"--allow-changes", 1)
+                kept, again = what_is_kept(ckpt)
+                fail(f"step {step + 1}: the update made weights non-finite; not saved ({kept}). "
+                     f"Lower --lr or --weight-decay, then {again}"
+                     f"{' --allow-changes' if again == '--resume' else ''}", 1)
             save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
                                      extra_files, rank, world)
             if rank == 0:

@@ -115,7 +115,9 @@ def test_a_non_finite_loss_stops_the_run_before_it_updates_or_saves(tmp_path, bo
     out = tmp_path / "out"
     r = script("train.py", *train_flags(books, cache, out, "--init", init, "--max-steps", "3",
                                         "--save-every", "1"))
-    one_line_error(r, "step 1: the loss is nan", "without updating or saving", code=1)
+    one_line_error(r, "step 1: the loss is nan", "without updating or saving",
+                   "no checkpoint was saved yet", "then run again", code=1)
+    assert "--resume" not in r.stderr  # there is nothing to resume
     assert strict_log(out) == [] and not (out / "checkpoint").exists()
 
 
@@ -123,7 +125,8 @@ def test_an_update_that_makes_weights_non_finite_is_never_saved(tmp_path, traine
     out = copy_run(trained, tmp_path)  # saved at step 2
     r = script("train.py", *train_flags(books, cache, out, "--max-steps", "4", "--save-every", "1",
                                         "--resume", "--weight-decay", "1e300", "--allow-changes"))
-    one_line_error(r, "step 3: the update made weights non-finite; not saved", code=1)
+    one_line_error(r, "step 3: the update made weights non-finite; not saved",
+                   "the last checkpoint is intact", "then --resume --allow-changes", code=1)
     assert [rec["step"] for rec in strict_log(out)] == [1, 2, 3]  # step 3's loss was finite
     assert json.loads((out / "checkpoint" / "train_state.json").read_text())["step"] == 2
     assert all(torch.isfinite(p).all() for p in from_pretrained(str(out / "checkpoint")).parameters())

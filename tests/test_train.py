@@ -10,6 +10,7 @@ import torch
 
 import train
 from harness.checkpoint import from_pretrained, save_pretrained, save_training_checkpoint
+from harness.files import FileError
 from harness.prepare import filler_text
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
@@ -253,3 +254,46 @@ def test_memory_plan_for_llada_8b(capsys):
     # 119.4 GiB: one 80 GB GPU cannot hold it, 8 can
     assert f"| {8_015_581_184 * 16 / 2**30:.1f} |" in rows[1] and rows[1].rstrip().endswith("no |")
     assert rows[8].rstrip().endswith("yes |")
+
+
+@pytest.mark.parametrize("failing_save, kept, again", [
+    (1, "no checkpoint was saved yet", "fix that and run again"),  # nothing to --resume
+    (2, "the last checkpoint is intact", "fix that and --resume"),
+])
+def test_a_save_that_fails_says_what_is_kept_and_how_to_go_on(
+        corpus_dir, cache_dir, tmp_path, monkeypatch, capsys, failing_save, kept, again):
+    saves = []
+
+    def save(*args, **kwargs):  # a disk that fills up at the `failing_save`-th save
+        saves.append(args[3])
+        if len(saves) == failing_save:
+            raise FileError(f"cannot write {args[0]}: No space left on device")
+        return save_training_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_training_checkpoint", save)
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "3", "--save-every", "1"))
+    assert stop.value.code == 2 and saves == list(range(1, failing_save + 1))
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot write") and f"{kept}: {again}" in error, error
+    ckpt = tmp_path / "checkpoint" / "train_state.json"
+    assert ckpt.exists() == (failing_save > 1)
+    if ckpt.exists():
+        assert json.loads(ckpt.read_text())["step"] == failing_save - 1
+
+
+@pytest.mark.parametrize("where, said", [
+    ("start", "interrupted while starting; nothing was written"),  # reading the corpus, the model
+    ("make_optimizer", "interrupted before the first step; no checkpoint was changed"),
+])
+def test_ctrl_c_before_the_first_step_is_one_line(corpus_dir, cache_dir, tmp_path, monkeypatch,
+                                                   capsys, where, said):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, where, interrupted)
+    with pytest.raises(SystemExit) as stop:
+        train.main(flags(corpus_dir, cache_dir, tmp_path, "--max-steps", "2"))
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {said}"
+    assert not (tmp_path / "checkpoint").exists()

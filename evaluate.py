@@ -284,8 +284,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if any(a == "--compare" or a.startswith("--compare=") for a in argv):
         return compare.main(argv)  # a report over finished results, no model
-    rank, world = process_env()  # torchrun's environment, checked
-    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    rank, world, local_rank = process_env()  # torchrun's environment, checked
     cfg = parse_args(argv)
     tune_cpu_memory()  # huge pages for large CPU tensors, before the first one
     try:

@@ -78,10 +78,10 @@ def stop_on_signals() -> dict:
 # ---------------------------------------------------------------------------------------------
 # Processes: torchrun's environment says how many there are and which one this is.
 
-def process_env() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, checked: a variable left over from a
-    scheduler or a shell would otherwise fail deep inside, or wait for processes that never
-    come."""
+def process_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank: this process's GPU on its machine) from torchrun's
+    environment, checked: a variable left over from a scheduler or a shell would otherwise fail
+    deep inside, or wait for processes that never come."""
     values = {}
     for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
         text = os.environ.get(name, default)
@@ -94,7 +94,11 @@ def process_env() -> tuple[int, int]:
         fail(f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')} in the "
              f"environment names no process of this run (left over from another job?); unset "
              f"them, or start several processes with torchrun")
-    return rank, world
+    local = os.environ.get("LOCAL_RANK", "0") if world > 1 else "0"  # one process: GPU 0
+    if not local.isdigit() or int(local) > rank:  # torchrun numbers a machine's ranks from 0
+        fail(f"LOCAL_RANK={local!r} with RANK={rank} in the environment names no process of "
+             f"this machine; unset them, or start several processes with torchrun")
+    return rank, world, int(local)
 
 
 def say_waiting(world: int, what: str, backend: str) -> None:
@@ -112,9 +116,9 @@ def say_waiting(world: int, what: str, backend: str) -> None:
 
 def setup_distributed(fsdp: bool) -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group (NCCL on GPUs, gloo on CPUs)."""
-    rank, world = process_env()
+    rank, world, local_rank = process_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

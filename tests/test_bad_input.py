@@ -353,12 +353,19 @@ def test_a_run_writes_with_the_users_umask(tmp_path, books, mask, file_mode, fol
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a process count"),
     ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=unset in the environment names no process"),
     ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' with RANK=0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "LOCAL_RANK='1' with RANK=0"),
 ])
-def test_a_stale_torchrun_environment_is_one_line(tmp_path, books, cache, env, fragment):
+def test_a_stale_torchrun_environment_is_one_line(tmp_path, books, cache, tiny_ckpt, env,
+                                                  fragment):
     r = script("train.py", *train_flags(books, cache, tmp_path / "out", "--max-steps", "1"),
                env=env)
     one_line_error(r, fragment)
     assert not (tmp_path / "out").exists()
+    r = script("evaluate.py", "--model", tiny_ckpt, "--len", "256", "--results",
+               str(tmp_path / "results"), env=env)
+    one_line_error(r, fragment)
+    assert not (tmp_path / "results").exists()
 
 
 def test_a_rendezvous_says_what_it_waits_for(tmp_path, books, cache):

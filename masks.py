@@ -362,10 +362,11 @@ def main(argv=None):
     p.add_argument("--plot", action="store_true",
                    help="draw the three strategies for a small example into --out")
     p.add_argument("--out", default="docs/masks.png",
-                   help="where --plot writes the picture (.png, .pdf, .svg, ...)")
-    p.add_argument("--doc-lens", type=int, nargs="+", default=[5, 3, 6, 2],
+                   help="where --plot writes the picture (.png, .pdf, .svg, ...; default: %(default)s)")
+    doc_lens = [5, 3, 6, 2]
+    p.add_argument("--doc-lens", type=int, nargs="+", default=doc_lens,
                    help=f"document lengths of the example sequence (--plot: {MAX_PLOT_TOKENS} "
-                        f"tokens at most)")
+                        f"tokens at most; default: {' '.join(map(str, doc_lens))})")
     args = p.parse_args(argv)
     if any(n <= 0 for n in args.doc_lens):
         p.error(f"--doc-lens must all be positive, got {args.doc_lens}")

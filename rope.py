@@ -245,15 +245,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         description="Print the RoPE base and scale factor lambda of every context-extension "
                     "method (none, ntk, critical, diffusion, pi) for a target length.")
-    p.add_argument("--target-len", type=int, nargs="+", default=[131072],
-                   help="context length(s) to extend to, in tokens (default: 131072)")
+    target = [131072]
+    p.add_argument("--target-len", type=int, nargs="+", default=target,
+                   help=f"context length(s) to extend to, in tokens (default: {target[0]})")
     p.add_argument("--train-len", type=int, default=4096,
-                   help="context length the model was pre-trained at (LLaDA: 4096)")
-    p.add_argument("--head-dim", type=int, default=128, help="attention head size d (LLaDA: 128)")
-    p.add_argument("--base", type=float, default=500000.0, help="pre-trained rope base (LLaDA: 500000)")
+                   help="context length the model was pre-trained at (default: LLaDA's %(default)s)")
+    p.add_argument("--head-dim", type=int, default=128,
+                   help="attention head size d (default: LLaDA's %(default)s)")
+    p.add_argument("--base", type=float, default=500000.0,
+                   help="pre-trained rope base (default: LLaDA's %(default).0f)")
     p.add_argument("--d-crit", type=int, default=None,
-                   help="override the critical dimension of 'critical' and 'diffusion' "
-                        "(the paper's later version reports 73 worked best for LLaDA)")
+                   help="override the critical dimension of 'critical' and 'diffusion', "
+                        "1..--head-dim (default: computed from --train-len; the paper's later "
+                        "version reports 73 worked best for LLaDA)")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
     args = p.parse_args(argv)
     if args.head_dim <= 2 or args.head_dim % 2:

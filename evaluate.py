@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from evaluations import compare, longbench, needlebench, niah, ppl, ruler
+from evaluations import TASKS, compare
 from harness.checkpoint import check_tokenizer_fits, from_pretrained, model_tokenizer, read_config
 from harness.flags import add_flags, count, flag, from_args, positive, settings_of
 from harness.results import (check_fits, checkpoint_fingerprint, claim_cells, duration,
@@ -50,8 +50,6 @@ from harness.runtime import fail, join_processes, process_env, tune_cpu_memory
 from harness.tokenizer import tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
 
-TASKS = {"niah": niah, "needlebench": needlebench, "ruler": ruler, "longbench": longbench,
-         "ppl": ppl}
 DEFAULT_MODEL = os.path.join("out", "checkpoint")  # where train.py writes
 
 
@@ -298,7 +296,7 @@ def main(argv=None):
     except ValueError as e:  # CheckpointError and FileError are ValueErrors
         fail(str(e))
     except KeyboardInterrupt:
-        fail("interrupted before the first cell; nothing was written", 130)
+        fail("interrupted before the first cell; run the same command again to start it", 130)
 
     ropes = {L: rope_for_length(run.model.config, cfg, L) for L in sorted({c["length"] for c in run.cells})}
     estimate = describe_run(cfg, run, ropes, dtype, device, world) if rank == 0 else 0.0

@@ -24,13 +24,11 @@ import os
 
 import numpy as np
 
-from evaluations import longbench, needlebench, niah, ppl, ruler
+from evaluations import TASKS, longbench, needlebench, ppl, ruler
 from harness.files import write_atomic, write_text
 from harness.results import read_results, short
 from harness.runtime import fail
 
-BENCHMARKS = {"needlebench": needlebench, "niah": niah, "ruler": ruler, "longbench": longbench,
-              "ppl": ppl}
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]
 # The published rows (docs/paper.md section 6); only what the paper states, the rest missing.
 PAPER = {
@@ -46,14 +44,15 @@ PAPER = {
 }
 
 
-def find_benchmarks(folder: str) -> dict[str, str]:
-    """The benchmarks with results in `folder`: a task's results folder itself, or a folder of
-    them (results/<model>/<task>/, evaluate.py's default)."""
-    found = {b: folder for b, task in BENCHMARKS.items() if read_results(folder, b, task.KEYS)}
-    for b, task in BENCHMARKS.items():
-        sub = os.path.join(folder, b)
-        if b not in found and os.path.isdir(sub) and read_results(sub, b, task.KEYS):
-            found[b] = sub
+def find_benchmarks(folder: str) -> dict[str, list[dict]]:
+    """Benchmark -> its cells in `folder`: a task's results folder itself, or a folder of them
+    (results/<model>/<task>/, evaluate.py's default)."""
+    found = {}
+    for b, task in TASKS.items():
+        for path in (folder, os.path.join(folder, b)):
+            if os.path.isdir(path) and (cells := read_results(path, b, task.KEYS)):
+                found[b] = list(cells.values())
+                break
     return found
 
 
@@ -188,14 +187,13 @@ def compare(folders: dict[str, str], out: str) -> str:
     the figures into `out`; returns the markdown."""
     cells = {}  # benchmark -> {row label: cells}
     for label, folder in folders.items():
-        for bench, path in find_benchmarks(folder).items():
-            found = list(read_results(path, bench, BENCHMARKS[bench].KEYS).values())
+        for bench, found in find_benchmarks(folder).items():
             cells.setdefault(bench, {}).update(model_rows(label, found))
     if not cells:
         raise ValueError(f"no results in {', '.join(folders.values())}; pass the folders "
                          f"evaluate.py wrote (results/<model>/ or results/<model>/<task>/)")
     sections = []
-    for bench in BENCHMARKS:
+    for bench in TASKS:
         if bench not in cells:
             continue
         rows = {name: ROWS[bench](c) for name, c in cells[bench].items()}
@@ -230,7 +228,7 @@ def default_label(folder: str) -> str:
     """results/<model>/ is labelled <model>; a benchmark's own folder, results/<model>/niah,
     its parent's name too."""
     path = os.path.abspath(folder)
-    return os.path.basename(os.path.dirname(path) if os.path.basename(path) in BENCHMARKS
+    return os.path.basename(os.path.dirname(path) if os.path.basename(path) in TASKS
                             else path)
 
 
@@ -250,7 +248,9 @@ def main(argv) -> None:
              "B=results/b")
     folders = {}
     for item in args.compare:
-        name, _, folder = item.partition("=") if "=" in item else ("", "", item)
+        # NAME=DIR, split at the first "="; a folder whose own name holds one is taken whole
+        name, _, folder = ("", "", item) if os.path.isdir(item) or "=" not in item \
+            else item.partition("=")
         if not os.path.isdir(folder):
             fail(f"--compare {item}: {folder} is not a folder")
         name = name or default_label(folder)

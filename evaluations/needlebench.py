@@ -163,16 +163,20 @@ def edit_similarity(a: str, b: str) -> float:
     return 100 * Levenshtein.normalized_similarity(a, b)
 
 
-def needlebench_score(prediction: str, needle: str, keyword: str) -> float:
+def needle_score(prediction: str, reference: str, keyword: str) -> float:
     """100 if the keyword is in the raw answer, else 0.2 x edit similarity (0..100) between
-    answer and needle with all whitespace removed."""
-    # OpenCompass stores the gold answer as "\n" + needle + "\n*" + keyword and splits it at
-    # "*"; rebuilding it keeps its reading of a needle that itself holds a "*".
-    gold = "\n" + needle + "\n*" + keyword
-    reference, keyword = gold.split("*")[0], gold.split("*")[1]
+    answer and reference with all whitespace removed."""
     if keyword in prediction:
         return 100.0
     return 0.2 * edit_similarity(re.sub(r"\s+", "", prediction), re.sub(r"\s+", "", reference))
+
+
+def needlebench_score(prediction: str, needle: str, keyword: str) -> float:
+    """needle_score as OpenCompass reads its gold answer: it stores "\n" + needle + "\n*" +
+    keyword and splits it at "*", so a needle that itself holds a "*" is cut there (kept, to
+    score the authors' rows as they were scored)."""
+    reference, keyword = ("\n" + needle + "\n*" + keyword).split("*")[:2]
+    return needle_score(prediction, reference, keyword)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import numpy as np
 # A cell decodes one prompt as NeedleBench's do: the same size (forward_tokens), cost
 # (cell_flops), score and report.
 from evaluations.needlebench import (cell_flops, forward_tokens,  # noqa: F401
-                                     heatmap_report, needlebench_score)
+                                     heatmap_report, needle_score)
 from harness import results
 from harness.flags import count, count0, flag
 from harness.prepare import filler_text
@@ -213,7 +213,7 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
             # scored as NeedleBench scores: 100 with the keyword, else 0.2 x edit similarity
-            "score": needlebench_score(out["answer"], cfg.needle, cfg.keyword)}
+            "score": needle_score(out["answer"], cfg.needle, cfg.keyword)}
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:

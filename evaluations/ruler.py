@@ -29,6 +29,7 @@ import re
 import string
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -737,9 +738,8 @@ def report(cells: list[dict], cfg, folder: str) -> str:
     table = score_table(cells)
     ropes = sorted({r for r, _ in table})
     tasks = [t for t in TASKS if any(t in row for row in table.values())]
-    counts = {}
-    for c in cells:
-        counts[c["ruler_task"]] = counts.get(c["ruler_task"], 0) + 1
+    # samples behind each number: one task at one length and rope
+    counts = Counter((c["rope"], c["length"], c["ruler_task"]) for c in cells)
     fmt = lambda v: None if v is None else f"{v:.2f}"  # OpenCompass rounds to 2 decimals
     sections, fig_rows = [], []
     for rope in ropes:
@@ -756,8 +756,9 @@ def report(cells: list[dict], cfg, folder: str) -> str:
         fig_rows.append((rope, lengths, np.array([[table[rope, L].get(t, np.nan) for L in lengths]
                                                    for t in tasks], dtype=float)))
     title = f"RULER, {os.path.basename(os.path.abspath(getattr(cfg, 'model', '') or '.'))}"
-    note = (f"Scores 0..100 per task (mean over samples: {min(counts.values())}.."
-            f"{max(counts.values())} per task), string_match_all except QA (string_match_part); "
+    note = (f"Scores 0..100 per task (mean over {min(counts.values())}.."
+            f"{max(counts.values())} samples per task and length), string_match_all except QA "
+            f"(string_match_part); "
             f"average = unweighted mean over the tasks, as OpenCompass's ruler_<len> group; "
             f"category mean = the mean of the category rows (the paper does not say which it "
             f"reports).")

@@ -313,13 +313,16 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: li
         if old is not None and not overwrite:
             diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
                     for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
-            raise ValueError(f"{folder} holds results made with other settings "
-                             f"({'; '.join(diff[:2])}); pass --results DIR for this run, or "
-                             f"--overwrite to redo them")
+            # no result yet: a run with those settings set the folder up, and runs or died
+            what = "holds results made" if other else "was set up by a run"
+            raise ValueError(f"{folder} {what} with other settings ({'; '.join(diff[:2])}); "
+                             f"pass --results DIR for this run, or --overwrite to replace them")
         if not write:
             return
         planned = {c["name"] for c in cells}
-        for name in damaged + (other + [n for n in done if n in planned] if overwrite else []):
+        # a set: a cell of other settings that this plan also names is removed once
+        for name in sorted({*damaged, *(other + [n for n in done if n in planned]
+                                        if overwrite else [])}):
             os.remove(os.path.join(folder, name))  # a named pipe too: remove() never opens it
         write_json(os.path.join(folder, f".settings-{task}.json"), current)
     finally:

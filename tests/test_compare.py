@@ -97,7 +97,8 @@ def test_ruler_task_mean_and_category_mean_differ_and_are_both_reported():
     row = compare.ruler_rows(cells)
     assert row[4096] == pytest.approx(200 / 3)  # the mean over tasks
     assert row[(4096, "category mean")] == pytest.approx(50.0)  # retrieval 100, tracing 0
-    assert ruler.CATEGORIES  # the four categories exist
+    assert "niah_single_1" in ruler.CATEGORIES["retrieval"]
+    assert ruler.CATEGORIES["multi-hop tracing"] == ["vt"]
 
 
 def test_the_command_line_reports_and_refuses_empty_or_missing_folders(folders, tmp_path,
@@ -112,6 +113,8 @@ def test_the_command_line_reports_and_refuses_empty_or_missing_folders(folders, 
     shutil.copytree(folders["A"], odd)
     assert evaluate.main([f"--compare=a={odd}", "--out", str(out)]) is None
     assert "| a | 75.00 | 25.00 |" in capsys.readouterr().out
+    assert evaluate.main(["--compare", str(odd), "--out", str(out)]) is None  # unnamed: whole
+    assert "| run=2 | 75.00 | 25.00 |" in capsys.readouterr().out
     for argv, says in [(["--compare", str(tmp_path / "nowhere")], "is not a folder"),
                        (["--compare", str(tmp_path)], "no results in"),
                        (["--compare", folders["B"], folders["B"]], "two folders are labelled 'B'")]:

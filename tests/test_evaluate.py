@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
 from evaluations import niah
-from evaluations.needlebench import needlebench_score
+from evaluations.needlebench import needle_score, needlebench_score
 from harness import prepare, results
 from harness.checkpoint import read_config, save_pretrained
 from harness.tokenizer import tiktoken_tokenizer
@@ -154,19 +154,22 @@ def test_a_haystack_folder_is_read_in_order_and_repeats_read_different_text(tok,
 
 def test_score_is_100_with_the_keyword_else_a_fifth_of_the_edit_similarity():
     needle = "The secret code of Mira Holt is 417."
-    assert needlebench_score(" 417. The farmer", needle, "417") == 100
-    assert needlebench_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
+    assert needle_score(" 417. The farmer", needle, "417") == 100
+    assert needle_score("it is 4 17", needle, "417") < 100  # the raw answer must hold it
     stripped = "ThesecretcodeofMiraHoltis417."
     # one substitution; whitespace does not count
-    assert needlebench_score("The secret code of  Mira Holt is 418.", needle, "417") == \
+    assert needle_score("The secret code of  Mira Holt is 418.", needle, "417") == \
         pytest.approx(0.2 * 100 * (1 - 1 / len(stripped)))
     # one deletion and nothing else: distance 1 over the longer string (the needle)
-    assert needlebench_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
+    assert needle_score("ThesecretcodeofMiraHoltis41.", needle, "417") == \
         pytest.approx(20 * (1 - 1 / 29))
-    assert needlebench_score("", needle, "417") == 0
+    assert needle_score("", needle, "417") == 0
     # a long wrong answer: distance = its length minus the shared prefix, over its length
     answer = "The" + "x" * 97
-    assert needlebench_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
+    assert needle_score(answer, needle, "417") == pytest.approx(20 * (1 - 97 / 100))
+    # niah's needle is the user's sentence, "*" included (NeedleBench's gold string cuts there)
+    assert needle_score("It is 28.", "The code is 4*7.", "28") == 100
+    assert needlebench_score("It is 28.", "The code is 4*7.", "28") == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +229,19 @@ def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, m
     assert run(argv + ["--steps", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "steps 16 there, 8 here" in err and "\n" not in err
+    # --overwrite replaces them: every planned cell is one of the other settings' (removed once)
+    assert run(argv + ["--steps", "8", "--overwrite"]) == 0 and len(calls) == 12
+    assert {c["settings"]["steps"] for c in cells(out).values()} == {8}
+    capsys.readouterr()
+
+    # a folder set up by a run that wrote no cell: refused as set up, not as holding results
+    fresh = str(tmp_path / "fresh")
+    monkeypatch.setattr(results, "generate", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run([*argv[:-1], fresh]) == 130 and not cells(fresh)
+    capsys.readouterr()
+    assert run([*argv[:-1], fresh, "--steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was set up by a run with other settings" in err and "steps 16 there, 8 here" in err
 
 
 def test_heatmap_and_table_are_made_from_every_cell(ckpt, tmp_path, monkeypatch, capsys):

@@ -317,6 +317,7 @@ def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path
     assert "| niah_single_1 | retrieval |" in table and "**average**" in table
     assert "| 2K | 4K |" in table and "50.00" in table and "**category mean**" in table
     assert "**question answering**" in table and "2K" in summary
+    assert "mean over 1..1 samples per task and length" in table  # each (task, length, rope) once
     png = (tmp_path / "ruler_scores.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

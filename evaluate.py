@@ -43,10 +43,10 @@ from tqdm import tqdm
 from evaluations import TASKS, compare
 from harness.checkpoint import check_tokenizer_fits, from_pretrained, model_tokenizer, read_config
 from harness.flags import add_flags, count, flag, from_args, positive, settings_of
-from harness.results import (check_fits, checkpoint_fingerprint, claim_cells, duration,
-                             finished_cells, finite_outputs, flops_per_second, prepare_folder,
-                             read_results, results_dir)
-from harness.runtime import fail, join_processes, process_env, tune_cpu_memory
+from harness.results import (DoesNotFit, check_fits, checkpoint_fingerprint, claim_cells,
+                             duration, finished_cells, finite_outputs, flops_per_second,
+                             prepare_folder, read_results, results_dir)
+from harness.runtime import fail, join_processes, process_env, rank_zero_first, tune_cpu_memory
 from harness.tokenizer import tiktoken_tokenizer
 from rope import METHODS, check_scaling_args
 
@@ -207,9 +207,10 @@ def prepare_run(cfg, dtype: str, device, rank: int, world: int) -> Run:
     cells, work, source = task.plan(cfg, tokenizer, counter)
     folder = results_dir(cfg.model, cfg.task, cfg.results)
     current = settings(cfg, dtype)
-    prepare_folder(folder, cfg.task, task.KEYS, current, cells, cfg.overwrite, write=rank == 0)
-    if world > 1:
-        dist.barrier()  # nobody starts a cell before rank 0 has prepared the folder
+    # nobody starts a cell before rank 0 has prepared the folder
+    rank_zero_first(lambda: prepare_folder(folder, cfg.task, task.KEYS, current, cells,
+                                           cfg.overwrite),
+                    rank, world, what="prepare the results folder", others=False)
     model = from_pretrained(cfg.model, dtype=getattr(torch, dtype), device=device).eval()
     return Run(cfg.task, task, tokenizer, model, cells, work, source, folder, current)
 
@@ -273,7 +274,7 @@ def run_cells(cfg, run: Run, ropes: dict, device, rank: int) -> None:
             bar.set_postfix_str("waiting for the other processes' cells")
     try:
         claim_cells(run.folder, run.name, list(by_name), evaluate_one, wait=rank == 0,
-                    progress=progress)
+                    progress=progress if rank == 0 else None)
     finally:
         bar.close()
 
@@ -294,7 +295,7 @@ def main(argv=None):
         join_processes(world)
         run = prepare_run(cfg, dtype, device, rank, world)
     except ValueError as e:  # CheckpointError and FileError are ValueErrors
-        fail(str(e))
+        fail(str(e), every_rank=isinstance(e, DoesNotFit))  # this rank's GPU alone may be full
     except KeyboardInterrupt:
         fail("interrupted before the first cell; run the same command again to start it", 130)
 

@@ -129,12 +129,16 @@ def inference_bytes(c, tokens: int, dtype_bytes: int) -> int:
     return weights + tokens * per_token
 
 
+class DoesNotFit(ValueError):
+    """check_fits' refusal: about this process's own device, which the others do not share."""
+
+
 def check_fits(c, tokens: int, dtype: str, device, what: str) -> None:
     """One line before any work when a forward over `tokens` tokens cannot fit in memory."""
     need = inference_bytes(c, tokens, torch.empty((), dtype=getattr(torch, dtype)).element_size())
     have = available_memory(device)
     if need > have:
-        raise ValueError(f"{what} needs at least {need / 2**30:,.1f} GiB for one forward of this "
+        raise DoesNotFit(f"{what} needs at least {need / 2**30:,.1f} GiB for one forward of this "
                          f"model ({tokens:,} tokens in {dtype}), but {device.type} has "
                          f"{have / 2**30:,.1f} GiB available; pass a shorter length or use a "
                          f"bigger machine")
@@ -242,42 +246,47 @@ def finished_cells(folder: str, task: str, names: list[str]) -> set:
 
 
 def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bool,
-                progress=lambda finished, waiting: None) -> None:
+                progress=None) -> None:
     """evaluate_one(name) -> record for each cell without a result, written to folder/name.
     Any number of processes may share a folder: each walks the same list and takes the cells
     nobody holds. A claim is a lock on .claims/NAME, given up by a killed process, so its cell
     goes to whoever comes next; a journal line says who computed each cell. When nothing is
     left to claim, wait=True waits for the cells that other processes hold (taking over any
-    they abandon); wait=False returns."""
+    they abandon); wait=False returns. progress(finished, waiting), where given, hears how many
+    cells are done (a listing of the folder each time: only the process that shows a bar)."""
+    tell = progress or (lambda finished, waiting: None)
     while len(finished := finished_cells(folder, task, names)) < len(names):
-        progress(len(finished), False)
+        tell(len(finished), False)
         took = False
         for name in names:
             claim_path = os.path.join(folder, ".claims", name)
             if name in finished or (claim := try_lock(claim_path)) is None:
                 continue
-            written = False
+            result_there = False
             try:
                 if os.path.exists(os.path.join(folder, name)):
-                    continue  # finished by another process since the listing
+                    result_there = True  # written by another process since the listing
+                    continue
                 record = {**evaluate_one(name), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
                 write_json(os.path.join(folder, name), record)
-                written = took = True
+                result_there = took = True
                 append_line(os.path.join(folder, f".journal-{task}.jsonl"),
                             {"cell": name, "process": record.get("process"),
                              "finished": record["finished"]})
-                progress(len(finished_cells(folder, task, names)), False)
+                if progress:
+                    progress(len(finished_cells(folder, task, names)), False)
             finally:
                 # The claim file goes only once the result is there: a process that opened it
                 # just before could lock the removed file while another locks a new one, and
                 # both would compute a cell that has no result yet.
-                release(claim, claim_path if written else None)
+                release(claim, claim_path if result_there else None)
         if not took:  # what is left is held by other processes
             if not wait:
                 break
-            progress(len(finished), True)
+            tell(len(finished), True)
             time.sleep(2)
-    progress(len(finished_cells(folder, task, names)), False)
+    if progress:
+        progress(len(finished_cells(folder, task, names)), False)
 
 
 def check_outside_checkpoints(folder: str) -> None:
@@ -295,13 +304,13 @@ def check_outside_checkpoints(folder: str) -> None:
 
 
 def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: list[dict],
-                   overwrite: bool, write: bool) -> None:
+                   overwrite: bool) -> None:
     """Make the results folder ready for a run with settings `current`, under its lock, so that
     processes starting together see one another: results made with other settings are refused
     (with --overwrite they are deleted, and so are this plan's finished cells), damaged result
     files are deleted to be run again, and the settings are recorded, so that a process started
     at the same time with other settings is refused too. Afterwards a cell is finished exactly
-    when its file exists. write=False only checks (torchrun's ranks but rank 0)."""
+    when its file exists."""
     check_outside_checkpoints(folder)
     lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
     try:
@@ -317,8 +326,6 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: li
             what = "holds results made" if other else "was set up by a run"
             raise ValueError(f"{folder} {what} with other settings ({'; '.join(diff[:2])}); "
                              f"pass --results DIR for this run, or --overwrite to replace them")
-        if not write:
-            return
         planned = {c["name"] for c in cells}
         # a set: a cell of other settings that this plan also names is removed once
         for name in sorted({*damaged, *(other + [n for n in done if n in planned]
@@ -366,7 +373,7 @@ def flops_per_second(model, device, length: int = 1024) -> float:
         t = time.perf_counter()
         model.head(model(x)[:, -32:])
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)  # the model's GPU, which need not be the current one
         times.append(time.perf_counter() - t)
     return forward_flops(c, length, length, 32) / min(times)
 

@@ -763,3 +763,24 @@ def test_a_second_process_with_other_settings_is_refused(ckpt, one_process, tmp_
                        capture_output=True, timeout=300)
     assert r.returncode == 2 and "holds results made with other settings" in r.stderr
     assert "needle" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_cell_finished_elsewhere_meanwhile_is_not_redone_and_leaves_no_claim(tmp_path):
+    """claim_cells lists the folder, then walks the cells: one written by another process in
+    between is skipped, and its claim file goes like any other."""
+    folder = str(tmp_path)
+    names = ["niah_a.json", "niah_b.json"]
+    calls = []
+
+    def evaluate_one(name):
+        calls.append(name)
+        results.write_json(os.path.join(folder, "niah_b.json"), {"score": 1.0, "by": "other"})
+        return {"score": 2.0}
+
+    heard = []
+    results.claim_cells(folder, "niah", names, evaluate_one, wait=False,
+                        progress=lambda n, waiting: heard.append(n))
+    assert calls == ["niah_a.json"]
+    assert cells(folder)["niah_b.json"]["by"] == "other"  # not redone
+    assert os.listdir(os.path.join(folder, ".claims")) == []
+    assert heard[0] == 0 and heard[-1] == 2  # the bar hears the finished count

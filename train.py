@@ -24,7 +24,6 @@ the diffusion noise from a generator seeded with (seed, step, micro step, rank).
 therefore repeats an uninterrupted one exactly, with only the model and optimizer to restore.
 """
 import argparse
-import json
 import math
 import os
 import signal
@@ -44,8 +43,9 @@ from harness.checkpoint import (STATE, check_tokenizer_fits, find_training_check
                                 load_optimizer_state, model_tokenizer, read_config, read_log,
                                 read_training_state, record_remote_code, record_tokenizer,
                                 save_training_checkpoint, truncate_log)
-from harness.files import FileError, is_utf8, lock_folder
-from harness.flags import add_flags, count, count0, fits, flag, from_args, number, positive0
+from harness.files import FileError, append_line, is_utf8, lock_folder
+from harness.flags import (add_flags, count, count0, fits, flag, from_args, number, positive0,
+                           setting_names)
 from harness.prepare import CACHE_DIR, load_corpus
 from harness.runtime import (any_rank, fail, mean_over_ranks, memory_plan, rank_zero_first,
                              setup_distributed, stop_on_signals, tune_cpu_memory)
@@ -87,7 +87,7 @@ class TrainConfig:
                          "--max-steps", choices=("constant", "cosine"))
     warmup: int = flag(10, "linear warm-up steps", type=count0)
     max_steps: int = flag(100, "optimizer steps in total (paper: about 600); may grow when "
-                          "resuming", type=count)
+                          "resuming", type=count, setting=False)
     weight_decay: float = flag(0.1, "AdamW weight decay of matrices", type=positive0)
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", type=positive0)
     dtype: str | None = flag(None, "compute dtype: bfloat16 autocast (mixed precision under "
@@ -96,34 +96,36 @@ class TrainConfig:
                              "gradients underflow to 0, while bfloat16 has float32's range; the "
                              "authors' float16 is their evaluation's (evaluate.py --dtype "
                              "float16)", choices=("float32", "bfloat16", "float16"))
-    compile: bool = flag(False, "torch.compile every transformer block")
+    compile: bool = flag(False, "torch.compile every transformer block", setting=False)
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of "
                                           "storing its activations (needed at 64K tokens for "
-                                          "the 8B model)")
+                                          "the 8B model)", setting=False)
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes "
-                      "(FSDP2); without it several processes replicate them (DDP)")
+                      "(FSDP2); without it several processes replicate them (DDP)",
+                      setting=False)
     out: str = flag("out", "output folder: checkpoint/ and log.jsonl; one run at a time may "
-                    "use it")
+                    "use it", setting=False)
     resume: bool = flag(False, "continue from OUT/checkpoint (the latest complete save) with the "
                         "same flags; only --max-steps, --save-every, --log-every and how it runs "
-                        "(--compile, --fsdp, --activation-checkpointing) may differ")
+                        "(--compile, --fsdp, --activation-checkpointing) may differ",
+                        setting=False)
     allow_changes: bool = flag(False, "with --resume: accept other values of the run's defining "
                                "flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower "
-                               "the rate")
-    save_every: int = flag(50, "save a checkpoint every N steps, and at the end", type=count)
-    log_every: int = flag(10, "print a log line every N steps", type=count)
-    cache_dir: str = flag(CACHE_DIR, "where tokenized corpora are cached")
+                               "the rate", setting=False)
+    save_every: int = flag(50, "save a checkpoint every N steps, and at the end", type=count,
+                           setting=False)
+    log_every: int = flag(10, "print a log line every N steps", type=count, setting=False)
+    cache_dir: str = flag(CACHE_DIR, "where tokenized corpora are cached", setting=False)
     seed: int = flag(0, "seed of the initial weights, data order and noise", type=count0)
     memory_plan: bool = flag(False, "print the per-GPU memory of this run for 1 to 128 GPUs "
                              "(weights, gradients, optimizer, activations, loss) and exit; "
-                             "allocates nothing")
+                             "allocates nothing", setting=False)
 
 
-# What a resumed run must share with the run it continues: these shape the model, the data or
-# the optimisation, so changing them silently would make the result neither run.
-DEFINING = ("init", "data", "seq_len", "train_len", "target_len", "rope", "d_crit", "mask",
-            "positions", "batch_size", "grad_accum", "lr", "schedule", "warmup", "weight_decay",
-            "grad_clip", "dtype", "seed")
+# What a resumed run must share with the run it continues: the flags that shape the model, the
+# data or the optimisation (the others say setting=False), so changing them silently would make
+# the result neither run.
+DEFINING = setting_names(TrainConfig)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -411,22 +413,22 @@ def main(argv=None):
     try:
         run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
                   rank, world, device)
-    except FileError as e:  # names the file: a full disk, something in the way of the save
+    except (FileError, OSError) as e:  # a full disk, a folder made read-only mid-run
         kept, again = what_is_kept(ckpt)
-        fail(f"{e}; {kept}: fix that and {again}")
-    except OSError as e:  # a folder made read-only mid-run
-        kept, again = what_is_kept(ckpt)
-        fail(f"cannot write in {cfg.out}: {e.strerror or e}; {kept}: fix that and {again}")
+        problem = e if isinstance(e, FileError) else f"cannot write in {cfg.out}: {e.strerror or e}"
+        fail(f"{problem}; {kept}: fix that and {again}")
     if world > 1:
         dist.destroy_process_group()
     del lock
 
 
-def what_is_kept(ckpt: str) -> tuple[str, str]:
-    """What a failed run leaves and how to go on: from the last checkpoint, or, when the run
-    failed before its first save, from the start (there is nothing to --resume)."""
-    if os.path.isfile(os.path.join(ckpt, STATE)):
-        return "the last checkpoint is intact", "--resume"
+def what_is_kept(ckpt: str, with_changes: bool = False) -> tuple[str, str]:
+    """What a failed run leaves and how to go on: from the last checkpoint (with other flags:
+    --allow-changes), or, when the run failed before its first save, from the start (there is
+    nothing to --resume). A save cut between its two renames left the checkpoint in .old,
+    which --resume puts back."""
+    if any(os.path.isfile(os.path.join(p, STATE)) for p in (ckpt, ckpt + ".old")):
+        return "the last checkpoint is intact", "--resume" + " --allow-changes" * with_changes
     return "no checkpoint was saved yet", "run again"
 
 
@@ -444,16 +446,14 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
         if not record.pop("finite"):
             bar.close()
-            kept, again = what_is_kept(ckpt)
+            kept, again = what_is_kept(ckpt, with_changes=True)
             fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
                  f"{record['grad_norm']}; stopped without updating or saving ({kept}). Lower "
-                 f"--lr or raise --warmup, then {again}"
-                 f"{' --allow-changes' if again == '--resume' else ''}", 1)
+                 f"--lr or raise --warmup, then {again}", 1)
         tokens_seen += schedule.per_step * cfg.seq_len
         record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
         if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+            append_line(log_path, record)  # finite: a non-finite step stopped above
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
@@ -462,10 +462,9 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         stopping = any_rank(stop["signal"] is not None, world)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
             if not weights_finite(model, world):  # the last update overflowed
-                kept, again = what_is_kept(ckpt)
+                kept, again = what_is_kept(ckpt, with_changes=True)
                 fail(f"step {step + 1}: the update made weights non-finite; not saved ({kept}). "
-                     f"Lower --lr or --weight-decay, then {again}"
-                     f"{' --allow-changes' if again == '--resume' else ''}", 1)
+                     f"Lower --lr or --weight-decay, then {again}", 1)
             save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
                                      extra_files, rank, world)
             if rank == 0:

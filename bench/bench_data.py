@@ -26,7 +26,7 @@ import numpy as np
 import data
 from harness import prepare
 from harness.flags import count, positive
-from harness.runtime import fail
+from harness.runtime import fail, physical_memory
 from harness.tokenizer import tiktoken_tokenizer
 
 
@@ -145,7 +145,7 @@ def main(argv=None):
     # The books, and a cache of about their size per build, stay on disk until the end; the
     # direct row holds every book's ids as Python ints, about 10 bytes per byte of text.
     disk, free = args.mb * 1e6 * (1 + 2 * args.repeats), shutil.disk_usage(tempfile.gettempdir()).free
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory()
     if disk > free or 10 * args.mb * 1e6 > 0.8 * memory:
         fail(f"--mb {args.mb:g} needs about {disk / 1e9:,.1f} GB of disk in {tempfile.gettempdir()} "
              f"({free / 1e9:,.1f} GB free) and {10 * args.mb / 1e3:,.1f} GB of memory "

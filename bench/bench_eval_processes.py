@@ -22,15 +22,17 @@ from bench.child import run_child
 from harness.checkpoint import save_pretrained
 from harness.flags import count
 from harness.runtime import fail
+from harness.tokenizer import TIKTOKEN_NAME
 from model import LLaDA, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_checkpoint(path: str) -> str:
+    """A random tiny-preset model on the cl100k tokenizer: the processes are measured, not it."""
     torch.manual_seed(0)
     config = preset("tiny")
-    config.extra["tokenizer"] = "cl100k_base"
+    config.extra["tokenizer"] = TIKTOKEN_NAME
     save_pretrained(path, config, LLaDA(config).state_dict())
     return path
 

@@ -22,14 +22,13 @@ peak (and flattering every fraction) or the model.
     python -m bench.bench_model [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
 import argparse
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
 from harness.flags import count
-from harness.runtime import fail, tune_cpu_memory
+from harness.runtime import fail, physical_memory, tune_cpu_memory
 from model import PRESETS, LLaDA, num_params, preset
 
 
@@ -94,7 +93,7 @@ def main(argv=None):
     torch.manual_seed(0)
     cfg = preset(args.preset)
     need = 2 * num_params(cfg) * dtype.itemsize  # the weights and their gradients
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = physical_memory()
     if need > 0.8 * memory:
         fail(f"--preset {args.preset} needs {need / 1e9:.0f} GB for its weights and gradients "
              f"alone, and this machine has {memory / 1e9:.0f} GB; pass a smaller preset")

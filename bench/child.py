@@ -6,6 +6,14 @@ import tempfile
 from harness.runtime import fail
 
 
+def last_line(text: str) -> str:
+    """What a failed child said: its last "error:" line, else its last line (a traceback's
+    exception)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
 def run_child(cmd: list[str], what: str, cwd: str, env: dict | None = None) -> str:
     """The stdout of `cmd`; if it fails, exit with one line: the child's own "error:" line (or
     its last line, a traceback's exception) and where the rest of its output is."""
@@ -14,7 +22,5 @@ def run_child(cmd: list[str], what: str, cwd: str, env: dict | None = None) -> s
         return out.stdout
     with tempfile.NamedTemporaryFile("w", prefix="bench-", suffix=".log", delete=False) as log:
         log.write(f"$ {' '.join(cmd)}\n{out.stdout}{out.stderr}")
-    lines = out.stderr.strip().splitlines() or ["no output"]
-    said = next((line[len("error: "):] for line in reversed(lines) if line.startswith("error: ")),
-                lines[-1])
+    said = last_line(out.stderr).removeprefix("error: ")
     fail(f"{what} failed (exit {out.returncode}): {said}; its output is in {log.name}")

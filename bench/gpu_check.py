@@ -56,6 +56,8 @@ import numpy as np
 import torch
 
 import masks
+from bench.bench_eval_processes import tiny_checkpoint
+from bench.child import last_line
 from harness import runtime
 from harness.runtime import fail
 from harness.flags import count, positive
@@ -407,12 +409,6 @@ def stop_group(p: subprocess.Popen, grace: float = 15.0) -> None:
             continue
 
 
-def last_line(text: str) -> str:
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
-    errors = [x for x in lines if x.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1][:300]
-
-
 def read_log(out: str) -> list[dict]:
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -540,15 +536,10 @@ def check_eval_processes(s: Settings, timeout: float = 240.0) -> Row:
     one): every process claims cells (harness/results.py, claim_cells), every cell is computed
     once, and every GPU computes some. A tiny random cl100k model, so the check is about the
     processes, not the model."""
-    from harness.checkpoint import save_pretrained
-
     gpus = torch.cuda.device_count() if torch.device(s.device).type == "cuda" else 0
     processes = max(2, gpus)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        torch.manual_seed(0)
-        c = preset("tiny")
-        c.extra["tokenizer"] = TIKTOKEN_NAME
-        save_pretrained(os.path.join(tmp, "tiny"), c, LLaDA(c).state_dict())
+        tiny_checkpoint(os.path.join(tmp, "tiny"))
         folder = os.path.join(tmp, "results")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                str(processes), "evaluate.py", "--model", os.path.join(tmp, "tiny"), "--len",
@@ -644,7 +635,7 @@ def select(only: list[str] | None, names=CHECKS) -> list[str]:
     return [n for n in names if any(n == x or n.startswith(x + "-") for x in only)]
 
 
-def run_child(cmd: list[str], row_file: str, log: str, timeout: float, name: str) -> Row:
+def run_check(cmd: list[str], row_file: str, log: str, timeout: float, name: str) -> Row:
     """A check in its own process: its row from row_file, or a failed row that says why."""
     with open(log, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -776,7 +767,7 @@ def main(argv=None):
         cmd = [sys.executable, "-m", "bench.gpu_check", "--child", name, "--row-file", row_file,
                "--seq-len", str(args.seq_len), "--layers", str(args.layers),
                "--timeout", str(args.timeout)]
-        return run_child(cmd, row_file, os.path.join(logs, f"{name}.log"), args.timeout, name)
+        return run_check(cmd, row_file, os.path.join(logs, f"{name}.log"), args.timeout, name)
 
     rows = run_checks(args.names, run_one,
                       progress=lambda line: print(line, file=sys.stderr, flush=True))

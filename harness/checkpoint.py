@@ -133,6 +133,8 @@ def config_problem(c: LLaDAConfig) -> str | None:
     for name in ("mask_token_id", "eos_token_id"):
         if getattr(c, name) >= c.embedding_size:
             return f"{name} {getattr(c, name)} has no embedding (embedding_size {c.embedding_size})"
+    if not isinstance(c.extra.get("auto_map", {}), dict):  # every save reads it
+        return f"auto_map is {json.dumps(c.extra['auto_map'])[:40]}, it must be an object"
     return None
 
 

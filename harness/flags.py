@@ -17,16 +17,20 @@ from dataclasses import MISSING, field, fields
 def flag(default=None, help: str = "", setting: bool = True, **argparse_options):
     """A dataclass field that is also a flag; argparse_options go to add_argument (type,
     choices, nargs, metavar). setting=False marks a flag that does not change a result (where
-    a cache lives, which cells to run): evaluate.py lets a rerun change it."""
+    a cache lives, which cells to run): a rerun or a resumed run may change it."""
     kind = {"default_factory": lambda: list(default)} if isinstance(default, list) else \
         {"default": default}
     return field(**kind, metadata={"help": help, "setting": setting, **argparse_options})
 
 
+def setting_names(config_class) -> tuple[str, ...]:
+    """config_class's flags that change a result (setting=True), in their order."""
+    return tuple(f.name for f in fields(config_class) if f.init and f.metadata.get("setting", True))
+
+
 def settings_of(config_class, cfg) -> dict:
-    """The values of config_class's flags that change a result (setting=True)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(config_class)
-            if f.init and f.metadata.get("setting", True)}
+    """The values of config_class's flags that change a result."""
+    return {name: getattr(cfg, name) for name in setting_names(config_class)}
 
 
 def default_of(f):

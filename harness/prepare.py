@@ -186,13 +186,15 @@ def jsonl_lines(f, start: int, end: int):
     f.seek(start)
     pos = start
     while pos < end:
-        line = f.readline(min(MAX_DOCUMENT_BYTES + 1, end - pos))
+        # the limit, one byte over it, and the newline: a line of the limit's size fits whole
+        line = f.readline(min(MAX_DOCUMENT_BYTES + 2, end - pos))
         if not line:  # the file got shorter
             return
         pos += len(line)
-        if len(line) > MAX_DOCUMENT_BYTES:
-            pos = next_line_start(f, pos, end)
-            f.seek(pos)
+        if len(line.removesuffix(b"\n")) > MAX_DOCUMENT_BYTES:
+            if not line.endswith(b"\n"):  # only the start was read: skip to the next line
+                pos = next_line_start(f, pos, end)
+                f.seek(pos)
             yield None
         else:
             yield from line.splitlines()
@@ -510,6 +512,7 @@ def check_synthetic_size(n_docs: int, cache_dir: str) -> None:
                          f"GB of token cache (800 tokens a document), and {cache_dir} has "
                          f"{free / gb:,.1f} GB free; ask for fewer documents")
     memory = n_docs * SYNTHETIC_MEMORY_PER_DOC
+    # runtime.physical_memory, written here too: prepare and its tokenizing workers import no torch
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if memory > 0.8 * total:
         raise ValueError(f"a synthetic corpus of {n_docs:,} documents needs about "

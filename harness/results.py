@@ -19,6 +19,7 @@ from diffusion import generate
 from harness.files import (FileError, append_line, read_json, release, try_lock, wait_for_lock,
                            write_json)
 from harness.flags import count, finite_number, flag
+from harness.runtime import physical_memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def available_memory(device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory()
 
 
 def inference_bytes(c, tokens: int, dtype_bytes: int) -> int:

@@ -487,15 +487,21 @@ def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, ti
     p = subprocess.Popen([sys.executable, "evaluate.py", "--model", tiny_ckpt, "--len", "256",
                           "--depths", "50", "--results", results], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
     try:
-        time.sleep(5)  # it says why it waits after 2 s
+        # it says why it waits after 2 s of waiting, however long its start took; each
+        # readline blocks until a line comes (the test's time limit bounds a silent wait)
+        while not said or "waiting for process" not in said[-1]:
+            said.append(p.stderr.readline())
+            assert said[-1], "".join(said)  # it ended without saying it waits
         assert p.poll() is None  # still waiting
         assert not [n for n in os.listdir(results) if n.endswith(".json")]
     finally:
         held.close()
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
-    assert f"waiting for process {os.getpid()}" in err and "setting up the results folder" in err
+    assert f"waiting for process {os.getpid()}" in said[-1]
+    assert "setting up the results folder" in said[-1]
     assert os.path.exists(results / "niah_len256_depth050_rep0_rope-ckpt.json")
 
 

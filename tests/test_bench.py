@@ -41,6 +41,7 @@ CASES = [  # (script, flags, what the one line says)
     ("bench_eval", ["--model", "{empty}"], "has no config.json"),  # a CheckpointError traceback
     ("bench_eval", ["--lengths", "10"], "--len 10 cannot hold the needle"),
     ("bench_eval_processes", ["--depths", "1"], "--depths must be in 2..101"),  # ZeroDivisionError
+    ("bench_main_job", ["--tests=1"], "--tests: ignored explicit argument '1'"),
 ]
 
 

@@ -223,6 +223,7 @@ def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
     ({"mask_token_id": "299"}, 'mask_token_id is "299", it must be a whole number'),
     ({"mask_token_id": 320}, "mask_token_id 320 has no embedding (embedding_size 320)"),
     ({"include_bias": 0}, "include_bias is 0, it must be true or false"),
+    ({"auto_map": ["modeling_x.X"]}, 'auto_map is ["modeling_x.X"], it must be an object'),
 ])
 def test_config_values_are_checked_where_they_are_read(tmp_path, net, edit, says):
     save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict())

@@ -707,3 +707,16 @@ def test_a_path_that_is_not_utf8_is_printed(tmp_path):
                        capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert b"corpus: " + os.fsencode(tmp_path) + b"/bad\\xffname (train" in r.stdout
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1, 2])
+def test_a_line_at_the_size_limit_is_read_and_the_next_one_kept(tmp_path, monkeypatch, extra):
+    """A line of exactly MAX_DOCUMENT_BYTES (plus its newline) is a document; one byte more is
+    skipped, and in neither case the line after it."""
+    monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 8)
+    body = b"a" * (8 + extra)
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(body + b"\nxy\nzz\n")
+    with open(path, "rb") as f:
+        lines = list(prepare.jsonl_lines(f, 0, path.stat().st_size))
+    assert lines == [None if extra > 0 else body, b"xy", b"zz"]

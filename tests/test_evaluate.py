@@ -740,6 +740,7 @@ def test_a_process_killed_mid_run_leaves_its_cell_to_the_next_run(ckpt, one_proc
     printed = finish(launch(ckpt, folder))
     assert f"{44 - before} cells to run ({before} already done)" in printed
     assert comparable(folder) == comparable(one_process)
+    assert os.listdir(folder / ".claims") == []  # the killed process's claim went with its cell
     assert (folder / "niah_table_rope-ckpt.md").read_text() == \
         (one_process / "niah_table_rope-ckpt.md").read_text()
 

@@ -273,17 +273,17 @@ def test_flash_attn_is_probed_without_importing_it(monkeypatch, installed):
     assert g.skip_reason(g.CHECKS["attention-fp32"].needs) is None
 
 
-def test_run_child(tmp_path):
+def test_run_check(tmp_path):
     row_file, log = str(tmp_path / "row.json"), str(tmp_path / "log")
     write = (f"import json; print('working'); json.dump({{'name': 'x', 'status': 'pass', "
              f"'numbers': '1.0 s', 'note': ''}}, open({row_file!r}, 'w'))")
-    row = g.run_child([sys.executable, "-c", write], row_file, log, 30, "x")
+    row = g.run_check([sys.executable, "-c", write], row_file, log, 30, "x")
     assert (row.status, row.numbers) == ("pass", "1.0 s")
     os.remove(row_file)
-    row = g.run_child([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], row_file, log,
+    row = g.run_check([sys.executable, "-c", "print('boom'); raise SystemExit(3)"], row_file, log,
                       30, "x")
     assert row.status == "fail" and "exited 3" in row.note and "boom" in row.note
-    row = g.run_child([sys.executable, "-c", "import time; time.sleep(60)"], row_file, log, 1, "x")
+    row = g.run_check([sys.executable, "-c", "import time; time.sleep(60)"], row_file, log, 1, "x")
     assert row.status == "fail" and "timed out after 1 s" in row.note
 
 

@@ -27,6 +27,7 @@ import time
 from bench.child import run_child
 from bench.memory import memory_mb, reset_peak
 from harness.flags import count, positive
+from harness.results import check_decoding
 from harness.runtime import fail
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -177,10 +178,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if len(set(args.naive_tokens)) < 2:
         fail("--naive-tokens needs at least two different lengths to extrapolate from")
-    if args.gen_length % args.block_length or args.steps % (args.gen_length // args.block_length):
-        fail(f"--gen-length {args.gen_length} must be a multiple of --block-length "
-             f"{args.block_length}, and --steps {args.steps} a multiple of the blocks "
-             f"({args.gen_length} / {args.block_length})")
+    try:
+        check_decoding(args)  # evaluate.py's rule for the same three flags
+    except ValueError as e:
+        fail(str(e))
     if args.model and not os.path.isdir(args.model):
         fail(f"--model {args.model} is not a directory; pass a checkpoint saved by train.py")
     if "loss" in args.parts:

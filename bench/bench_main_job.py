@@ -57,8 +57,8 @@ def main(argv=None):
         rows.append(("`python evaluate.py --task niah --len 2048`", seconds,
                      f"average {average.group(1)}" if average else "-"))
     if args.tests:
-        seconds, printed = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-                                 "the tests")
+        seconds, printed = timed([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
+                                 "the tests")  # pyproject's -q: the summary line stays
         passed = re.search(r"(\d+) passed", printed)
         rows.append(("`python -m pytest`", seconds, f"{passed.group(1)} passed" if passed else "-"))
     print("| command | wall time | ended with |\n|---|---:|---|")

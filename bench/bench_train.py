@@ -21,6 +21,7 @@ import torch
 from bench.bench_model import matmul_peak
 from bench.child import run_child
 from harness.flags import count, count0
+from harness.results import forward_flops
 from harness.runtime import fail
 from model import PRESETS, preset
 
@@ -28,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_flops_per_token(cfg, seq_len: int, masked_fraction: float = 0.5) -> float:
-    d, m = cfg.d_model, cfg.mlp_hidden_size
-    body = cfg.n_layers * (4 * d * d + 3 * d * m)
-    return 6 * body + 6 * d * cfg.embedding_size * masked_fraction + 12 * seq_len * d * cfg.n_layers
+    """Forward and backward (3x the forward) of one token attending to seq_len, the LM head on
+    the masked share of the positions."""
+    return 3 * forward_flops(cfg, 1, seq_len, masked_fraction)
 
 
 def run(nproc: int, seq_len: int, args, out: str) -> float:

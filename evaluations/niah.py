@@ -30,6 +30,7 @@ import numpy as np
 from evaluations.needlebench import (cell_flops, forward_tokens,  # noqa: F401
                                      heatmap_report, needle_score)
 from harness import results
+from harness.files import open_regular
 from harness.flags import count, count0, flag
 from harness.prepare import filler_text
 from harness.tokenizer import TIKTOKEN_NAME
@@ -78,15 +79,14 @@ def haystack_pool(cfg, counter, need: int) -> tuple[np.ndarray, str]:
                    for n in names if n.endswith(".txt"))
     if not files:
         raise ValueError(f"--haystack {cfg.haystack} has no .txt files; pass a folder of long texts")
-    odd = [path for path in files if not os.path.isfile(path)]
-    if odd:  # opening a named pipe would wait for a writer forever
-        raise ValueError(f"--haystack: {odd[0]} is not a regular file; remove it from the folder")
     pieces, total = [], 0
     for path in files:  # only as many files as needed: a PG19 folder holds billions of tokens
+        # open_regular: a named pipe is refused, where open() would wait for a writer forever
+        with open_regular(path, "remove it from --haystack") as f:
+            data = f.read()
         try:
-            with open(path, encoding="utf-8-sig") as f:
-                text = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
+            text = data.decode("utf-8-sig").strip()
+        except UnicodeDecodeError as e:
             raise ValueError(f"cannot read {path} as UTF-8 text ({e.__class__.__name__}); remove it "
                             f"from --haystack") from None
         ids = counter.encode(text + "\n\n")  # the blank line keeps two texts apart

@@ -24,6 +24,7 @@ from harness.checkpoint import from_pretrained, save_pretrained
 from harness.files import write_json, write_text
 from harness.prepare import (FACT, NAMES, QUESTION, SyntheticConfig, filler_sentence, filler_text,
                              synthetic_texts)
+from harness.results import read_results
 from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
 from model import LLaDA, preset
 
@@ -46,7 +47,7 @@ REPEATS = 2
 NIAH_FLAGS = ["--task", "niah", "--needle", "The secret code of Mira Holt is 142.", "--keyword", "142",
               "--depths", *DEPTHS, "--repeats", str(REPEATS),
               "--gen-length", "8", "--block-length", "8", "--steps", "8"]
-PPL_FLAGS = ["--task", "ppl", "--docs", "1", "--draws", "4"]
+PPL_FLAGS = ["--task", "ppl", "--docs", "1", "--draws", "4", "--cache-dir", os.path.join(RUNS, "cache")]
 PROTOCOL = (f"NIAH: {len(DEPTHS)} depths x {REPEATS} repeats, 8 answer tokens in 8 steps; "
             f"perplexity: 1 held-out synthetic document, 64-token chunks, 4 draws each")
 
@@ -229,13 +230,8 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
 def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:
     """evaluate.py into `results` (finished cells are kept); returns every cell's JSON and the
     seconds the cells took, summed from their JSONs (so a rerun that reuses them reports them)."""
-    cache = ["--cache-dir", os.path.join(RUNS, "cache")] if "ppl" in args else []  # ppl's flag
-    run("evaluate.py", "--model", model, "--results", results, *cache, *args)
-    cells = []
-    for name in sorted(os.listdir(results)):
-        if name.endswith(".json") and not name.startswith("."):  # not the folder's records
-            with open(os.path.join(results, name)) as f:
-                cells.append(json.load(f))
+    run("evaluate.py", "--model", model, "--results", results, *args)
+    cells = list(read_results(results, args[args.index("--task") + 1]).values())
     return cells, sum(c["seconds"] for c in cells)
 
 

@@ -3,7 +3,6 @@ asserts a one-line error (no traceback), the exit code, and that nothing was cor
 or run (a checkpoint crafted to run code, folders train.py did not write)."""
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from harness.checkpoint import find_training_checkpoint, from_pretrained
 from harness.files import lock_folder
 from harness.prepare import load_corpus
 from harness.tokenizer import tiktoken_tokenizer
-from tiny import tiny_checkpoint, write_books
+from tiny import plant_code, tiny_checkpoint, write_books
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -226,16 +225,6 @@ def test_a_damaged_checkpoint_or_log_is_named_in_one_line_and_nothing_is_written
     assert snapshot(out) == before
 
 
-class Plant:
-    """Unpickling this runs `touch MARKER`, as a crafted checkpoint would run anything."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("vector", ["metadata", "plain-value"])
 def test_resuming_a_checkpoint_crafted_to_run_code_runs_nothing(tmp_path, trained, books, cache,
@@ -245,22 +234,14 @@ def test_resuming_a_checkpoint_crafted_to_run_code_runs_nothing(tmp_path, traine
     out = copy_run(trained, tmp_path)
     state = out / "checkpoint" / "train_state"
     marker = tmp_path / "ran"
-    if vector == "metadata":
-        with open(state / ".metadata", "wb") as f:
-            pickle.dump(Plant(marker), f)
-    else:  # the run's own optimizer state, saved again with one value replaced
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
+    model = opt = None
+    if vector == "plain-value":  # the run's own optimizer state, saved again with one value replaced
         import train
         from harness.checkpoint import load_optimizer_state
         model = from_pretrained(str(out / "checkpoint"))
         opt = train.make_optimizer(model, train.TrainConfig(), 1e-3)
         load_optimizer_state(str(out / "checkpoint"), model, opt)
-        sd = get_optimizer_state_dict(model, opt)
-        sd["param_groups"][1]["lr"] = Plant(marker)
-        shutil.rmtree(state)
-        dcp.save({"optimizer": sd}, checkpoint_id=str(state), no_dist=True)
+    plant_code(state, vector, marker, model, opt)
     assert not marker.exists()
     before = snapshot(out)
     r = script("train.py", *train_flags(books, cache, out, "--max-steps", "3", "--resume"))

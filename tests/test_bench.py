@@ -36,7 +36,7 @@ CASES = [  # (script, flags, what the one line says)
      "--naive-tokens needs at least two different lengths"),  # ZeroDivisionError
     ("bench_diffusion", ["--parts", "sampler", "--steps", "0"], "--steps: must be above 0"),
     ("bench_diffusion", ["--parts", "sampler", "--gen-length", "32", "--block-length", "16",
-                         "--steps", "3"], "--steps 3 a multiple of the blocks (32 / 16)"),
+                         "--steps", "3"], "--steps 3 must be a multiple of the number of blocks 2"),
     ("bench_diffusion", ["--parts", "sampler", "--model", "{empty}"], "has no config.json"),
     ("bench_eval", ["--model", "{empty}"], "has no config.json"),  # a CheckpointError traceback
     ("bench_eval", ["--lengths", "10"], "--len 10 cannot hold the needle"),

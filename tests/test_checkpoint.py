@@ -4,8 +4,6 @@ are atomic and follow the umask, what every RoPE method saves gives the official
 the same logits (all but position interpolation), and reading an optimizer state runs no code."""
 import json
 import os
-import pickle
-import shutil
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from harness.checkpoint import (CheckpointError, from_pretrained, load_optimizer
 from harness.files import FileError
 from model import LLaDA
 from rope import METHODS, scale_rope
+from tiny import plant_code
 
 
 @pytest.fixture
@@ -260,16 +259,6 @@ def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path, net, mask, file_mo
     assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == folder_mode
 
 
-class Plant:
-    """Unpickling this runs `touch MARKER`, as a crafted checkpoint would run anything."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def optimizer_checkpoint(path):
     """A training checkpoint of a small model after one AdamW step; the model and optimizer."""
     torch.manual_seed(0)
@@ -284,20 +273,13 @@ def optimizer_checkpoint(path):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("vector", ["metadata", "plain-value"])
 def test_reading_an_optimizer_state_runs_no_code_from_it(tmp_path, vector):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     model, opt = optimizer_checkpoint(tmp_path / "ckpt")
     state = tmp_path / "ckpt" / "train_state"
     load_optimizer_state(str(tmp_path / "ckpt"), model, opt)  # the real one loads
     marker = tmp_path / "ran"
-    if vector == "metadata":  # pickle.load in FileSystemReader.read_metadata
-        with open(state / ".metadata", "wb") as f:
-            pickle.dump(Plant(marker), f)
-    else:  # a non-tensor value, torch.load(weights_only=False) in DefaultLoadPlanner
-        sd = get_optimizer_state_dict(model, opt)
-        sd["param_groups"][1]["lr"] = Plant(marker)
-        shutil.rmtree(state)
-        dcp.save({"optimizer": sd}, checkpoint_id=str(state), no_dist=True)
+    # pickle.load in FileSystemReader.read_metadata, or torch.load(weights_only=False) of a
+    # non-tensor value in DefaultLoadPlanner
+    plant_code(state, vector, marker, model, opt)
     with pytest.raises(FileError) as e:
         load_optimizer_state(str(tmp_path / "ckpt"), model, opt)
     assert not marker.exists()

@@ -652,7 +652,7 @@ def test_a_named_pipe_in_the_haystack_folder_is_refused_not_opened(ckpt, tmp_pat
     assert run(["--model", ckpt, "--len", "300", "--haystack", str(hay), "--results",
                 str(tmp_path / "res")]) == 2
     err = capsys.readouterr().err
-    assert f"{hay / 'a.txt'} is not a regular file" in err and err.count("\n") == 1
+    assert f"{hay / 'a.txt'} is a named pipe, not a regular file" in err and err.count("\n") == 1
 
 
 def test_a_results_folder_inside_a_checkpoint_is_refused(ckpt, tmp_path, capsys):

@@ -102,6 +102,9 @@ def bench_tokenization(tok, folder, texts, workers_list, cache_dir, repeats):
     print("| stage | processes | tokens | seconds | tokens/s | MB/s | vs direct |")
     print("|---|---|---|---|---|---|---|")
     for name, w, n, sec in rows:
+        if sec < 0.01:  # below what two decimals show: a rate from it would be noise
+            print(f"| {name} | {w} | {n:,} | <0.01 | - | - | - |")
+            continue
         print(f"| {name} | {w} | {n:,} | {sec:.2f} | {n / sec:,.0f} | {n_bytes / 1e6 / sec:.1f} "
               f"| {direct / sec:.2f}x |")
     return c

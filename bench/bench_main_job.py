@@ -3,9 +3,10 @@ bench_main_job.py: the wall time of the README's commands, as a user on a fresh 
 
 Runs, one after the other and each in a fresh process: `python train.py` (the tiny preset on the
 built-in corpus, into a temporary --out with an empty token cache, so the cache is built as on
-a fresh clone), `python evaluate.py --task niah --len 2048` on the checkpoint it wrote, and
-(with --tests) `python -m pytest`. Prints a markdown table of the times and what each ended
-with (the last loss, the NIAH average, the tests passed): docs/benchmarks.md, "Timings of the
+a fresh clone), `python evaluate.py --task niah --len 2048` on the checkpoint it wrote, the
+`python diffusion.py` demo and (with --tests) `python -m pytest`. Prints a markdown table of
+the times and what each ended with (the last loss, the NIAH average, the demo's last line, the
+tests passed): docs/benchmarks.md, "Timings of the
 main job". Nothing else should run meanwhile: on 2 cores a second job doubles every time.
 
     python -m bench.bench_main_job [--tests]
@@ -56,6 +57,10 @@ def main(argv=None):
         average = re.search(r"rope \S+: average ([\d.]+)", printed)
         rows.append(("`python evaluate.py --task niah --len 2048`", seconds,
                      f"average {average.group(1)}" if average else "-"))
+    seconds, printed = timed([sys.executable, "diffusion.py"], "the diffusion.py demo")
+    answer = re.findall(r"(?m)^.*->.*$", printed)
+    rows.append(("`python diffusion.py` (the sampler's demo)", seconds,
+                 answer[-1].strip() if answer else "-"))
     if args.tests:
         seconds, printed = timed([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
                                  "the tests")  # pyproject's -q: the summary line stays

@@ -190,6 +190,7 @@ def main(argv=None):
     print(f"tokenizer: {tokenizer.name} (EOS {tokenizer.eos_id}, [MASK] {tokenizer.mask_id})")
     print(describe(corpus, args.seq_len, args.strategy))
 
+
 if __name__ == "__main__":
     main()
 

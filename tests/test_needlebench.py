@@ -283,6 +283,19 @@ def test_check_refuses_bad_values(paths, tmp_path):
     assert "'Chinese'" in one_line_error(e) and str(english_only) in str(e.value)
 
 
+@pytest.mark.parametrize("field, value", [("arg2", ""), ("arg2", "  "), ("needle", "")])
+def test_check_refuses_a_needle_whose_keyword_or_text_is_empty(paths, tmp_path, field, value):
+    """An empty keyword is found in every answer: an untrained model would score 100."""
+    rows = [dict(row) for row in NEEDLES]
+    rows[1][field] = value  # the second line, an English entry
+    bad = tmp_path / "needles.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert rows[1]["language"] == "English"
+    with pytest.raises(FileError) as e:
+        check(make_cfg(paths[0], str(bad)))
+    assert f"line 2: {field!r} is empty" in one_line_error(e) and str(bad) in str(e.value)
+
+
 def test_plan_lists_every_cell_with_unique_names(paths):
     cfg = make_cfg(*paths, len=[2048, 1024], depths=[0, 50, 100], repeats=2, rope_label="ntk4")
     cells, work, source = needlebench.plan(cfg, tiktoken_tokenizer(), tiktoken_tokenizer())

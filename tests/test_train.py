@@ -41,11 +41,24 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+# Seen once in about twenty runs of the suite on 2 busy cores: a rank aborts inside torch's gloo
+# while the process group forms, before train.py has written anything. Not ours to fix; such a
+# run (and only such a run) is started once more, so that a deterministic failure still fails.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def run(args, nproc=1, check=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--standalone"] if nproc > 1 else [sys.executable]) + ["train.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    log = os.path.join(args[args.index("--out") + 1] if "--out" in args else "out", "log.jsonl")
+    had_log = os.path.exists(log)
+    for _ in range(2):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        aborted_forming = (nproc > 1 and r.returncode != 0 and GLOO_ABORT in r.stderr
+                           and "waiting for the other" in r.stderr and os.path.exists(log) == had_log)
+        if not aborted_forming:
+            break
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

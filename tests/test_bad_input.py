@@ -509,6 +509,7 @@ def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, ti
     (["rope.py", "--train-len", "3"], "critical dimension of -6 (head size 128, base 500000)"),
     (["rope.py", "--base", "1e308", "--target-len", "1000000000"], "past the float range"),
     (["diffusion.py", "--steps", "-1"], "--steps must be 0 or more, got -1"),
+    (["diffusion.py", "--seed", "-1"], "--seed must be in 0..2^63-1, got -1"),
 ])
 def test_the_other_scripts_answer_bad_input_in_one_line(args, fragment):
     r = script(*args)

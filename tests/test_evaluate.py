@@ -1,6 +1,7 @@
 """Tests for evaluate.py: needle placement and exact lengths, scoring, resuming, the heatmap,
 RoPE overrides, a trained tiny model finding its needle, exact perplexity, and bad input.
 CPU only; models are built here and saved as checkpoints in temporary folders."""
+import dataclasses
 import json
 import math
 import os
@@ -100,6 +101,26 @@ def check_prompt(tok, cfg, L, depth, window, ids, p):
 
 
 @pytest.mark.parametrize("L", [200, 1000, 4096])
+def flag_names(config_class) -> set[str]:
+    return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_class) if f.init}
+
+
+@pytest.mark.parametrize("task", list(evaluate.TASKS))
+def test_each_task_help_lists_its_own_and_the_shared_flags_only(task, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--task", task, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    # listed as an option (its line starts with it); prose may name another task's flag
+    shown = lambda flag: re.search(rf"(?m)^ +{re.escape(flag)}(?![\w-])", text) is not None
+    shared, own = flag_names(evaluate.EvalConfig), flag_names(evaluate.TASKS[task].Options)
+    others = set().union(*(flag_names(t.Options) for name, t in evaluate.TASKS.items()
+                           if name != task)) - own - shared
+    assert own - shared and others  # the check below has something to find on both sides
+    assert [f for f in sorted(shared | own) if not shown(f)] == []
+    assert [f for f in sorted(others) if shown(f)] == []
+
+
 def test_needle_sits_at_each_depth_and_the_prompt_has_exactly_len_tokens(tok, L):
     cfg = evaluate.task_config("niah")(len=[L])
     needle, tail = niah.niah_pieces(cfg, tok)

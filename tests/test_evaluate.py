@@ -100,7 +100,6 @@ def check_prompt(tok, cfg, L, depth, window, ids, p):
     assert text.count(cfg.needle) == 1 and text.endswith(cfg.separator + cfg.question)
 
 
-@pytest.mark.parametrize("L", [200, 1000, 4096])
 def flag_names(config_class) -> set[str]:
     return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(config_class) if f.init}
 
@@ -121,6 +120,7 @@ def test_each_task_help_lists_its_own_and_the_shared_flags_only(task, capsys):
     assert [f for f in sorted(others) if shown(f)] == []
 
 
+@pytest.mark.parametrize("L", [200, 1000, 4096])
 def test_needle_sits_at_each_depth_and_the_prompt_has_exactly_len_tokens(tok, L):
     cfg = evaluate.task_config("niah")(len=[L])
     needle, tail = niah.niah_pieces(cfg, tok)

@@ -37,8 +37,10 @@ def minutes(seconds: float) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Wall time of the README's main commands: train.py "
-                                            "on the defaults, evaluate.py on its checkpoint, "
-                                            "and the tests.")
+                                            "on the defaults (token cache built), evaluate.py "
+                                            "--task niah --len 2048 on its checkpoint, the "
+                                            "diffusion.py demo, and with --tests the tests. "
+                                            "Run nothing else meanwhile.")
     p.error = fail  # one line, not the usage block
     p.add_argument("--tests", action="store_true",
                    help="also time `python -m pytest` (several minutes)")

@@ -26,7 +26,8 @@ import numpy as np
 import data
 from harness import prepare
 from harness.flags import count, positive
-from harness.runtime import fail, physical_memory
+from harness.files import physical_memory
+from harness.runtime import fail
 from harness.tokenizer import tiktoken_tokenizer
 
 

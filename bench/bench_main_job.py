@@ -32,7 +32,8 @@ def timed(cmd: list[str], what: str) -> tuple[float, str]:
 
 
 def minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+    whole, rest = divmod(round(seconds), 60)  # 119.6 s is 2 min 0 s, not 2 min 60 s
+    return f"{whole} min {rest} s" if whole else f"{rest} s"
 
 
 def main(argv=None):

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.flags import count
-from harness.runtime import fail, physical_memory, tune_cpu_memory
+from harness.files import physical_memory
+from harness.runtime import fail, tune_cpu_memory
 from model import PRESETS, LLaDA, num_params, preset
 
 

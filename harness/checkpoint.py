@@ -363,14 +363,16 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
     )
     tmp = path + ".tmp"
 
+    def on_rank_zero(fn):  # the file system's work once; the other ranks learn how it went
+        rank_zero_first(fn, rank, world, (OSError, FileError), "write the checkpoint", others=False)
+
     def clear_tmp():  # left by a run killed mid-save, if it is one (dcp makes train_state/ first)
         if problem := not_ours(tmp, OPTIMIZER):
             raise FileError(f"{problem}; move it away")
         if os.path.lexists(tmp):
             remove_dir(tmp, OPTIMIZER)
 
-    rank_zero_first(clear_tmp, rank, world, (OSError, FileError), "write the checkpoint",
-                    others=False)
+    on_rank_zero(clear_tmp)
     try:
         with warnings.catch_warnings(), quiet_root_logger():  # "assuming ... single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -387,8 +389,7 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
                                               "world_size": world, "time": time.time()})
         replace_dir(tmp, path, STATE, SAVED.fullmatch)
 
-    rank_zero_first(publish, rank, world, (OSError, FileError), "write the checkpoint",
-                    others=False)
+    on_rank_zero(publish)
 
 
 def find_training_checkpoint(path: str) -> bool:

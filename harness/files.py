@@ -24,6 +24,11 @@ class FileError(ValueError):
     """A file that cannot be read or written; the message names it and says what to do."""
 
 
+def physical_memory() -> int:
+    """The machine's memory in bytes, what a size check compares with before any work."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def default_mode(folder: bool = False) -> int:
     """The mode open() or mkdir() would give under the user's umask (0644 and 0755 under the
     usual 022). mkstemp and mkdtemp make private ones (0600, 0700), which a colleague sharing

@@ -51,8 +51,12 @@ def add_flags(parser, config_class) -> None:
             parser.add_argument(name, action=action, default=default, help=help_text)
             continue
         if default is not None and default != []:
-            shown = " ".join(map(str, default)) if isinstance(default, list) else \
-                repr(default) if isinstance(default, str) and default.strip() != default else default
+            if isinstance(default, list):
+                shown = " ".join(map(str, default))
+            elif isinstance(default, str) and default.strip() != default:
+                shown = repr(default)  # spaces at an end would be invisible
+            else:
+                shown = default
             # "... (paper: 65536)" becomes "... (paper: 65536; default: 2048)"
             help_text = help_text[:-1] + f"; default: {shown})" if help_text.endswith(")") \
                 else help_text + f" (default: {shown})"

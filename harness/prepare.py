@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from harness.files import (FileError, file_kind, open_if_regular, parse_json_line, publish_dir,
-                           read_json, try_lock, write_json)
+from harness.files import (FileError, file_kind, open_if_regular, parse_json_line, physical_memory,
+                           publish_dir, read_json, try_lock, write_json)
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -512,8 +512,7 @@ def check_synthetic_size(n_docs: int, cache_dir: str) -> None:
                          f"GB of token cache (800 tokens a document), and {cache_dir} has "
                          f"{free / gb:,.1f} GB free; ask for fewer documents")
     memory = n_docs * SYNTHETIC_MEMORY_PER_DOC
-    # runtime.physical_memory, written here too: prepare and its tokenizing workers import no torch
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = physical_memory()
     if memory > 0.8 * total:
         raise ValueError(f"a synthetic corpus of {n_docs:,} documents needs about "
                          f"{memory / gb:,.1f} GB of memory to build, and this machine has "

@@ -16,10 +16,9 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from harness.files import (FileError, append_line, read_json, release, try_lock, wait_for_lock,
-                           write_json)
+from harness.files import (FileError, append_line, physical_memory, read_json, release, try_lock,
+                           wait_for_lock, write_json)
 from harness.flags import count, finite_number, flag
-from harness.runtime import physical_memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +254,9 @@ def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bo
     left to claim, wait=True waits for the cells that other processes hold (taking over any
     they abandon); wait=False returns. progress(finished, waiting), where given, hears how many
     cells are done (a listing of the folder each time: only the process that shows a bar)."""
-    tell = progress or (lambda finished, waiting: None)
     while len(finished := finished_cells(folder, task, names)) < len(names):
-        tell(len(finished), False)
+        if progress:
+            progress(len(finished), False)
         took = False
         for name in names:
             claim_path = os.path.join(folder, ".claims", name)
@@ -284,7 +283,8 @@ def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bo
         if not took:  # what is left is held by other processes
             if not wait:
                 break
-            tell(len(finished), True)
+            if progress:
+                progress(len(finished), True)
             time.sleep(2)
     if progress:
         progress(len(finished_cells(folder, task, names)), False)

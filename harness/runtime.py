@@ -17,11 +17,6 @@ import torch.distributed as dist
 from model import num_params
 
 
-def physical_memory() -> int:
-    """The machine's memory in bytes, what a size check compares with before any work."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def tune_cpu_memory(reuse_freed: bool = False) -> dict:
     """Allocator settings that make large CPU tensors cheap; call before the first large tensor.
 

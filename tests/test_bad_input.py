@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -469,12 +470,14 @@ def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, ti
                           "--depths", "50", "--results", results], cwd=ROOT, env=ENV,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     said = []
+    silent = threading.Timer(120, p.kill)  # a silent wait ends readline with "", failing below
+    silent.start()
     try:
-        # it says why it waits after 2 s of waiting, however long its start took; each
-        # readline blocks until a line comes (the test's time limit bounds a silent wait)
+        # it says why it waits after 2 s of waiting, however long its start took
         while not said or "waiting for process" not in said[-1]:
             said.append(p.stderr.readline())
             assert said[-1], "".join(said)  # it ended without saying it waits
+        silent.cancel()
         assert p.poll() is None  # still waiting
         assert not [n for n in os.listdir(results) if n.endswith(".json")]
     finally:

@@ -257,7 +257,10 @@ def test_resume_skips_finished_cells_and_overwrite_redoes_them(ckpt, tmp_path, m
 
     # a folder set up by a run that wrote no cell: refused as set up, not as holding results
     fresh = str(tmp_path / "fresh")
-    monkeypatch.setattr(results, "generate", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(results, "generate", interrupted_at_once)
     assert run([*argv[:-1], fresh]) == 130 and not cells(fresh)
     capsys.readouterr()
     assert run([*argv[:-1], fresh, "--steps", "8"]) == 2

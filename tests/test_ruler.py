@@ -289,6 +289,8 @@ def test_decoding_defaults_to_authors_64_64_64_and_follows_wrapper_rules(data):
     assert ruler.decoding(config(data, gen_length=8, block_length=8, steps=8)) == (8, 8, 8)
     # the wrapper caps the steps at the answer length
     assert ruler.decoding(config(data, gen_length=64, block_length=32, steps=128)) == (64, 32, 64)
+    with pytest.raises(ValueError, match="multiple of --block-length"):
+        ruler.check(config(data, gen_length=40))
 
 
 def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path):

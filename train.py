@@ -418,9 +418,6 @@ def main(argv=None):
         problem = e if isinstance(e, FileError) else f"cannot write in {cfg.out}: {e.strerror or e}"
         fail(f"{problem}; {kept}: fix that and {again}")
     if world > 1:
-        # every rank past its last collective before any tears the group down: a rank that
-        # closes its connections while another still talks to it can abort inside gloo
-        dist.barrier()
         dist.destroy_process_group()
     del lock
 

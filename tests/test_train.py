@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,10 +42,11 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-# Seen once in about twenty runs of the suite on 2 busy cores: a rank aborts inside torch's gloo
-# while the process group forms, before rank 0 has printed its first line ("model: ...", right
-# after the rendezvous). Not ours to fix; such a run (and only such a run: no error of ours, no
-# line after the rendezvous) is started once more, so that a deterministic failure still fails.
+# Seen in about one suite run in three on this 2-core machine: a rank of a 2-process run aborts
+# inside torch's gloo ("terminate called without an active exception"), with no error of ours.
+# Cause not found (docs: the closing note of issues 21-24). Such a run is started once more when
+# that is safe: before the rendezvous, or into a --out it created itself (removed first). A
+# deterministic failure still fails, and the retry says that it happened.
 GLOO_ABORT = "terminate called without an active exception"
 
 
@@ -52,13 +54,17 @@ def run(args, nproc=1, check=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
             "--standalone"] if nproc > 1 else [sys.executable]) + ["train.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    out = args[args.index("--out") + 1]
+    fresh = not os.path.exists(out)
     for attempt in range(2):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-        aborted_forming = (nproc > 1 and r.returncode != 0 and GLOO_ABORT in r.stderr
-                           and "error: " not in r.stderr and "model: " not in r.stdout)
-        if not aborted_forming or attempt:
+        aborted = (nproc > 1 and r.returncode != 0 and GLOO_ABORT in r.stderr
+                   and "error: " not in r.stderr and (fresh or "model: " not in r.stdout))
+        if not aborted or attempt:
             break
-        print(f"gloo aborted while the group formed; started again: {' '.join(args)}")
+        print(f"gloo aborted; started again: {' '.join(map(str, args))}")
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r

@@ -9,6 +9,8 @@ import threading
 
 import pytest
 
+from tiny import tiny_checkpoint, write_books
+
 TEST_LIMIT_S = 600  # pyproject.toml's faulthandler_timeout
 
 
@@ -19,3 +21,21 @@ def hard_time_limit():
     timer.start()
     yield
     timer.cancel()
+
+
+@pytest.fixture(scope="session")
+def books(tmp_path_factory):
+    """60 synthetic books, one .txt each: a corpus folder for the scripts' tests."""
+    return write_books(tmp_path_factory.mktemp("books"), seed=3, n_docs=60)
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """A token cache folder shared by the tests that read `books`."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """The one-layer cl100k checkpoint (tests/tiny.py)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")[0]

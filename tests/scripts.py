@@ -72,3 +72,26 @@ def run(name: str, *args, env: dict | None = None, timeout: float = 600
         with open(out, errors="replace") as f_out, open(err, errors="replace") as f_err:
             return subprocess.CompletedProcess([name, *args], p.exitcode, f_out.read(),
                                                f_err.read())
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def script(name: str, *args, check_code: int | None = None, env: dict | None = None
+           ) -> subprocess.CompletedProcess:
+    """The script in a process of its own, as a user runs it; check_code: its exit code."""
+    r = run(name, *args, env=env)
+    if check_code is not None:
+        assert r.returncode == check_code, r.stderr[-2000:]
+    return r
+
+
+def one_line_error(r, *fragments: str, code: int = 2) -> str:
+    """The run failed with `code` and said so in one line containing every fragment."""
+    assert r.returncode == code, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]

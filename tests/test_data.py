@@ -22,9 +22,10 @@ from data import Schedule
 from harness import prepare
 from harness.checkpoint import config_to_dict, model_tokenizer
 from harness.files import try_lock
-from harness.prepare import Corpus, SyntheticConfig
+from harness.prepare import Corpus, SyntheticConfig, load_corpus
 from harness.tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 from model import preset
+from scripts import one_line_error, script
 
 EOS = 10**9  # a separator id no test token can equal
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -724,3 +725,54 @@ def test_a_line_at_the_size_limit_is_read_and_the_next_one_kept(tmp_path, monkey
     with open(path, "rb") as f:
         lines = list(prepare.jsonl_lines(f, 0, path.stat().st_size))
     assert lines == [None if extra > 0 else body, b"xy", b"zz"]
+
+
+def train_flags(books, cache, out, *extra):
+    return ["--data", books, "--cache-dir", cache, "--out", str(out), "--seq-len", "128",
+            "--warmup", "1", "--log-every", "1", *extra]
+
+
+def test_a_token_cache_damaged_from_outside_is_named_before_training(tmp_path, books):
+    cache = tmp_path / "cache"
+    corpus = load_corpus(tiktoken_tokenizer(), books, cache_dir=str(cache), workers=1)
+    tokens = np.memmap(os.path.join(corpus.path, "tokens.bin"), dtype=np.uint32, mode="r+")
+    tokens[:] = 4_000_000_000  # past any vocabulary: the embedding would fail mid-step
+    tokens.flush()
+    out = tmp_path / "out"
+    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1"))
+    one_line_error(r, f"cache {corpus.path} is damaged (token id 4000000000 in tokens.bin, past "
+                      f"the tokenizer's 100279 ids); delete it and run again")
+    assert not out.exists()
+
+
+def test_a_named_pipe_in_the_data_is_skipped_by_ppl(tmp_path, books, tiny_ckpt):
+    data = tmp_path / "books"
+    shutil.copytree(books, data)
+    os.mkfifo(data / "aaa.txt")  # read first, it blocked the run forever
+    r = script("evaluate.py", "--task", "ppl", "--model", tiny_ckpt, "--len", "128", "--draws",
+               "1", "--data", data, "--cache-dir", tmp_path / "cache", "--results", tmp_path / "res")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 documents: aaa.txt (a named pipe, not a regular file)" in r.stderr
+    assert os.listdir(tmp_path / "cache")[0].startswith("books-") and \
+        len(os.listdir(tmp_path / "cache")) == 1  # no temporary folder left
+
+
+def test_an_unwritable_token_cache_is_named(tmp_path, books):
+    r = script("train.py", *train_flags(books, "/proc/ultrallada-cache", tmp_path / "out",
+                                        "--max-steps", "1"))
+    one_line_error(r, "cannot write the token cache in /proc/ultrallada-cache")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["data.py", "--synthetic-docs", "0"], "--synthetic-docs: must be above 0"),
+    (["data.py", "--synthetic-docs", "1000000000000"], "needs about 3,300,000.0 GB of token cache"),
+    (["data.py", "--workers", "0"], "--workers: must be above 0"),
+    (["data.py", "--data", "/no/such/books"], "--data /no/such/books does not exist"),
+    (["data.py", "--heldout", "2"], "--heldout must be in [0, 1)"),
+    (["data.py", "--cache-dir", "/proc/ultrallada-cache"], "cannot write the token cache"),
+    (["data.py", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
+])
+def test_data_cli_answers_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""

@@ -14,6 +14,7 @@ from diffusion import (add_gumbel_noise, chunk_nll, cumulative_perplexity, diffu
                        log_likelihood, low_confidence, masked_cross_entropy, sft_loss,
                        stratified_forward_process)
 from model import LLaDA, preset
+from scripts import one_line_error, script
 
 V = 64  # a small vocabulary keeps the tiny model fast; the last two ids are [MASK] and EOS/pad
 MASK, PAD = V - 1, V - 2
@@ -600,3 +601,13 @@ def test_chunk_nll_averages_each_draws_mean_over_its_masked_tokens():
         chunk = tokens[16 * c:16 * (c + 1)]
         per_draw = [float(-torch.log(q[chunk[row == MASK]]).mean()) for row in x[:, 16 * c:]]
         assert math.isclose(float(nll[c - 1]), sum(per_draw) / 8, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["diffusion.py", "--steps", "-1"], "--steps must be 0 or more, got -1"),
+    (["diffusion.py", "--seed", "-1"], "--seed must be in 0..2^63-1, got -1"),
+])
+def test_diffusion_cli_answers_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""

@@ -7,9 +7,11 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,6 +28,8 @@ from harness.checkpoint import read_config, save_pretrained
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
+from harness.files import lock_folder
+from scripts import one_line_error, script
 from tiny import tiny_checkpoint
 
 
@@ -809,3 +813,65 @@ def test_a_cell_finished_elsewhere_meanwhile_is_not_redone_and_leaves_no_claim(t
     assert cells(folder)["niah_b.json"]["by"] == "other"  # not redone
     assert os.listdir(os.path.join(folder, ".claims")) == []
     assert heard[0] == 0 and heard[-1] == 2  # the bar hears the finished count
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--len", "-1"], "--len: must be above 0"),
+    (["--len", "512", "--task", "sudoku"], "invalid choice: 'sudoku'"),
+    (["--len", "512", "--d-crit", "8"], "--train-len and --d-crit only apply with --rope"),
+    (["--len", "512", "--rope", "diffusion", "--d-crit", "99"], "--d-crit must be in 1..16"),
+    (["--len", "512", "--depths", "120"], "--depths must lie in 0..100"),
+    (["--len", "512", "--gen-length", "30"], "multiple of --block-length"),
+    (["--len", "100", "--task", "ppl"], "not a multiple of --chunk-size"),
+    (["--len", "512", "--device", "tpu"], "--device tpu"),
+    (["--task", "needlebench", "--len", "8192"], "needlebench needs --needles FILE"),
+    (["--task", "ruler", "--len", "100"], "--len 100 is too small for RULER"),
+    (["--task", "ruler", "--len", "4096", "--ruler-tasks", "qa_squad"], "qa_squad needs --squad FILE"),
+    (["--task", "longbench"], "LongBench needs --data DIR"),
+    (["--task", "longbench", "--len", "4096"], "--len does not apply to longbench"),
+    (["--task", "longbench", "--data", "/proc/self"], "narrativeqa.jsonl does not exist"),
+])
+def test_evaluate_flags_are_checked_before_any_work(tmp_path, tiny_ckpt, args, fragment):
+    results = tmp_path / "res"
+    one_line_error(script("evaluate.py", "--model", tiny_ckpt, "--results", results, *args), fragment)
+    assert not results.exists()
+
+
+def test_evaluate_names_a_damaged_shard(tmp_path, tiny_ckpt):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_ckpt, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:100])
+    r = script("evaluate.py", "--model", bad, "--len", "512", "--results", tmp_path / "res")
+    one_line_error(r, "model.safetensors is damaged")
+
+
+def test_evaluate_waits_for_a_folder_being_set_up_and_says_for_whom(tmp_path, tiny_ckpt):
+    results = tmp_path / "res"
+    held = lock_folder(str(results))  # another process setting the folder up, as far as it knows
+    p = subprocess.Popen([sys.executable, "evaluate.py", "--model", tiny_ckpt, "--len", "256",
+                          "--depths", "50", "--results", results], cwd=ROOT, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    said = []
+    silent = threading.Timer(120, p.kill)  # a silent wait ends readline with "", failing below
+    silent.start()
+    try:
+        # it says why it waits after 2 s of waiting, however long its start took
+        while not said or "waiting for process" not in said[-1]:
+            said.append(p.stderr.readline())
+            assert said[-1], "".join(said)  # it ended without saying it waits
+        silent.cancel()
+        assert p.poll() is None  # still waiting
+        assert not [n for n in os.listdir(results) if n.endswith(".json")]
+    finally:
+        held.close()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert f"waiting for process {os.getpid()}" in said[-1]
+    assert "setting up the results folder" in said[-1]
+    assert os.path.exists(results / "niah_len256_depth050_rep0_rope-ckpt.json")
+
+

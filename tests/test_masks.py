@@ -9,6 +9,7 @@ import masks
 from masks import (STRATEGIES, allowed, attention, attention_plan, check_strategy, doc_ids,
                    document_positions, main, num_packed_sequences, pack_sequence)
 from model import LLaDA, preset
+from scripts import one_line_error, script
 
 EOD = 999
 
@@ -273,3 +274,15 @@ def test_plot_refuses_what_it_cannot_draw_and_writes_nothing(tmp_path, monkeypat
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert sorted(os.listdir(tmp_path)) == ["folder"] and not os.listdir(tmp_path / "folder")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["masks.py", "--plot", "--out", "/proc/ultrallada/masks.png"], "cannot write /proc/ultrallada"),
+    (["masks.py", "--plot", "--out", "/tmp"], "--out '/tmp' is not a picture's file name"),
+    (["masks.py", "--plot", "--doc-lens", "100000", "100000"], "--doc-lens sum to 200000 tokens"),
+    (["masks.py", "--doc-lens", "0"], "--doc-lens must all be positive"),
+])
+def test_masks_cli_answers_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""

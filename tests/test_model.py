@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import model as model_py
 from model import LLaDA, PrefixCache, num_params, preset
+from scripts import one_line_error, script
 
 
 def small_config(**kw):
@@ -191,3 +192,13 @@ def test_inference_in_token_slices_equals_the_whole_sequence(net, monkeypatch, d
     with torch.no_grad():
         sliced = net.logits(x, doc_lens=doc_lens)
     assert torch.allclose(sliced, whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["model.py", "--preset", "huge"], "unknown preset 'huge'"),
+    (["model.py", "--size", "8b"], "unrecognized arguments: --size 8b"),
+])
+def test_model_cli_answers_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""

@@ -6,6 +6,7 @@ import torch
 from rope import (METHODS, apply_rope, check_scaling_args, critical_dim, main,
                   method_critical_dim, position_scale, rope_lambda, rope_tables, rotate_half,
                   scale_rope)
+from scripts import one_line_error, script
 
 LENGTHS = [8192, 16384, 24576, 32768]
 
@@ -182,3 +183,16 @@ def test_apply_rope_is_bit_identical_to_the_reference_rotate_half_formula(dtype)
     ours, _ = apply_rope(q, q, cos, sin)
     c, s, wide = cos.unsqueeze(-2), sin.unsqueeze(-2), q.float()
     assert torch.equal(ours, ((wide * c) + (rotate_half(wide) * s)).to(dtype))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["rope.py", "--target-len", "0"], "must be positive"),
+    (["rope.py", "--base", "nan"], "--base must be a finite number above 1"),
+    (["rope.py", "--base", "inf"], "--base must be a finite number above 1"),
+    (["rope.py", "--train-len", "3"], "critical dimension of -6 (head size 128, base 500000)"),
+    (["rope.py", "--base", "1e308", "--target-len", "1000000000"], "past the float range"),
+])
+def test_rope_cli_answers_bad_input_in_one_line(args, fragment):
+    r = script(*args)
+    one_line_error(r, fragment)
+    assert "usage:" not in r.stderr and r.stdout == ""

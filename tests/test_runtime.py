@@ -1,12 +1,14 @@
 """Tests for runtime.py: the CPU memory settings are explicit (nothing happens on import) and
 do what they say, and a second interrupt exits at once. torchrun's environment and the
-rendezvous message are tested as a user meets them, in test_bad_input.py."""
+rendezvous message are tested as a user meets them, at the end."""
 import ctypes
 import os
 import subprocess
 import sys
 
 import pytest
+
+from scripts import ENV, one_line_error, script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,3 +78,44 @@ def test_a_second_interrupt_exits_at_once_without_waiting_for_the_step():
     assert r.returncode == 130
     assert r.stdout.split() == ["asked", "True"]
     assert r.stderr.strip() == "second interrupt: exiting without saving"
+
+
+def train_flags(books, cache, out, *extra):
+    return ["--data", books, "--cache-dir", cache, "--out", str(out), "--seq-len", "128",
+            "--warmup", "1", "--log-every", "1", *extra]
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a process count"),
+    ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=unset in the environment names no process"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' with RANK=0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "LOCAL_RANK='1' with RANK=0"),
+])
+def test_a_stale_torchrun_environment_is_one_line(tmp_path, books, cache, tiny_ckpt, env,
+                                                  fragment):
+    r = script("train.py", *train_flags(books, cache, tmp_path / "out", "--max-steps", "1"),
+               env=env)
+    one_line_error(r, fragment)
+    assert not (tmp_path / "out").exists()
+    r = script("evaluate.py", "--model", tiny_ckpt, "--len", "256", "--results",
+               str(tmp_path / "results"), env=env)
+    one_line_error(r, fragment)
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_rendezvous_says_what_it_waits_for(tmp_path, books, cache):
+    """WORLD_SIZE=2 with no second process: the wait is said before it starts (it would
+    otherwise be 30 minutes of silence)."""
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577"}
+    p = subprocess.Popen([sys.executable, "train.py", *train_flags(books, cache, tmp_path / "out",
+                                                                   "--max-steps", "1")],
+                         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()  # blocks until the first line; the test's time limit bounds it
+    finally:
+        p.kill()
+        p.wait()
+    assert line.startswith("waiting for the other 1 process(es) at 127.0.0.1:29577 to start "
+                           "(torchrun rendezvous, timeout ") and line.endswith(" min)\n")
+

@@ -21,16 +21,17 @@ given, we default to 2e-5 after a short warm-up.
 
 Every step is a pure function of (seed, step): the batches come from data.batch_for_step and
 the diffusion noise from a generator seeded with (seed, step, micro step, rank). A resumed run
-therefore repeats an uninterrupted one exactly, with only the model and optimizer to restore.
+therefore repeats an uninterrupted one exactly, with only the model and optimizer to restore
+(harness/checkpoint.py: how a checkpoint is published so that a kill never loses one).
 """
 import argparse
+import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,26 +40,34 @@ from tqdm import tqdm
 
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from harness.checkpoint import (STATE, check_tokenizer_fits, find_training_checkpoint, from_pretrained,
-                                load_optimizer_state, model_tokenizer, read_config, read_log,
-                                read_training_state, record_remote_code, record_tokenizer,
-                                save_training_checkpoint, truncate_log)
-from harness.files import FileError, append_line, is_utf8, lock_folder
-from harness.flags import (add_flags, count, count0, fits, flag, from_args, number, positive0,
-                           setting_names)
+from harness.checkpoint import (check_tokenizer_fits, from_pretrained, load_optimizer_state,
+                                model_tokenizer, open_run, read_config, record_remote_code,
+                                record_tokenizer, save_training_checkpoint, truncate_log,
+                                what_is_kept)
+from harness.files import append_line, lock_folder
+from harness.flags import (add_flags, count, count0, flag, from_args, number, positive0,
+                           setting_names, utf8_path)
 from harness.prepare import CACHE_DIR, load_corpus
-from harness.runtime import (any_rank, fail, mean_over_ranks, memory_plan, rank_zero_first,
-                             setup_distributed, stop_on_signals, tune_cpu_memory)
+from harness.runtime import (any_rank, exit_after, fail, mean_over_ranks, memory_plan_text,
+                             rank_zero_first, setup_distributed, stop_on_signals, tune_cpu_memory)
 from masks import STRATEGIES, document_positions, isolates_documents
 from model import PRESETS, LLaDA, num_params, preset
-from rope import METHODS, check_scaling_args
+from rope import METHODS
+
+
+def preset_or_folder(text: str) -> str:
+    """--init's type: the name of a preset or a folder (a checkpoint, read later)."""
+    if text not in PRESETS and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is neither a preset ({', '.join(PRESETS)}) "
+                                         f"nor a directory")
+    return utf8_path(text)
 
 
 @dataclass
 class TrainConfig:
     """Every flag of train.py, with its default (python train.py --help)."""
     init: str = flag("tiny", f"a preset ({', '.join(PRESETS)}; trained from scratch) or a LLaDA "
-                     "checkpoint directory such as LLaDA-8B-Base")
+                     "checkpoint directory such as LLaDA-8B-Base", type=preset_or_folder)
     data: str | None = flag(None, "PG19-style folder of .txt books or .jsonl files with a 'text' "
                             "field (default: the built-in synthetic corpus)")
     seq_len: int = flag(2048, "tokens per packed sequence (paper: 65536)", type=count)
@@ -103,11 +112,13 @@ class TrainConfig:
     fsdp: bool = flag(False, "shard weights, gradients and optimizer state over the processes "
                       "(FSDP2); without it several processes replicate them (DDP)",
                       setting=False)
-    out: str = flag("out", "output folder: checkpoint/ and log.jsonl; one run at a time may "
-                    "use it", setting=False)
+    out: str = flag("out", "output folder, train.py's own: checkpoint/ and log.jsonl; a new "
+                    "or empty folder, or one of an earlier run; one run at a time may use it",
+                    type=utf8_path, setting=False)
     resume: bool = flag(False, "continue from OUT/checkpoint (the latest complete save) with the "
                         "same flags; only --max-steps, --save-every, --log-every and how it runs "
-                        "(--compile, --fsdp, --activation-checkpointing) may differ",
+                        "(--compile, --fsdp, --activation-checkpointing) may differ; any number "
+                        "of processes resumes any other's",
                         setting=False)
     allow_changes: bool = flag(False, "with --resume: accept other values of the run's defining "
                                "flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower "
@@ -144,8 +155,18 @@ def parse_args(argv=None) -> TrainConfig:
     return cfg
 
 
-class UserError(Exception):
-    """Bad input: reported as one line, exit code 2."""
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
+    """A resumed run continues the saved one: the same model, and the same value of every
+    defining flag unless --allow-changes."""
+    changed = [k for k in DEFINING if k in saved and saved[k] != getattr(cfg, k)]
+    if "init" in changed:
+        raise ValueError(f"--resume continues the model trained from --init {saved['init']}, not "
+                         f"{cfg.init}; pass that --init, or another --out for a new run")
+    if changed and not cfg.allow_changes:
+        said = [f"--{k.replace('_', '-')} {json.dumps(saved[k])} -> {json.dumps(getattr(cfg, k))}"
+                for k in changed]
+        raise ValueError(f"--resume with other settings than the saved run ({', '.join(said)}); "
+                         f"pass the saved values, or --allow-changes to change them on purpose")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,22 +207,14 @@ def init_config(cfg: TrainConfig):
     return preset(cfg.init) if cfg.init in PRESETS else read_config(cfg.init)
 
 
-def initial_model(cfg: TrainConfig, ckpt: str) -> LLaDA:
-    """The weights to start from: the checkpoint in OUT when resuming, else --init."""
-    if cfg.resume:
-        model = from_pretrained(ckpt, dtype=torch.float32)
-        want = init_config(cfg)
-        shapes = ("d_model", "n_layers", "n_heads", "mlp_hidden_size", "embedding_size")
-        if any(getattr(model.config, s) != getattr(want, s) for s in shapes):
-            got = {s: getattr(model.config, s) for s in shapes}
-            raise UserError(f"{ckpt} has shapes {got}, which do not match --init {cfg.init}; "
-                            f"pass the --init it was trained from or another --out")
-        return model
-    if cfg.init in PRESETS:
-        model = LLaDA(preset(cfg.init))
-        model.init_weights(cfg.seed)  # same seed on every rank: identical replicas
-        return model
-    return from_pretrained(cfg.init, dtype=torch.float32)  # float32 master weights
+def initial_model(cfg: TrainConfig, source: str) -> LLaDA:
+    """A checkpoint's weights (float32 master weights), or a preset initialised from --seed,
+    the same on every rank."""
+    if source not in PRESETS:
+        return from_pretrained(source, dtype=torch.float32)
+    model = LLaDA(preset(source))
+    model.init_weights(cfg.seed)
+    return model
 
 
 def scale_model_rope(model: LLaDA, cfg: TrainConfig) -> dict:
@@ -212,7 +225,7 @@ def scale_model_rope(model: LLaDA, cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer, learning rate, noise.
+# Optimizer, learning rate, noise, one step.
 
 def make_optimizer(model: LLaDA, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     # Decay matrices only: norms' gains are scales, decaying them towards 0 would fight RMSNorm.
@@ -278,87 +291,12 @@ def weights_finite(model, world: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Starting a run: every check that can fail happens before anything is written.
-
-def check_inputs(cfg: TrainConfig) -> str:
-    """Everything that can be checked before a file is written; returns the checkpoint path."""
-    for name in ("out", "init"):
-        if not is_utf8(getattr(cfg, name)):  # safetensors could not open the checkpoint
-            raise UserError(f"--{name} {getattr(cfg, name)!r} is not valid UTF-8, which "
-                            f"safetensors cannot open; pass another path")
-    if cfg.init not in PRESETS and not os.path.isdir(cfg.init):
-        raise UserError(f"--init {cfg.init} is neither a preset ({', '.join(PRESETS)}) nor a directory")
-    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
-        raise UserError(f"--out {cfg.out} is a file, not a folder; pass another --out")
-    init = init_config(cfg)
-    base, train_len = init.rope_origin(cfg.train_len)  # what scale_model_rope scales from
-    check_scaling_args(cfg.target_len or cfg.seq_len, train_len, init.head_dim, cfg.d_crit, base,
-                       cfg.rope)
-    ckpt = os.path.join(cfg.out, "checkpoint")
-    init = None if cfg.resume or cfg.init in PRESETS else cfg.init  # a resume reads the checkpoint
-    for name, path in (("--init", init), ("--cache-dir", cfg.cache_dir)):
-        if path and inside(path, (ckpt, ckpt + ".old", ckpt + ".tmp")):
-            raise UserError(f"{name} {path} lies inside {ckpt}, which every save replaces; "
-                            f"pass a folder elsewhere")
-    has_ckpt = find_training_checkpoint(ckpt)
-    if cfg.resume and not has_ckpt:
-        raise UserError(f"--resume: {ckpt} holds no complete checkpoint; drop --resume to start a new run")
-    if not cfg.resume and has_ckpt:
-        raise UserError(f"{ckpt} already holds a checkpoint; pass --resume to continue it, or "
-                        f"another --out")
-    if cfg.resume:
-        check_saved_run(cfg, ckpt)
-    read_log(os.path.join(cfg.out, "log.jsonl"))  # ours, or a FileError before anything is written
-    return ckpt
-
-
-def check_saved_run(cfg: TrainConfig, ckpt: str) -> None:
-    """What --resume continues: the saved flags (of the types of TrainConfig's fields, and the
-    same as now unless --allow-changes) and a config.json written by a run of ours."""
-    saved = read_training_state(ckpt)["config"]
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for k in DEFINING:
-        if k in saved and not fits(saved[k], types[k]):
-            raise UserError(f"{os.path.join(ckpt, 'train_state.json')}: --{k.replace('_', '-')} is "
-                            f"saved as {saved[k]!r}, which it cannot be; restore the file")
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in DEFINING
-               if k in saved and saved[k] != getattr(cfg, k)]
-    if changed and not cfg.allow_changes:
-        raise UserError(f"--resume with other settings than the saved run ({', '.join(changed)});"
-                        f" pass the saved values, or --allow-changes to change them on purpose")
-    rope = read_config(ckpt).rope_scaling or {}  # the run's base, as main prints it
-    missing = [k for k in ("method", "original_rope_theta", "rope_theta", "lambda", "train_len",
-                           "target_len") if k not in rope]
-    if missing:
-        raise UserError(f"{os.path.join(ckpt, 'config.json')}: rope_scaling has no {missing[0]}, "
-                        f"which train.py always saves; restore the file")
-
-
-def inside(path: str, folders) -> bool:
-    """Whether `path` is one of `folders` or lies within one (links resolved)."""
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, os.path.realpath(f)]) == os.path.realpath(f)
-               for f in folders)
-
-
-def start(cfg: TrainConfig, rank: int, world: int):
-    """The checkpoint path, tokenizer, schedule and model of a run, or a UserError."""
-    ckpt = check_inputs(cfg)
-    tokenizer = model_tokenizer(ckpt if cfg.resume else cfg.init)
-    corpus = rank_zero_first(lambda: load_corpus(tokenizer, cfg.data, cache_dir=cfg.cache_dir,
-                                                 progress=None if rank == 0 else False),
-                             rank, world)
-    schedule = Schedule(corpus, cfg.seq_len, cfg.mask, cfg.batch_size, cfg.grad_accum, world, cfg.seed)
-    model = initial_model(cfg, ckpt)
-    check_tokenizer_fits(tokenizer, model.config, ckpt if cfg.resume else cfg.init)
-    return ckpt, tokenizer, corpus, schedule, model
-
 
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.memory_plan:
         try:
-            print(memory_plan(init_config(cfg), cfg.seq_len))
+            print(memory_plan_text(init_config(cfg), cfg.seq_len))
         except ValueError as e:  # an --init whose config.json is missing or impossible
             fail(str(e))
         return
@@ -366,94 +304,67 @@ def main(argv=None):
     rank, world, device = setup_distributed(cfg.fsdp)
     cfg.dtype = cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     say = print if rank == 0 else (lambda *a, **k: None)
+
+    # The run, the data and the model: every check of the input happens here, before anything
+    # is written into --out, so a mistake is one line and leaves the folder as it was.
     try:
-        ckpt, tokenizer, corpus, schedule, model = start(cfg, rank, world)
-        lock = lock_folder(cfg.out) if rank == 0 else None  # held until the process ends
-    except (UserError, ValueError) as e:  # CheckpointError and FileError are ValueErrors
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted while starting; nothing was written", 130)
-    try:
-        # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
-        # (a resumed run's checkpoint carries both already)
-        extra_files = {**record_tokenizer(tokenizer, model.config),
-                       **record_remote_code(ckpt if cfg.resume else cfg.init)}
+        ckpt, first, saved = open_run(cfg.out, cfg.resume)
+        check_resumable(cfg, saved)
+        source = ckpt if cfg.resume else cfg.init  # where the weights and tokenizer come from
+        tokenizer = model_tokenizer(source)
+        corpus = rank_zero_first(lambda: load_corpus(tokenizer, cfg.data, cache_dir=cfg.cache_dir,
+                                                     progress=None if rank == 0 else False),
+                                 rank, world)
+        schedule = Schedule(corpus, cfg.seq_len, cfg.mask, cfg.batch_size, cfg.grad_accum, world,
+                            cfg.seed)
+        model = initial_model(cfg, source)
+        check_tokenizer_fits(tokenizer, model.config, source)
         rope = model.config.rope_scaling if cfg.resume else scale_model_rope(model, cfg)
-        peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
-        say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
-            f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "
-            f"sequences of {cfg.seq_len:,}")
-        say(f"rope: {rope['method']}, base {rope['original_rope_theta']:,.0f} -> "
-            f"{rope['rope_theta']:,.0f} (lambda {rope['lambda']:.3f}, T_train "
-            f"{rope['train_len']:,} -> T_target {rope['target_len']:,}); mask: {cfg.mask}; "
-            f"{world} process(es) on {device.type}, {cfg.dtype}, "
-            f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
-        if rope["method"] == "pi" and rank == 0:
-            print("warning: --rope pi also scales positions, which only this repository's model.py "
-                  "reads (rope_scaling in config.json): the official modeling_llada.py reads "
-                  "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
-
-        model = parallelize(model, cfg, world, device)
-        optimizer = make_optimizer(model, cfg, peak_lr)
-        first = 0
-        if cfg.resume:
-            first = read_training_state(ckpt)["step"]
-            load_optimizer_state(ckpt, model, optimizer)
-        if rank == 0:
-            # the steps past the checkpoint are about to be redone
-            truncate_log(os.path.join(cfg.out, "log.jsonl"), first)
-    except ValueError as e:  # a FileError or CheckpointError
+        lock = lock_folder(cfg.out) if rank == 0 else None  # one run at a time, until it exits
+    except ValueError as e:  # FileError and CheckpointError are ValueErrors
         fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted before the first step; no checkpoint was changed", 130)
-    if first >= cfg.max_steps:
-        say(f"{ckpt} is already at step {first} of --max-steps {cfg.max_steps}: nothing to do")
-        return
+    # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
+    extra_files = {**record_tokenizer(tokenizer, model.config), **record_remote_code(source)}
+    peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
+    say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
+        f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "
+        f"sequences of {cfg.seq_len:,}")
+    say(f"rope: {rope.get('method')}, base {rope.get('original_rope_theta', 0):,.0f} -> "
+        f"{model.config.rope_theta:,.0f} (lambda {rope.get('lambda', 1):.3f}, T_train "
+        f"{rope.get('train_len', 0):,} -> T_target {rope.get('target_len', 0):,}); mask: "
+        f"{cfg.mask}; {world} process(es) on {device.type}, {cfg.dtype}, "
+        f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
+    if rope.get("method") == "pi" and rank == 0:
+        print("warning: --rope pi also scales positions, which only this repository's model.py "
+              "reads (rope_scaling in config.json): the official modeling_llada.py reads "
+              "rope_theta alone and gives this checkpoint other logits", file=sys.stderr)
 
-    try:
-        run_steps(cfg, model, optimizer, schedule, first, peak_lr, ckpt, extra_files,
-                  rank, world, device)
-    except (FileError, OSError) as e:  # a full disk, a folder made read-only mid-run
-        kept, again = what_is_kept(ckpt)
-        problem = e if isinstance(e, FileError) else f"cannot write in {cfg.out}: {e.strerror or e}"
-        fail(f"{problem}; {kept}: fix that and {again}")
-    if world > 1:
-        dist.destroy_process_group()
-    del lock
+    model = parallelize(model, cfg, world, device)
+    optimizer = make_optimizer(model, cfg, peak_lr)
+    if cfg.resume:
+        load_optimizer_state(ckpt, model, optimizer, rank, world)
+    log = os.path.join(cfg.out, "log.jsonl")
+    if rank == 0:
+        truncate_log(log, first)  # the steps after the checkpoint are about to be redone
 
-
-def what_is_kept(ckpt: str, with_changes: bool = False) -> tuple[str, str]:
-    """What a failed run leaves and how to go on: from the last checkpoint (with other flags:
-    --allow-changes), or, when the run failed before its first save, from the start (there is
-    nothing to --resume). A save cut between its two renames left the checkpoint in .old,
-    which --resume puts back."""
-    if any(os.path.isfile(os.path.join(p, STATE)) for p in (ckpt, ckpt + ".old")):
-        return "the last checkpoint is intact", "--resume" + " --allow-changes" * with_changes
-    return "no checkpoint was saved yet", "run again"
-
-
-def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int, peak_lr: float,
-              ckpt: str, extra_files: dict, rank: int, world: int, device) -> None:
-    """Steps first..max_steps: log each, save every save_every and at the end, stop cleanly."""
+    # The loop. Ctrl-C or SIGTERM finishes the step, saves and exits 130 or 143.
     stop = stop_on_signals()
-    log_path = os.path.join(cfg.out, "log.jsonl")
     # The bar only on a terminal (disable=None): in a log file the step lines say the same.
     bar = tqdm(total=cfg.max_steps, initial=first, disable=None if rank == 0 else True,
                unit="step", dynamic_ncols=True)
-    tokens_seen, t_run = first * schedule.per_step * cfg.seq_len, time.perf_counter()
-    run_config = asdict(cfg)
+    t_run = time.perf_counter()
     for step in range(first, cfg.max_steps):
         record = train_step(model, optimizer, schedule, cfg, step, peak_lr, rank, world, device)
         if not record.pop("finite"):
             bar.close()
-            kept, again = what_is_kept(ckpt, with_changes=True)
             fail(f"step {step + 1}: the loss is {record['loss']} and the gradient norm "
-                 f"{record['grad_norm']}; stopped without updating or saving ({kept}). Lower "
-                 f"--lr or raise --warmup, then {again}", 1)
-        tokens_seen += schedule.per_step * cfg.seq_len
-        record.update(tokens=tokens_seen, elapsed_s=time.perf_counter() - t_run)
+                 f"{record['grad_norm']}; stopped without updating or saving; "
+                 f"{what_is_kept(ckpt, '--resume --allow-changes')} (lower --lr or raise "
+                 f"--warmup)", 1)
+        record.update(tokens=(step + 1) * schedule.per_step * cfg.seq_len,
+                      elapsed_s=time.perf_counter() - t_run)
         if rank == 0:
-            append_line(log_path, record)  # finite: a non-finite step stopped above
+            append_line(log, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
@@ -462,20 +373,25 @@ def run_steps(cfg: TrainConfig, model, optimizer, schedule: Schedule, first: int
         stopping = any_rank(stop["signal"] is not None, world)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stopping:
             if not weights_finite(model, world):  # the last update overflowed
-                kept, again = what_is_kept(ckpt, with_changes=True)
-                fail(f"step {step + 1}: the update made weights non-finite; not saved ({kept}). "
-                     f"Lower --lr or --weight-decay, then {again}", 1)
-            save_training_checkpoint(ckpt, model, optimizer, step + 1, run_config,
-                                     extra_files, rank, world)
+                bar.close()
+                fail(f"step {step + 1}: the update made weights non-finite; not saved; "
+                     f"{what_is_kept(ckpt, '--resume --allow-changes')} (lower --lr or "
+                     f"--weight-decay)", 1)
+            save_training_checkpoint(ckpt, model, optimizer, step + 1, asdict(cfg), extra_files,
+                                     rank, world)
             if rank == 0:
                 bar.write(f"saved {ckpt} at step {step + 1}")
         if stopping:
             bar.close()
-            if rank == 0:
-                print(f"stopped at step {step + 1}; continue with the same flags plus --resume")
-            sys.exit(128 + (stop["signal"] or signal.SIGTERM))
+            say(f"stopped at step {step + 1}; continue with the same flags plus --resume")
+            sys.exit(128 + stop["signal"])
     bar.close()
+    if first >= cfg.max_steps:
+        say(f"{ckpt} is already at step {first} of --max-steps {cfg.max_steps}: nothing to do")
+    if world > 1:
+        dist.destroy_process_group()
+    del lock
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)

@@ -4,51 +4,42 @@ checkpoint.py: the official Hugging Face checkpoint layout, and the training sta
 Harness, not part of the paper. LLaDA-8B-Base is a directory holding `config.json`,
 `model.safetensors` or shards `model-0000N-of-0000M.safetensors` with
 `model.safetensors.index.json`, `tokenizer.json`, and the official modeling code that
-`transformers` runs with trust_remote_code (`configuration_llada.py`, `modeling_llada.py`,
-named by config.json's `auto_map`). The tensor names are model.py's state_dict() keys, so
-loading needs no renaming and what we save loads in the official code. A checkpoint carries
-the modeling code of the directory it was trained from, and its `auto_map` names only files
-it holds (the small presets have none).
+`transformers` runs with trust_remote_code (named by config.json's `auto_map`). The tensor
+names are model.py's state_dict() keys, so loading needs no renaming and what we save loads in
+the official code; a checkpoint carries the modeling code of the directory it was trained from.
 
-A training checkpoint (train.py's OUT/checkpoint) is such a directory plus `train_state/`
-(the optimizer, written by every rank with torch.distributed.checkpoint) and
-`train_state.json` (the step and the run's flags). Every directory is written under a
-temporary name and swapped into place when complete (files.replace_dir). Reading one runs no
-code from it: config.json is checked field by field, and the optimizer state is unpickled
-admitting only the classes torch.distributed.checkpoint writes.
+A training checkpoint (train.py's OUT/checkpoint) is such a directory plus
+`optimizer.safetensors` (AdamW's moments and step counts under the official tensor names) and
+`train_state.json` (the step and the run's flags). Safetensors and JSON only: reading a
+checkpoint cannot run code. It is published in one way (`publish`):
+
+    1. rank 0 writes every file into OUT/checkpoint.tmp/, train_state.json last;
+    2. OUT/checkpoint is renamed OUT/checkpoint.old, then checkpoint.tmp is renamed checkpoint;
+    3. what only the old folder holds (files a user put there) moves into the new one, and the
+       old folder is deleted.
+
+A kill during 1 leaves checkpoint.tmp, which the next save deletes; a kill between the renames
+leaves checkpoint.old alone, which `recover` renames back; a kill during 3 is finished by it.
+OUT itself is train.py's: a run starts only in a new or empty folder, or in one that an
+earlier run locked (it holds .lock), so every name a save replaces is its own.
 """
-import contextlib
-import io
 import json
-import logging
 import os
-import pickle
 import re
 import shutil
-import tempfile
-import time
-import warnings
 from dataclasses import asdict, fields
 
 import torch
-import torch.distributed as dist
 
-from harness.files import (FileError, default_mode, is_utf8, not_ours, open_regular,
-                           parse_json_line, read_json, recover_dir, remove_dir, replace_dir,
-                           write_atomic, write_json)
+from harness.files import FileError, default_mode, open_regular, parse_json_line, read_json, \
+    write_atomic, write_json
 from harness.flags import finite_number, fits
 from harness.runtime import rank_zero_first
-from harness.tokenizer import (TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer,
-                               uses_tiktoken)
-from model import PRESETS, LLaDA, LLaDAConfig, preset
+from harness.tokenizer import TIKTOKEN_NAME, Tokenizer, load_tokenizer, tiktoken_tokenizer
+from model import PRESETS, LLaDA, LLaDAConfig
 
 CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
-GENERATION_CONFIG = "generation_config.json"  # read by transformers beside the remote code
-STATE, OPTIMIZER = "train_state.json", "train_state"
-# What every save writes itself: an old copy of these is never carried into a new checkpoint
-# (a user's files are, files.replace_dir), so a layout of other shards cannot linger.
-SAVED = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
-                   r"train_state(\.json)?")
+STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 
 # Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
 OFFICIAL_CONFIG = {
@@ -72,69 +63,62 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message says what is wrong."""
 
 
+# ---------------------------------------------------------------------------------------------
+# config.json: read once, checked where it is read.
+
 def read_config(path: str) -> LLaDAConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not os.path.isfile(os.path.join(path, CONFIG)):
         raise CheckpointError(f"{path} has no {CONFIG}: not a LLaDA checkpoint directory")
-    config = read_json(os.path.join(path, CONFIG))
-    if not isinstance(config, dict):
+    d = read_json(os.path.join(path, CONFIG))
+    if not isinstance(d, dict):
         raise CheckpointError(f"{os.path.join(path, CONFIG)} is not a JSON object")
-    return config_from_dict(config, os.path.join(path, CONFIG))
-
-
-def config_from_dict(d: dict, where: str = CONFIG) -> LLaDAConfig:
-    """config.json -> LLaDAConfig: the fields model.py uses, each checked (a CheckpointError
-    naming the field and `where`), every other key kept in `extra`."""
     names = {f.name for f in fields(LLaDAConfig)} - {"extra"}
-    known = {k: v for k, v in d.items() if k in names}
-    config = LLaDAConfig(**known, extra={k: v for k, v in d.items() if k not in names})
+    config = LLaDAConfig(**{k: v for k, v in d.items() if k in names},
+                         extra={k: v for k, v in d.items() if k not in names})
     if problem := config_problem(config):
-        raise CheckpointError(f"{where}: {problem}; restore the file from a copy")
+        raise CheckpointError(f"{os.path.join(path, CONFIG)}: {problem}; restore it from a copy")
     return config
 
 
 BIGGEST = 2**31 - 1  # any size or id beyond this is a typo; tensors and tables index with it
-SIZE = (lambda v: fits(v, int) and 1 <= v <= BIGGEST, f"a whole number in 1..{BIGGEST}")
-ID = (lambda v: fits(v, int) and 0 <= v <= BIGGEST, f"a whole number in 0..{BIGGEST}")
-BASE = (lambda v: finite_number(v) and v > 1, "a finite number above 1 (a RoPE base)")
-RULES = {  # config.json's fields: what each must be for model.py's formulas to mean anything
-    **dict.fromkeys(("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
-                     "vocab_size", "embedding_size", "max_sequence_length"), SIZE),
-    **dict.fromkeys(("mask_token_id", "eos_token_id"), ID),
-    "pad_token_id": (lambda v: v is None or ID[0](v), "a whole number or null"),
-    "rope_theta": BASE,
-    "rms_norm_eps": (lambda v: finite_number(v) and v > 0, "a finite number above 0"),
-    "init_std": (lambda v: finite_number(v) and v >= 0, "a finite number, at least 0"),
-    "include_bias": (lambda v: isinstance(v, bool), "true or false"),
-    "weight_tying": (lambda v: isinstance(v, bool), "true or false"),
-    "rope_scaling": (lambda v: v is None or isinstance(v, dict), "an object or null"),
-}
-SCALING_RULES = {  # rope.scale_rope's record, where present (other tools write other keys)
-    "rope_theta": BASE, "original_rope_theta": BASE, "train_len": SIZE, "target_len": SIZE,
-    "lambda": (lambda v: finite_number(v) and v > 0, "a finite number above 0"),
-    "position_scale": (lambda v: finite_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "d_crit": (lambda v: v is None or SIZE[0](v), "a whole number or null"),
-    "method": (lambda v: isinstance(v, str), "a string"),
-}
 
 
 def config_problem(c: LLaDAConfig) -> str | None:
-    """What makes a config impossible for model.py, in words; None if nothing does."""
+    """What makes a config impossible for model.py's formulas, in words; None if nothing does.
+    Each field is checked by its type in LLaDAConfig: a switch is true or false, a size a whole
+    number from 1 and an id from 0, a float finite and above 0 (a RoPE base above 1)."""
     scaling = c.rope_scaling if isinstance(c.rope_scaling, dict) else {}
-    for prefix, values, rules in (("", vars(c), RULES), ("rope_scaling.", scaling, SCALING_RULES)):
-        for name, (ok, must) in rules.items():
-            if name in values and not ok(values[name]):
-                return f"{prefix}{name} is {json.dumps(values[name])[:40]}, it must be {must}"
+    values = [(f.name, f.type, getattr(c, f.name)) for f in fields(LLaDAConfig)
+              if f.type in (bool, int, float) and not (f.name == "pad_token_id" and c.pad_token_id is None)]
+    values += [(f"rope_scaling.{k}", float, scaling[k]) for k in
+               ("rope_theta", "original_rope_theta", "lambda", "position_scale") if k in scaling]
+    for name, kind, v in values:
+        if kind is bool:
+            ok, must = isinstance(v, bool), "true or false"
+        elif kind is int:
+            low = 0 if name.endswith("_id") else 1
+            ok, must = fits(v, int) and low <= v <= BIGGEST, f"a whole number in {low}..{BIGGEST}"
+        else:
+            low = 1 if name.endswith("rope_theta") else 0
+            ok, must = finite_number(v) and v > low, f"a finite number above {low}"
+        if not ok:
+            return f"{name} is {json.dumps(v)[:40]}, it must be {must}"
+    if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
+        return f"rope_scaling is {json.dumps(c.rope_scaling)[:40]}, it must be an object or null"
+    if not isinstance(c.extra.get("auto_map", {}), dict):  # every save reads it
+        return f"auto_map is {json.dumps(c.extra['auto_map'])[:40]}, it must be an object"
     if c.d_model % c.n_heads:
         return f"n_heads {c.n_heads} does not divide d_model {c.d_model}"
     if c.head_dim % 2:  # RoPE rotates pairs of dimensions
         return f"the head size d_model / n_heads = {c.head_dim} must be even"
+    if c.include_bias or c.weight_tying or c.n_kv_heads != c.n_heads:
+        return "model.py implements LLaDA's layout only: include_bias false, weight_tying " \
+               "false, n_kv_heads = n_heads"
     for name in ("mask_token_id", "eos_token_id"):
         if getattr(c, name) >= c.embedding_size:
             return f"{name} {getattr(c, name)} has no embedding (embedding_size {c.embedding_size})"
-    if not isinstance(c.extra.get("auto_map", {}), dict):  # every save reads it
-        return f"auto_map is {json.dumps(c.extra['auto_map'])[:40]}, it must be an object"
     return None
 
 
@@ -147,18 +131,20 @@ def config_to_dict(config: LLaDAConfig) -> dict:
     return dict(sorted(d.items()))
 
 
-def checkpoint_files(path: str) -> list[str]:
-    """The safetensors files of a checkpoint directory, checked to exist."""
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+def weight_files(path: str) -> list[str]:
+    """The safetensors files of a checkpoint directory, checked to exist there."""
     if os.path.isfile(os.path.join(path, INDEX)):
         index = read_json(os.path.join(path, INDEX))
-        if not isinstance(index.get("weight_map") if isinstance(index, dict) else None, dict):
-            raise CheckpointError(f"{os.path.join(path, INDEX)} has no weight_map")
-        shards = list(index["weight_map"].values())
-        if not all(isinstance(n, str) and n == os.path.basename(n) and n not in ("", ".", "..")
-                   for n in shards):  # "../x" or "/x" would read a file of another folder
+        shards = index.get("weight_map") if isinstance(index, dict) else None
+        names = list(shards.values()) if isinstance(shards, dict) else [None]
+        if not all(isinstance(n, str) and n == os.path.basename(n) not in ("", ".", "..")
+                   for n in names):  # "../x" or "/x" would read a file of another folder
             raise CheckpointError(f"{os.path.join(path, INDEX)} names shards that are not files "
                                   f"of {path}; restore it from a copy")
-        names = sorted(set(shards))
+        names = sorted(set(names))
     elif os.path.isfile(os.path.join(path, SINGLE)):
         names = [SINGLE]
     else:
@@ -171,88 +157,66 @@ def checkpoint_files(path: str) -> list[str]:
 
 def from_pretrained(path: str, dtype: torch.dtype | None = None,
                     device: str | torch.device | None = None) -> LLaDA:
-    """Load an official-layout checkpoint. The model is built on the meta device and the
-    tensors are read memory-mapped and assigned, so the weights never exist twice in memory."""
+    """Load an official-layout checkpoint as gpt-fast does: the model is built on the meta
+    device and the tensors are assigned (load_state_dict(assign=True), which names missing,
+    unexpected and misshapen tensors), so the weights never exist twice in memory."""
     from safetensors import safe_open
 
     config = read_config(path)
-    if not is_utf8(path):
-        raise CheckpointError(f"{path!r} is not valid UTF-8, and safetensors opens only such "
-                              f"paths; rename the folder")
     with torch.device("meta"):
         model = LLaDA(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state, wrong = {}, {}
-    for file in checkpoint_files(path):
+    state = {}
+    for file in weight_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name not in expected:
-                        state[name] = None  # reported below as unexpected
-                        continue
-                    t = f.get_tensor(name)
-                    if t.shape != expected[name]:
-                        wrong[name] = f"{name} is {tuple(t.shape)}, expected {tuple(expected[name])}"
-                    elif not t.is_floating_point():  # would be cast to float silently
-                        wrong[name] = f"{name} holds {str(t.dtype).removeprefix('torch.')}, not " \
-                                      f"floating-point weights"
-                    else:
-                        state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+                    state[name] = f.get_tensor(name)
         except Exception as e:  # a truncated or zero-byte shard: safetensors has its own errors
-            if isinstance(e, CheckpointError):
-                raise
             raise CheckpointError(f"{file} is damaged or not a safetensors file "
                                   f"({str(e).splitlines()[0][:80]}); copy it again") from None
-    missing = sorted(set(expected) - set(state) - set(wrong))
-    unexpected = sorted(k for k, v in state.items() if v is None)
-    problems = ([f"wrong tensor: {w}" for w in wrong.values()] +
-                [f"missing tensor: {m}" for m in missing] +
-                [f"unexpected tensor: {u}" for u in unexpected])
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise CheckpointError(f"{path} does not match its config.json: " +
-                              "; ".join(problems[:5]) + more)
-    bad = [n for n, t in state.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise CheckpointError(f"{path} holds non-finite weights ({bad[0]}); it came from a "
-                              f"diverged run: use an earlier checkpoint")
-    model.load_state_dict(state, assign=True)
+    for name, t in state.items():
+        if not t.is_floating_point():  # .to(float) would run integers as if they were weights
+            raise CheckpointError(f"{path}: {name} holds {t.dtype}, not floating-point weights")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{path} holds non-finite weights ({name}); it came from a "
+                                  f"diverged run: use an earlier checkpoint")
+        state[name] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match its config.json: "
+                              f"{' '.join(str(e).split())[:400]}") from None
     return model
 
 
 def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
                     max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
-    """Write the official layout atomically: into a temporary directory renamed when complete,
-    so a crash mid-save never leaves a directory that looks complete."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    """Write the official layout into path.tmp and publish it as `path`."""
+    tmp = path + ".tmp"
     try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
         write_pretrained(tmp, config, state_dict, max_shard_bytes, extra_files)
-        os.chmod(tmp, default_mode(folder=True))  # mkdtemp makes it private
-        replace_dir(tmp, path, CONFIG, SAVED.fullmatch)
+        publish(tmp, path)
     finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
                      max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
-    """config.json and safetensors shards (at most max_shard_bytes each, with an index when
-    there are several) into the folder `path`, which the caller swaps into place; extra_files
-    maps names to files copied alongside (e.g. tokenizer.json)."""
+    """config.json and safetensors shards of at most max_shard_bytes (with an index when there
+    are several) into the new folder `path`; extra_files maps names to files copied alongside
+    (the tokenizer, the official modeling code)."""
     from safetensors.torch import save_file
 
-    os.makedirs(path, exist_ok=True)
-    shards, current, size = [], {}, 0
+    os.makedirs(path)
+    shards, size = [{}], 0
     for name, t in state_dict.items():
         nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t.detach().to("cpu").contiguous()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().to("cpu").contiguous()
         size += nbytes
-    shards.append(current)
     names = ([SINGLE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for name, shard in zip(names, shards):
@@ -266,35 +230,57 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(path, name))
     d = config_to_dict(config)
-    # An auto_map class whose module is not in the folder would make transformers fail on a
-    # missing file; without the entry it says the model needs trust_remote_code files instead.
+    # transformers fails on an auto_map module missing from the folder; without the entry it
+    # says that the model needs trust_remote_code files instead.
     auto_map = {k: v for k, v in d.pop("auto_map", {}).items()
                 if all(os.path.isfile(os.path.join(path, f)) for f in auto_map_files(v))}
-    dtype = next(iter(state_dict.values())).dtype
+    dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
     write_json(os.path.join(path, CONFIG), {**d, **({"auto_map": auto_map} if auto_map else {}),
-                                            "torch_dtype": str(dtype).removeprefix("torch.")})
+                                            "torch_dtype": dtype})
+
+
+def publish(tmp: str, path: str) -> None:
+    """The finished folder `tmp` takes the place of `path` (the module docstring's protocol)."""
+    recover(path)
+    if os.path.lexists(path):
+        os.replace(path, path + ".old")
+    os.replace(tmp, path)
+    recover(path)
+
+
+def recover(path: str) -> None:
+    """Finish a publish cut short: path.old alone (killed between the two renames) is the last
+    checkpoint, renamed back; beside a new path (killed after them) it gives the new folder
+    what only it holds, then is deleted."""
+    old = path + ".old"
+    if not os.path.isdir(old):
+        return
+    if not os.path.lexists(path):
+        os.replace(old, path)
+        return
+    for name in os.listdir(old):
+        if not os.path.lexists(os.path.join(path, name)):
+            os.replace(os.path.join(old, name), os.path.join(path, name))
+    shutil.rmtree(old)
 
 
 def auto_map_files(ref) -> list[str]:
     """The local files an auto_map entry names: "modeling_llada.LLaDAModelLM" needs
     modeling_llada.py; a tokenizer entry is a list (slow, fast; None for none); "org/repo--x.C"
-    lives in another repository."""
+    lives in another repository, and "../x.C" would be another folder's."""
     refs = ref if isinstance(ref, list) else [ref]
     files = [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
-    return [f for f in files if f == os.path.basename(f)]  # "../x.C" would copy from elsewhere
+    return [f for f in files if f == os.path.basename(f)]
 
 
 def record_remote_code(init: str) -> dict:
     """The files of `init` that transformers' trust_remote_code loading reads, to copy into
-    every checkpoint (as record_tokenizer's): the modules its config.json's auto_map names,
-    the modules those import relatively (from .configuration_llada import ...), and
-    generation_config.json. A preset, or a directory without them, has none."""
-    if not os.path.isdir(init):
-        return {}
-    config = read_json(os.path.join(init, CONFIG), missing_ok=True)
+    every checkpoint: the modules its auto_map names, the modules those import relatively
+    (from .configuration_llada import ...), and generation_config.json. A preset has none."""
+    config = read_json(os.path.join(init, CONFIG), missing_ok=True) if os.path.isdir(init) else {}
     auto_map = config.get("auto_map") if isinstance(config, dict) else None
-    todo = [f for ref in (auto_map.values() if isinstance(auto_map, dict) else [])
-            for f in auto_map_files(ref)]
+    todo = [f for ref in (auto_map or {}).values() for f in auto_map_files(ref)]
+    todo += ["generation_config.json"] if todo else []
     files = {}
     while todo:
         name = todo.pop()
@@ -304,8 +290,6 @@ def record_remote_code(init: str) -> dict:
         files[name] = src
         with open(src, encoding="utf-8", errors="replace") as f:
             todo += [m + ".py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), re.M)]
-    if os.path.isfile(os.path.join(init, GENERATION_CONFIG)):
-        files[GENERATION_CONFIG] = os.path.join(init, GENERATION_CONFIG)
     return files
 
 
@@ -314,16 +298,12 @@ def record_remote_code(init: str) -> dict:
 # our small presets, "tokenizer": "cl100k_base" in config.json.
 
 def model_tokenizer(init: str) -> Tokenizer:
-    """The tokenizer of `init`: a preset name (the small ones use cl100k_base), "cl100k_base",
-    or a checkpoint directory (tokenizer.load_tokenizer)."""
+    """The tokenizer of a preset (the small ones use cl100k_base) or a checkpoint directory."""
     if init in PRESETS:
-        if not uses_tiktoken(config_to_dict(preset(init))):
+        if PRESETS[init].mask_token_id != tiktoken_tokenizer().mask_id:
             raise ValueError(f"preset {init} uses LLaDA's tokenizer.json; pass the checkpoint "
                              f"directory that holds it instead of the preset name")
         return tiktoken_tokenizer()
-    if init != TIKTOKEN_NAME and not os.path.isdir(init):
-        raise ValueError(f"{init!r} is neither a preset ({', '.join(PRESETS)}) "
-                         f"nor a checkpoint directory")
     return load_tokenizer(init)
 
 
@@ -338,231 +318,127 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: LLaDAConfig, where: str) 
 def record_tokenizer(tokenizer: Tokenizer, config: LLaDAConfig) -> dict:
     """What a checkpoint needs to rebuild its tokenizer: tokenizer.json for LLaDA (the files to
     copy are returned), a marker in config.json for tiktoken (tokenizer.load_tokenizer)."""
-    if os.path.isdir(tokenizer.source):
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-        return {n: os.path.join(tokenizer.source, n) for n in names
-                if os.path.isfile(os.path.join(tokenizer.source, n))}
-    config.extra["tokenizer"] = tokenizer.source
-    return {}
+    if tokenizer.source == TIKTOKEN_NAME:
+        config.extra["tokenizer"] = TIKTOKEN_NAME
+        return {}
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    return {n: os.path.join(tokenizer.source, n) for n in names
+            if os.path.isfile(os.path.join(tokenizer.source, n))}
 
 
 # ---------------------------------------------------------------------------------------------
-# Training checkpoints: the model in the official layout plus the optimizer and the step.
+# Training checkpoints and the run's folder.
+
+def open_run(out: str, resume: bool) -> tuple[str, int, dict]:
+    """Where a run in `out` starts: (its checkpoint folder, the step it resumes after, the
+    saved run's flags), (folder, 0, {}) for a new run. Writes nothing but what `recover`
+    finishes of a save cut short."""
+    ckpt = os.path.join(out, "checkpoint")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileError(f"{out} is a file, not a folder; pass another output folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, ".lock")):
+        raise FileError(f"{out} holds files that train.py did not write (it has no .lock); pass "
+                        f"a new or empty output folder")
+    recover(ckpt)
+    state = os.path.join(ckpt, STATE)
+    if resume != os.path.isfile(state):
+        raise FileError(f"{ckpt} holds no complete checkpoint; drop --resume to start a new run"
+                        if resume else f"{ckpt} already holds a checkpoint; pass --resume to "
+                        f"continue it, or another output folder")
+    if not resume:
+        return ckpt, 0, {}
+    saved = read_json(state)
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
+            and fits(saved.get("step"), int) and saved["step"] >= 1):  # a save follows a step
+        raise FileError(f"{state} is not a training state (a step count and the run's flags); "
+                        f"restore it, or start a new run from the weights with --init {ckpt}")
+    return ckpt, saved["step"], saved["config"]
+
+
+def what_is_kept(ckpt: str, again: str = "--resume") -> str:
+    """What a failed run leaves and how to go on."""
+    if os.path.isfile(os.path.join(ckpt, STATE)):
+        return f"the last checkpoint is intact: fix that and {again}"
+    return "no checkpoint was saved yet: fix that and run again"
+
 
 def save_training_checkpoint(path: str, model, optimizer, step: int, run_config: dict,
                              extra_files: dict, rank: int, world: int) -> None:
-    """Every rank writes its optimizer shard, rank 0 the gathered weights and train_state.json
-    (and copies extra_files: the tokenizer, the remote code), all into path.tmp, which rank 0
-    then swaps into place. A failure on rank 0 stops every rank (a FileError)."""
-    import torch.distributed.checkpoint as dcp  # here: importing it takes seconds
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-    tmp = path + ".tmp"
+    """Every rank takes part in gathering the full weights and optimizer state (a collective
+    under FSDP); rank 0 writes and publishes them. A failed write is one FileError on every
+    rank, saying what is kept."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0; {} elsewhere
+    weights = get_model_state_dict(model, options=full)
+    moments = get_optimizer_state_dict(model, optimizer, options=full).get("state", {})
 
-    def on_rank_zero(fn):  # the file system's work once; the other ranks learn how it went
-        rank_zero_first(fn, rank, world, (OSError, FileError), "write the checkpoint", others=False)
+    def write():
+        tmp = path + ".tmp"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+            write_pretrained(tmp, model.config, weights, extra_files=extra_files)
+            save_file({f"{name}:{k}": t.contiguous() for name, s in moments.items()
+                       for k, t in s.items()}, os.path.join(tmp, OPTIMIZER))
+            os.chmod(os.path.join(tmp, OPTIMIZER), default_mode())
+            write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
+                                                  "world_size": world})
+            publish(tmp, path)
+        except (OSError, FileError) as e:
+            problem = e if isinstance(e, FileError) else f"cannot write {path}: {e.strerror or e}"
+            raise FileError(f"{problem}; {what_is_kept(path)}") from None
 
-    def clear_tmp():  # left by a run killed mid-save, if it is one (dcp makes train_state/ first)
-        if problem := not_ours(tmp, OPTIMIZER):
-            raise FileError(f"{problem}; move it away")
-        if os.path.lexists(tmp):
-            remove_dir(tmp, OPTIMIZER)
-
-    on_rank_zero(clear_tmp)
-    try:
-        with warnings.catch_warnings(), quiet_root_logger():  # "assuming ... single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)},
-                     checkpoint_id=os.path.join(tmp, OPTIMIZER), no_dist=not dist.is_initialized())
-    except CheckpointException as e:  # a BaseException: `except Exception` would miss it
-        raise FileError(f"cannot write {os.path.join(tmp, OPTIMIZER)} ({reason(e)})") from None
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                   cpu_offload=True))
-
-    def publish():
-        write_pretrained(tmp, model.config, weights, extra_files=extra_files)
-        write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
-                                              "world_size": world, "time": time.time()})
-        replace_dir(tmp, path, STATE, SAVED.fullmatch)
-
-    on_rank_zero(publish)
+    rank_zero_first(write, rank, world, (FileError,), "write the checkpoint", others=False)
 
 
-def find_training_checkpoint(path: str) -> bool:
-    """Whether `path` holds a complete training checkpoint, after repairing a save that was
-    killed between the two renames of the swap (the previous checkpoint is then path.old).
-    A FileError if a folder that saves replace or delete (path, path.old, path.tmp) exists and
-    is not one a save wrote: a user's folder there is refused before any step, never lost."""
-    recover_dir(path, STATE)
-    for folder, marker in ((path, STATE), (path + ".old", STATE), (path + ".tmp", OPTIMIZER)):
-        if problem := not_ours(folder, marker):
-            raise FileError(f"{problem}; move it away or pass another --out")
-    return os.path.isfile(os.path.join(path, STATE))
+def load_optimizer_state(path: str, model, optimizer, rank: int = 0, world: int = 1) -> None:
+    """AdamW's moments and step counts, on any number of processes: rank 0 reads the whole
+    state and each rank takes its share. The hyper-parameters (weight decay, betas) stay the
+    optimizer's own, from the flags, which --allow-changes may have changed."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+
+    def read() -> dict:
+        from safetensors.torch import load_file
+        file, state = os.path.join(path, OPTIMIZER), {}
+        try:
+            flat = load_file(file)
+        except Exception as e:  # missing, truncated: safetensors and OSError have their own types
+            raise FileError(f"{file} cannot be read ({str(e).splitlines()[0][:80]}); resume from "
+                            f"a copy, or start a new run from the weights with --init {path}") from None
+        for key, t in flat.items():
+            name, what = key.rsplit(":", 1)
+            state.setdefault(name, {})[what] = t
+        if set(state) != {n for g in groups for n in g["params"]}:
+            raise FileError(f"{file} does not hold the state of this model's parameters")
+        return state
+
+    state = rank_zero_first(read, rank, world, (FileError,), "read the optimizer state",
+                            others=False) or {}
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True,
+                                                      broadcast_from_rank0=world > 1))
 
 
-def read_training_state(path: str) -> dict:
-    """train_state.json of a checkpoint: the step and the flags of the run that wrote it."""
-    where = os.path.join(path, STATE)
-    state = read_json(where)
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
-        raise FileError(f"{where} is not a training state (no step and config); restore it or "
-                        f"start a new run with another --out")
-    if not fits(state.get("step"), int) or state["step"] < 1:  # a save comes after step 1
-        raise FileError(f"{where}: step {state.get('step')!r} is not a step count (1, 2, ...); "
-                        f"restore the file or start a new run with another --out")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The optimizer state, read without running code. torch.distributed.checkpoint unpickles
-# train_state/.metadata with pickle.load and the non-tensor values (lr, betas, ...) with
-# torch.load(weights_only=False): a crafted checkpoint would run any code on --resume. These
-# two replacements admit only what a saved AdamW state holds.
-
-METADATA_CLASSES = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                    ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),  # Python 3.13+
-                    ("torch.distributed.checkpoint.filesystem", "_StorageInfo")} | {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """pickle.load for train_state/.metadata, admitting only METADATA_CLASSES and dtypes."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in METADATA_CLASSES or \
-                (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f".metadata names {module}.{name}, which no checkpoint "
-                                     f"metadata holds (a file made to run code?); not run")
-
-
-def safe_loaders(path: str):
-    """The storage reader and planner of dcp.load for the folder `path`, reading the metadata
-    with MetadataUnpickler and the plain values with torch.load(weights_only=True)."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    class MetadataReader(FileSystemReader):
-        metadata = None
-
-        def read_metadata(self) -> Metadata:  # no rank=: per-rank metadata is never written
-            if self.metadata is None:  # read once, so that the caller sees its errors first
-                with open_regular(os.path.join(self.path, ".metadata")) as f:
-                    metadata = MetadataUnpickler(f).load()
-                if not isinstance(metadata, Metadata):
-                    raise pickle.UnpicklingError(".metadata holds no checkpoint metadata")
-                for info in (metadata.storage_data or {}).values():  # the shards it names
-                    name = getattr(info, "relative_path", None)
-                    if not (isinstance(name, str) and name == os.path.basename(name) and
-                            os.path.isfile(os.path.join(self.path, name))):  # not a pipe
-                        raise FileError(f"{name!r}, named by .metadata, is not a file there")
-                if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader does
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                self.metadata = metadata
-            return self.metadata
-
-    class PlainValuesPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            try:
-                plain = torch.load(value, weights_only=True)
-            except Exception:
-                raise pickle.UnpicklingError(f"{read_item.dest_index.fqn} is not a plain value "
-                                             f"(a file made to run code?); not run") from None
-            again = io.BytesIO()  # what weights_only admitted, pickled again: harmless to load
-            torch.save(plain, again)
-            again.seek(0)
-            super().load_bytes(read_item, again)
-
-    return MetadataReader(path), PlainValuesPlanner()
-
-
-def load_optimizer_state(path: str, model, optimizer) -> None:
-    """The moments and step counts saved in `path`; the hyper-parameters (weight decay, betas)
-    stay the optimizer's own, from the flags, which --allow-changes may have changed."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import (
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-    where = os.path.join(path, OPTIMIZER)
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    reader, planner = safe_loaders(where)
-    try:
-        reader.read_metadata()  # here, not inside dcp.load, which would hide why it failed
-        with warnings.catch_warnings(), quiet_root_logger():
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=reader, planner=planner,
-                     no_dist=not dist.is_initialized())
-        flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"])
-        for group, own in zip(optimizer.param_groups, flags):
-            group.update(own)
-    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise FileError(f"{where} cannot be read ({reason(e)}); resume from a copy of the "
-                        f"checkpoint, or start a new run from its weights with --init {path} "
-                        f"and another --out") from None
-
-
-@contextlib.contextmanager
-def quiet_root_logger():
-    """torch.distributed.checkpoint logs every failure with its traceback to the root logger;
-    the error that follows says it in one line instead."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def reason(e: BaseException) -> str:
-    """The first line of what went wrong, unwrapped from torch.distributed.checkpoint's
-    CheckpointException (which holds each rank's error)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-    if isinstance(e, CheckpointException) and e.failures:
-        e = next(iter(e.failures.values()))[0]
-    text = str(e).splitlines()[0].split(". ")[0][:160] if str(e) else ""  # its first sentence
-    return f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# log.jsonl: one record a step, written by train.py.
-
-def read_log(path: str) -> list[tuple[int, bytes]]:
-    """log.jsonl's records as (step, line), each checked to be one train.py writes; [] if
-    there is no log. A last line cut off by a kill is dropped. A FileError otherwise: a file
-    that is not ours is never truncated."""
-    if not os.path.lexists(path):
-        return []
-    try:
-        with open_regular(path, "move it away or pass another --out") as f:
+def truncate_log(path: str, step: int) -> None:
+    """Keep log.jsonl's records up to `step` (those after it are about to be redone; a new run
+    keeps none). Every line must be a record train.py wrote, but a last one cut off by a kill:
+    a file that is not its log is a FileError, never truncated."""
+    lines = []
+    if os.path.lexists(path):
+        with open_regular(path, "move it away or pass another output folder") as f:
             lines = f.read().splitlines()
-    except OSError as e:
-        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
-    records = []
+    kept = []
     for number, line in enumerate(lines, 1):
         row, wrong = parse_json_line(line)
         if wrong and wrong.startswith("not JSON") and number == len(lines):
             continue  # the line being written when the run was killed
-        if wrong is None and not (fits(row.get("step"), int) and row["step"] >= 1):
+        if not wrong and not (fits(row.get("step"), int) and row["step"] >= 1):
             wrong = f"not a step record (step {row.get('step')!r})"
         if wrong:
             raise FileError(f"{path} line {number}: {wrong}; it is not a log of train.py: move "
-                            f"it away (a new one is started) or pass another --out")
-        records.append((row["step"], line))
-    return records
-
-
-def truncate_log(path: str, step: int) -> None:
-    """Keep log.jsonl's records up to `step` (those past it are about to be redone). A new
-    run (step 0) starts an empty log."""
-    kept = b"".join(line + b"\n" for s, line in read_log(path) if s <= step)
-    write_atomic(path, lambda f: f.write(kept))
+                            f"it away or pass another output folder")
+        kept += [line] if row["step"] <= step else []
+    write_atomic(path, lambda f: f.write(b"".join(line + b"\n" for line in kept)))

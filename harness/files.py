@@ -2,12 +2,11 @@
 files.py: writing files so that an interruption never leaves a half-written one that looks
 complete, and reading them with one-line errors that name the file.
 
-Harness, not part of the paper. Every writer of the project (checkpoints, token caches, logs,
-evaluation results, pictures) goes through `write_atomic` or `replace_dir`: the bytes go to a
-temporary name in the same folder and are renamed over the target when complete, and a rename
-within one file system is atomic. Files and folders get the user's umask, as any other program's.
-Nothing deletes a folder it did not write. Every JSON reader goes through `read_json`, which
-refuses named pipes instead of blocking on them.
+Harness, not part of the paper. Every writer of the project goes through `write_atomic`: the
+bytes go to a temporary name in the same folder and are renamed over the target when complete,
+and a rename within one file system is atomic. A folder is published the same way, by one
+rename (`publish_dir`). Files and folders get the user's umask, as any other program's. Every
+reader goes through `open_regular`, which refuses named pipes and devices instead of blocking.
 """
 import json
 import os
@@ -31,43 +30,29 @@ def physical_memory() -> int:
 
 def default_mode(folder: bool = False) -> int:
     """The mode open() or mkdir() would give under the user's umask (0644 and 0755 under the
-    usual 022). mkstemp and mkdtemp make private ones (0600, 0700), which a colleague sharing
-    a checkpoint could not read; forcing 0644 instead would publish what a umask of 077 keeps
-    private. os.umask can only be read by setting it, so it is set back at once."""
+    usual 022): mkstemp and mkdtemp make private ones, which a colleague sharing a checkpoint
+    could not read. os.umask can only be read by setting it, so it is set back at once."""
     mask = os.umask(0o022)
     os.umask(mask)
     return (0o777 if folder else 0o666) & ~mask
 
 
-def is_utf8(path: str) -> bool:
-    """Whether a path's bytes are UTF-8: Python keeps other bytes as lone surrogates, and
-    libraries such as safetensors cannot open such a path."""
-    try:
-        path.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def write_atomic(path: str, write: Callable) -> None:
     """write(binary file object) into a temporary file, renamed over `path` when complete."""
-    folder = os.path.dirname(path) or "."
+    folder, tmp = os.path.dirname(path) or ".", None
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise FileError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, default_mode())  # mkstemp makes it private
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder, a path that is a folder
         raise FileError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -90,9 +75,22 @@ def append_line(path: str, obj) -> None:
         raise FileError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-class NotRegularFile(OSError):
-    """A named pipe, a device, a socket or a folder where a file was to be read."""
+def publish_dir(src: str, dst: str) -> bool:
+    """Move a finished folder `src` to `dst` by one rename, unless another process published
+    `dst` first (whoever finishes first wins, the other copy is dropped). True if ours went in."""
+    os.chmod(src, default_mode(folder=True))  # mkdtemp makes it private
+    try:
+        os.rename(src, dst)
+        return True
+    except OSError:
+        if not os.path.isdir(dst):
+            raise
+        shutil.rmtree(src)
+        return False
 
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
 
 def file_kind(mode: int) -> str:
     kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISCHR: "a character device",
@@ -100,10 +98,14 @@ def file_kind(mode: int) -> str:
     return next((kind for test, kind in kinds.items() if test(mode)), "not a file")
 
 
+class NotRegularFile(OSError):
+    """A named pipe, a device, a socket or a folder where a file was to be read."""
+
+
 def open_if_regular(path: str):
-    """`path` opened for binary reading if it is a regular file, else an OSError (NotRegularFile
-    saying what it is). Opening a named pipe waits for a writer forever and a device may never
-    end, so the file is opened without waiting (O_NONBLOCK) and looked at first."""
+    """`path` opened for binary reading if it is a regular file, else an OSError. Opening a
+    named pipe waits for a writer forever, so the file is opened without waiting (O_NONBLOCK)
+    and looked at before anything is read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens at once, unread
     try:
         mode = os.fstat(fd).st_mode
@@ -128,143 +130,57 @@ def open_regular(path: str, advice: str = "put the file itself there"):
         raise FileError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def read_json(path: str, missing_ok: bool = False):
-    """The JSON object in `path`; {} for a missing file if missing_ok, else a FileError."""
-    if missing_ok and not os.path.lexists(path):
-        return {}
-    try:
-        with open_regular(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileError(f"{path} is not valid JSON ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0][:80]}); restore it from a copy") from None
-    except RecursionError:  # json parses nested arrays recursively: "[[[[..." breaks it
-        raise FileError(f"{path} is not valid JSON (nested too deeply); restore it from a "
-                        f"copy") from None
-
-
 def parse_json_line(line: bytes) -> tuple[dict | None, str | None]:
-    """One line of a JSON-lines file: (the object, None), or (None, what is wrong with it)."""
+    """One JSON object: (the object, None), or (None, what is wrong with it)."""
     try:
         row = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
         return None, "not UTF-8 text"
     except json.JSONDecodeError as e:
         return None, f"not JSON ({e.msg})"
-    except RecursionError:  # json recurses once per [ or {
+    except RecursionError:  # json recurses once per [ or {: "[[[[..." breaks it
         return None, "not JSON (nested too deeply)"
-    if not isinstance(row, dict):
-        return None, "not a JSON object"
-    return row, None
+    return (row, None) if isinstance(row, dict) else (None, "not a JSON object")
+
+
+def read_json(path: str, missing_ok: bool = False):
+    """The JSON object in `path`; {} for a missing file if missing_ok, else a FileError."""
+    if missing_ok and not os.path.lexists(path):
+        return {}
+    with open_regular(path) as f:
+        data = f.read()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:  # json recurses once per [ or {
+        why = "nested too deeply"
+    except (UnicodeDecodeError, ValueError) as e:
+        why = f"{e.__class__.__name__}: {str(e).splitlines()[0][:80]}"
+    raise FileError(f"{path} is not valid JSON ({why}); restore it from a copy")
 
 
 def read_jsonl(path: str, hint: str, skip_blank: bool = True,
                check: Callable[[dict], str | None] | None = None) -> list[dict]:
     """Every line of a JSON-lines file, each a JSON object; anything else is a FileError that
     names the file and the line and ends with `hint`, what to pass instead. skip_blank=False
-    refuses blank lines too (readers that would crash on them); check(row) returns what is
-    wrong with a row, or None."""
-    if not os.path.isfile(path):  # also a folder or a named pipe, which would block forever
-        raise FileError(f"{path} does not exist or is not a file; {hint}")
+    refuses blank lines too; check(row) returns what is wrong with a row, or None."""
+    try:
+        with open_if_regular(path) as f:
+            lines = f.read().split(b"\n")
+    except OSError:  # missing, a folder, or a named pipe, which would block forever
+        raise FileError(f"{path} does not exist or is not a file; {hint}") from None
+    if lines and not lines[-1].strip():
+        lines.pop()  # the file's final newline
     rows = []
-    try:
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if skip_blank and not line.strip():
-                    continue
-                row, wrong = parse_json_line(line)
-                if wrong is None and check is not None:
-                    wrong = check(row)
-                if wrong:
-                    raise FileError(f"{path} line {number}: {wrong}; {hint}")
-                rows.append(row)
-    except OSError as e:
-        raise FileError(f"cannot read {path}: {e.strerror or e}") from None
+    for number, line in enumerate(lines, 1):
+        if skip_blank and not line.strip():
+            continue
+        row, wrong = parse_json_line(line)
+        if wrong is None and check is not None:
+            wrong = check(row)
+        if wrong:
+            raise FileError(f"{path} line {number}: {wrong}; {hint}")
+        rows.append(row)
     return rows
-
-
-def replace_dir(src: str, dst: str, marker: str, written: Callable[[str], bool]) -> None:
-    """Move a finished folder `src` into place at `dst`, losing nothing that someone else put
-    in the old one.
-
-    Two renames, so a crash can fall between them: the old folder is first renamed to
-    `dst.old`, then `src` to `dst`. `recover_dir` repairs either half-way state. Then the old
-    folder's entries that `src` lacks and that the writer does not write itself (`written(name)`
-    is False: a user's results folder put inside a checkpoint) move into the new one, and only
-    then is the old folder deleted. `marker` is the entry that makes a folder one of ours:
-    `dst` or `dst.old` without it was not made here and is never touched (a FileError instead).
-    """
-    recover_dir(dst, marker)
-    old = dst + ".old"
-    for path in (dst, old):
-        if problem := not_ours(path, marker):
-            raise FileError(f"{problem}; move it away")
-    retire_dir(old, dst, marker, written)  # left by a swap cut short after its second rename
-    if os.path.lexists(dst):
-        os.replace(dst, old)
-    os.replace(src, dst)
-    retire_dir(old, dst, marker, written)
-
-
-def not_ours(path: str, marker: str) -> str | None:
-    """Why a folder at `path` may not be replaced or deleted; None if it is absent, or a real
-    folder (not a link to one) holding `marker` or nothing at all."""
-    if os.path.islink(path):
-        return (f"{path} is a symbolic link, which a save would replace instead of writing "
-                f"where it points")
-    if os.path.lexists(path) and not (os.path.isdir(path) and (
-            os.path.lexists(os.path.join(path, marker)) or not os.listdir(path))):
-        return f"{path} was not written here (it is not a folder holding {marker})"
-    return None
-
-
-def retire_dir(old: str, dst: str, marker: str, written: Callable[[str], bool]) -> None:
-    """Delete the replaced folder `old` (ours), after moving into `dst` what only it holds."""
-    if not os.path.lexists(old):
-        return
-    for name in os.listdir(old):
-        if name != marker and not written(name) and not os.path.lexists(os.path.join(dst, name)):
-            os.replace(os.path.join(old, name), os.path.join(dst, name))
-    remove_dir(old, marker)
-
-
-def remove_dir(path: str, marker: str) -> None:
-    """Delete a folder of ours, its `marker` last: a kill midway leaves a folder that is still
-    recognisably ours, which the next run deletes instead of refusing it."""
-    for name in [n for n in os.listdir(path) if n != marker] + [marker]:
-        entry = os.path.join(path, name)
-        if os.path.isdir(entry) and not os.path.islink(entry):
-            shutil.rmtree(entry)
-        elif os.path.lexists(entry):
-            os.remove(entry)
-    os.rmdir(path)
-
-
-def recover_dir(dst: str, marker: str) -> None:
-    """After a crash inside replace_dir: if `dst` is gone but `dst.old` (ours) exists, put it
-    back."""
-    old = dst + ".old"
-    if not os.path.lexists(dst) and os.path.lexists(old) and not_ours(old, marker) is None:
-        try:
-            os.replace(old, dst)
-        except FileNotFoundError:  # another process of the run put it back first
-            pass
-
-
-def publish_dir(src: str, dst: str) -> bool:
-    """Move a finished folder `src` to `dst` unless another process published `dst` first
-    (caches: whoever finishes first wins, the other copy is dropped). True if ours went in."""
-    os.chmod(src, default_mode(folder=True))  # mkdtemp makes it private
-    try:
-        os.rename(src, dst)
-        return True
-    except OSError:
-        if not os.path.isdir(dst):
-            raise
-        shutil.rmtree(src)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,6 +102,18 @@ def finite_number(value) -> bool:
     return fits(value, float) and math.isfinite(value)
 
 
+def utf8_path(text: str) -> str:
+    """An argparse type: a path whose bytes are UTF-8. Python keeps other bytes as lone
+    surrogates, and safetensors cannot open such a path: a checkpoint written there would
+    never load."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8, which safetensors cannot "
+                                         f"open; pass another path") from None
+    return text
+
+
 count = number(int, 0, inclusive=False)  # 1, 2, 3, ...
 count0 = number(int, 0, inclusive=True)  # 0, 1, 2, ...
 positive = number(float, 0, inclusive=False)  # a finite number above 0

@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from harness.files import FileError
 from model import num_params
 
 
@@ -49,13 +50,53 @@ def tune_cpu_memory(reuse_freed: bool = False) -> dict:
 
 def fail(message: str, code: int = 2, every_rank: bool = False):
     """A user's mistake or a file problem: one line, no traceback, and an exit code (2 for bad
-    input). Under torchrun every rank usually gets the same answer, so only rank 0 says it;
-    every_rank=True for what happened to one rank alone (a cell it was computing), and a process
-    whose RANK names no other rank's place (a stale one) says it too."""
+    input)."""
+    sys.exit(say_error(message, code, every_rank))
+
+
+def say_error(message: str, code: int, every_rank: bool = False) -> int:
+    """Print `error: message` and return code. Under torchrun every rank usually gets the same
+    answer, so only rank 0 says it; every_rank=True for what happened to one rank alone (a cell
+    it was computing), and a process whose RANK names no other rank's place says it too."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     if every_rank or not (rank.isdigit() and world.isdigit() and 0 < int(rank) < int(world)):
         print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    return code
+
+
+def exit_after(main, leave=os._exit) -> None:
+    """Run a script's main() and leave the process with its exit code: 0, SystemExit's code,
+    2 with one line for a FileError (a disk that filled up mid-run), 130 with one line for a
+    Ctrl-C that nothing else handled, 1 after printing any other exception's traceback. The
+    process leaves without interpreter finalization.
+
+    Why: under torchrun a gloo worker thread can free the last reference to a tensor while
+    Python finalizes; taking the GIL then ends the thread with pthread_exit, whose unwinding
+    through a destructor calls std::terminate, and a run that saved everything exits -6
+    (pytorch/pytorch#190489). By now every file is written and closed; the kernel releases
+    the flock locks with the process. Remove this (call main() directly) once torch joins its
+    process-group threads before finalization."""
+    import traceback
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # sys.exit("message"), as Python does it
+            print(e.code, file=sys.stderr)
+            code = 1
+    except FileError as e:
+        code = say_error(str(e), 2)
+    except KeyboardInterrupt:
+        code = say_error("interrupted; nothing half-written was left: run the same command "
+                         "again to go on", 130)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    leave(code)  # tests pass sys.exit
 
 
 def stop_on_signals() -> dict:
@@ -182,8 +223,13 @@ def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,), what: str =
 
 # ---------------------------------------------------------------------------------------------
 
-def memory_plan(c, seq_len: int, gpu_gib: float = 80.0) -> str:
-    """Per-GPU memory of FSDP training at seq_len tokens per GPU, in GiB, for 1..128 GPUs.
+GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def memory_plan_rows(c, seq_len: int, gpu_gib: float = 80.0) -> list[dict]:
+    """Per-GPU memory of FSDP training at seq_len tokens per GPU, in GiB: one row per GPU count
+    (GPU_COUNTS), the numbers `train.py --memory-plan` prints and tests/test_gpu.py holds a
+    measured step to.
 
     Sharded over N GPUs: float32 weights, float32 gradients and AdamW's two float32 moments
     (16 bytes a parameter). Not sharded: the bf16 copy of the two blocks being gathered, the
@@ -192,24 +238,39 @@ def memory_plan(c, seq_len: int, gpu_gib: float = 80.0) -> str:
     of the masked positions (at most all L) and one chunk of float32 logits with its gradient.
     """
     gib = 2**30
-    P = num_params(c)
     L, d, m, V = seq_len, c.d_model, c.mlp_hidden_size, c.embedding_size
     block_params = 4 * d * d + 3 * d * m
     gathered = 2 * (2 * block_params + V * d) / gib
-    saved_inputs = 2 * L * d * c.n_layers / gib
     # One block in backward: norms, q k v (and float32 rotated copies), attention output,
     # projections, and the four SwiGLU tensors, about 12 d + 4 m bf16 values per token.
     block_acts = 2 * L * (12 * d + 4 * m) / gib
+    activations = 2 * L * d * c.n_layers / gib + block_acts
     loss = (2 * L * d + 2 * 4 * 4096 * V) / gib
-    rows = [f"Per-GPU memory for {c.n_layers} layers x d_model {d} ({P / 1e9:.2f}B parameters) at "
-            f"{L:,} tokens per GPU, FSDP + bf16 mixed precision + activation checkpointing:",
-            "", "| GPUs | weights+grads+AdamW (sharded) | gathered bf16 weights | activations | loss | "
-            f"total | fits {gpu_gib:.0f} GB? |", "|---:|---:|---:|---:|---:|---:|---|"]
-    for n in (1, 2, 4, 8, 16, 32, 64, 128):
-        sharded = 16 * P / n / gib
-        total = sharded + gathered + saved_inputs + block_acts + loss
-        rows.append(f"| {n} | {sharded:.1f} | {gathered:.1f} | {saved_inputs + block_acts:.1f} | "
-                    f"{loss:.1f} | {total:.1f} | {'yes' if total < 0.9 * gpu_gib else 'no'} |")
-    rows.append("\n(without activation checkpointing every block keeps its activations: "
-                f"{c.n_layers * block_acts:.0f} GiB more)")
-    return "\n".join(rows)
+    rows = []
+    for n in GPU_COUNTS:
+        sharded = 16 * num_params(c) / n / gib
+        total = sharded + gathered + activations + loss
+        rows.append({"gpus": n, "sharded": sharded, "gathered": gathered,
+                     "activations": activations, "loss": loss, "total": total,
+                     "fits": total < 0.9 * gpu_gib,  # room for the allocator and CUDA's own
+                     "more_without_checkpointing": c.n_layers * block_acts})
+    return rows
+
+
+def memory_plan_text(c, seq_len: int, gpu_gib: float = 80.0) -> str:
+    """memory_plan as the table `train.py --memory-plan` prints."""
+    rows = memory_plan_rows(c, seq_len, gpu_gib)
+    lines = [f"Per-GPU memory for {c.n_layers} layers x d_model {c.d_model} "
+             f"({num_params(c) / 1e9:.2f}B parameters) at {seq_len:,} tokens per GPU, FSDP + "
+             f"bf16 mixed precision + activation checkpointing:", "",
+             "| GPUs | weights+grads+AdamW (sharded) | gathered bf16 weights | activations | loss | "
+             f"total | fits {gpu_gib:.0f} GB? |", "|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['gpus']} | {r['sharded']:.1f} | {r['gathered']:.1f} | {r['activations']:.1f} "
+              f"| {r['loss']:.1f} | {r['total']:.1f} | {'yes' if r['fits'] else 'no'} |"
+              for r in rows]
+    lines.append("\n(without activation checkpointing every block keeps its activations: "
+                 f"{rows[0]['more_without_checkpointing']:.0f} GiB more)")
+    return "\n".join(lines)
+
+
+memory_plan = memory_plan_text  # TRANSITION: train.py's old name, until it calls memory_plan_text

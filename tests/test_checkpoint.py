@@ -1,7 +1,8 @@
 """Tests for checkpoint.py: the official Hugging Face layout round-trips, an official
-directory loads, damaged ones fail with one line, config.json is checked field by field, saves
-are atomic and follow the umask, what every RoPE method saves gives the official modeling code
-the same logits (all but position interpolation), and reading an optimizer state runs no code."""
+directory loads, damaged ones fail with one line, config.json is checked field by field where
+it is read, a save is published by renames that a kill cannot break and follows the umask,
+what every RoPE method saves gives the official modeling code the same logits (all but
+position interpolation), and the optimizer state round-trips in safetensors."""
 import json
 import os
 
@@ -11,13 +12,12 @@ from safetensors.torch import load_file, save_file
 from test_model import ids, reference_logits, small_config
 
 import train
-from harness.checkpoint import (CheckpointError, from_pretrained, load_optimizer_state,
+from harness.checkpoint import (CheckpointError, from_pretrained, load_optimizer_state, publish,
                                 read_config, record_remote_code, save_pretrained,
                                 save_training_checkpoint)
 from harness.files import FileError
 from model import LLaDA
 from rope import METHODS, scale_rope
-from tiny import plant_code
 
 
 @pytest.fixture
@@ -95,18 +95,18 @@ def test_clear_errors(tmp_path, net):
     sd = dict(net.state_dict())
     del sd["model.transformer.blocks.1.up_proj.weight"]
     save_pretrained(str(tmp_path / "missing"), net.config, sd)
-    with pytest.raises(CheckpointError, match=r"missing tensor: model\.transformer\.blocks\.1\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r'Missing key.*"model\.transformer\.blocks\.1\.up_proj\.weight"'):
         from_pretrained(str(tmp_path / "missing"))
 
     sd = dict(net.state_dict())
     sd["model.transformer.ln_f.weight"] = torch.ones(65)
     save_pretrained(str(tmp_path / "shape"), net.config, sd)
-    with pytest.raises(CheckpointError, match=r"ln_f\.weight is \(65,\), expected \(64,\)"):
+    with pytest.raises(CheckpointError, match=r"size mismatch for model\.transformer\.ln_f\.weight"):
         from_pretrained(str(tmp_path / "shape"))
 
     sd = {**net.state_dict(), "model.transformer.extra.weight": torch.ones(2)}
     save_pretrained(str(tmp_path / "extra"), net.config, sd)
-    with pytest.raises(CheckpointError, match="unexpected tensor: model.transformer.extra.weight"):
+    with pytest.raises(CheckpointError, match=r'Unexpected key.*"model\.transformer\.extra\.weight"'):
         from_pretrained(str(tmp_path / "extra"))
 
     save_pretrained(str(tmp_path / "sharded"), net.config, net.state_dict(), max_shard_bytes=200_000)
@@ -217,7 +217,6 @@ def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
     ({"rms_norm_eps": 0}, "rms_norm_eps is 0, it must be a finite number above 0"),
     ({"rope_scaling": "abc"}, 'rope_scaling is "abc", it must be an object or null'),
     ({"rope_scaling": {"position_scale": 0}}, "rope_scaling.position_scale is 0"),
-    ({"rope_scaling": {"position_scale": 1.5}}, "rope_scaling.position_scale is 1.5"),
     ({"rope_scaling": {"original_rope_theta": float("inf")}}, "original_rope_theta is Infinity"),
     ({"mask_token_id": "299"}, 'mask_token_id is "299", it must be a whole number'),
     ({"mask_token_id": 320}, "mask_token_id 320 has no embedding (embedding_size 320)"),
@@ -239,9 +238,8 @@ def test_non_float_weights_are_refused_instead_of_cast(tmp_path, net):
     file = tmp_path / "ckpt" / "model.safetensors"
     state = {k: (v * 1000).to(torch.int64) for k, v in load_file(file).items()}
     save_file(state, file, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="holds int64, not floating-point weights") as e:
+    with pytest.raises(CheckpointError, match="int64, not floating-point weights"):
         from_pretrained(str(tmp_path / "ckpt"))
-    assert "missing tensor" not in str(e.value) and "(and " in str(e.value)  # 5 shown, not all
 
 
 @pytest.mark.parametrize("mask, file_mode, folder_mode", [(0o022, 0o644, 0o755),
@@ -259,33 +257,52 @@ def test_a_checkpoint_is_readable_as_the_umask_says(tmp_path, net, mask, file_mo
     assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == folder_mode
 
 
-def optimizer_checkpoint(path):
-    """A training checkpoint of a small model after one AdamW step; the model and optimizer."""
+def test_the_optimizer_state_round_trips_in_safetensors(tmp_path):
+    """AdamW's moments and step counts come back exactly, into an optimizer whose flags may
+    differ; a file that holds another model's parameters is one line."""
     torch.manual_seed(0)
     model = LLaDA(small_config())
     opt = train.make_optimizer(model, train.TrainConfig(), 1e-3)
-    model.head(model(ids())).sum().backward()
-    opt.step()
-    save_training_checkpoint(str(path), model, opt, 1, {}, {}, rank=0, world=1)
-    return model, opt
+    for _ in range(2):
+        model.head(model(ids())).sum().backward()
+        opt.step()
+    save_training_checkpoint(str(tmp_path / "ckpt"), model, opt, 2, {}, {}, rank=0, world=1)
+    loaded = from_pretrained(str(tmp_path / "ckpt"))
+    again = train.make_optimizer(loaded, train.TrainConfig(weight_decay=0.5), 5e-4)
+    load_optimizer_state(str(tmp_path / "ckpt"), loaded, again)
+    for p, q in zip(model.parameters(), loaded.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], again.state[q][key]), key
+    assert again.param_groups[0]["weight_decay"] == 0.5  # the flags', not the saved ones
+    other = LLaDA(small_config(n_layers=1))
+    with pytest.raises(FileError, match="does not hold the state of this model's parameters"):
+        load_optimizer_state(str(tmp_path / "ckpt"), other, train.make_optimizer(
+            other, train.TrainConfig(), 1e-3))
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-@pytest.mark.parametrize("vector", ["metadata", "plain-value"])
-def test_reading_an_optimizer_state_runs_no_code_from_it(tmp_path, vector):
-    model, opt = optimizer_checkpoint(tmp_path / "ckpt")
-    state = tmp_path / "ckpt" / "train_state"
-    load_optimizer_state(str(tmp_path / "ckpt"), model, opt)  # the real one loads
-    marker = tmp_path / "ran"
-    # pickle.load in FileSystemReader.read_metadata, or torch.load(weights_only=False) of a
-    # non-tensor value in DefaultLoadPlanner
-    plant_code(state, vector, marker, model, opt)
-    with pytest.raises(FileError) as e:
-        load_optimizer_state(str(tmp_path / "ckpt"), model, opt)
-    assert not marker.exists()
-    assert "train_state cannot be read" in str(e.value) and "not run" in str(e.value)
-    assert "posix.system" in str(e.value) if vector == "metadata" else \
-        "optimizer.param_groups.1.lr is not a plain value" in str(e.value)
+def folder(path, **files):
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_publish_keeps_what_a_user_put_in_the_old_folder_and_a_kill_loses_nothing(tmp_path):
+    ckpt = folder(tmp_path / "ckpt", **{"model.safetensors": "old", "notes.txt": "mine"})
+    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "new"})), str(ckpt))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert {n: (ckpt / n).read_text() for n in os.listdir(ckpt)} == {
+        "model.safetensors": "new", "notes.txt": "mine"}
+    # killed between the two renames: only ckpt.old; the next publish puts it back first
+    os.replace(ckpt, tmp_path / "ckpt.old")
+    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "newer"})), str(ckpt))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"] and (ckpt / "notes.txt").read_text() == "mine"
+    # killed after them: the old folder beside the new one still gives it what only it holds
+    folder(tmp_path / "ckpt.old", **{"model.safetensors": "older", "evals.json": "{}"})
+    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "newest"})), str(ckpt))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(ckpt)) == ["evals.json", "model.safetensors", "notes.txt"]
+    assert (ckpt / "model.safetensors").read_text() == "newest"
 
 
 def test_names_in_an_index_or_auto_map_never_reach_outside_the_folder(tmp_path, net):

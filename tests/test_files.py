@@ -1,14 +1,12 @@
 """Tests for harness/files.py: folder publishing (the first finished copy wins, the loser is
-dropped), the swap of a finished folder that loses nothing it did not write, permissions that
-follow the umask, and the readers' one-line errors (pipes, deep nesting) that never block."""
+dropped), permissions that follow the umask, and the readers' one-line errors (pipes, deep
+nesting) that never block."""
 import os
-import shutil
 from contextlib import contextmanager
 
 import pytest
 
-from harness.files import (FileError, parse_json_line, publish_dir, read_json, read_jsonl,
-                           remove_dir, replace_dir, write_json)
+from harness.files import FileError, parse_json_line, publish_dir, read_json, read_jsonl, write_json
 
 
 @contextmanager
@@ -92,72 +90,3 @@ def test_read_json_refuses_pipes_folders_and_deep_nesting_in_one_line(tmp_path):
         assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
     assert read_json(str(tmp_path / "missing.json"), missing_ok=True) == {}
     assert parse_json_line(b"[" * 100_000) == (None, "not JSON (nested too deeply)")
-
-
-def checkpoint_folder(path, weights: str, marker=True, extra=()):
-    """A folder as a save leaves it: its weights file, its marker, and `extra` entries."""
-    path.mkdir()
-    (path / weights).write_text(weights)
-    if marker:
-        (path / "state.json").write_text("{}")
-    for name in extra:
-        (path / name).mkdir()
-        (path / name / "cell.json").write_text(name)
-    return path
-
-
-WRITTEN = {"state.json", "model.safetensors", "model-00001-of-00002.safetensors"}.__contains__
-
-
-def test_replace_dir_carries_what_the_writer_did_not_write_into_the_new_folder(tmp_path):
-    dst = checkpoint_folder(tmp_path / "ckpt", "model-00001-of-00002.safetensors",
-                            extra=["evals"])  # a user's results, put there between two saves
-    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
-    replace_dir(str(new), str(dst), "state.json", WRITTEN)
-    assert sorted(os.listdir(dst)) == ["evals", "model.safetensors", "state.json"]
-    assert (dst / "evals" / "cell.json").read_text() == "evals"
-    assert (dst / "model.safetensors").read_text() == "model.safetensors"  # the new one
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # the old folder is gone, new moved in
-
-
-def test_replace_dir_finishes_a_swap_cut_short_and_keeps_what_only_the_old_folder_holds(tmp_path):
-    # killed after its second rename: the new checkpoint is in place, the old one beside it
-    dst = checkpoint_folder(tmp_path / "ckpt", "model.safetensors")
-    checkpoint_folder(tmp_path / "ckpt.old", "model.safetensors", extra=["evals"])
-    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
-    replace_dir(str(new), str(dst), "state.json", WRITTEN)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-    assert (dst / "evals" / "cell.json").read_text() == "evals"
-
-
-@pytest.mark.parametrize("what", ["dst-not-ours", "old-not-ours", "dst-link", "dst-file"])
-def test_replace_dir_never_touches_a_folder_it_did_not_write(tmp_path, what):
-    dst, old = tmp_path / "ckpt", tmp_path / "ckpt.old"
-    if what == "dst-not-ours":
-        checkpoint_folder(dst, "notes.txt", marker=False)
-    elif what == "old-not-ours":
-        checkpoint_folder(dst, "model.safetensors")
-        checkpoint_folder(old, "precious.txt", marker=False)
-    elif what == "dst-link":
-        os.symlink(checkpoint_folder(tmp_path / "elsewhere", "model.safetensors"), dst)
-    else:
-        dst.write_text("a file")
-    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
-    new = checkpoint_folder(tmp_path / "new", "model.safetensors")
-    with pytest.raises(FileError, match="move it away"):
-        replace_dir(str(new), str(dst), "state.json", WRITTEN)
-    assert {p: p.read_bytes() for p in before} == before
-    assert what != "dst-link" or os.path.islink(dst)
-
-
-def test_remove_dir_deletes_the_marker_last_so_a_killed_delete_stays_recognisable(
-        tmp_path, monkeypatch):
-    folder = checkpoint_folder(tmp_path / "ckpt.old", "model.safetensors", extra=["a", "b"])
-    deleted = []
-    for module, name in ((shutil, "rmtree"), (os, "remove")):
-        real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda path, *a, real=real, **k:
-                            (deleted.append(os.path.basename(path)), real(path, *a, **k)))
-    remove_dir(str(folder), "state.json")
-    assert sorted(deleted) == ["a", "b", "model.safetensors", "state.json"]
-    assert deleted[-1] == "state.json" and not folder.exists()

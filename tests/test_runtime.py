@@ -1,6 +1,6 @@
 """Tests for runtime.py: the CPU memory settings are explicit (nothing happens on import) and
-do what they say, and a second interrupt exits at once. torchrun's environment and the
-rendezvous message are tested as a user meets them, at the end."""
+do what they say, a second interrupt exits at once, a script leaves with its own exit code on
+every path (exit_after), and torchrun's environment and rendezvous are said in one line."""
 import ctypes
 import os
 import subprocess
@@ -78,6 +78,32 @@ def test_a_second_interrupt_exits_at_once_without_waiting_for_the_step():
     assert r.returncode == 130
     assert r.stdout.split() == ["asked", "True"]
     assert r.stderr.strip() == "second interrupt: exiting without saving"
+
+
+EXITS = {  # what main() does -> exit code, what stderr ends with
+    "returns": ("pass", 0, ""),
+    "exits": ("sys.exit(3)", 3, ""),
+    "fails": ("fail('bad --x')", 2, "error: bad --x"),
+    "disk full": ("raise FileError('cannot write x: No space left on device')", 2,
+                  "error: cannot write x: No space left on device"),
+    "interrupted": ("raise KeyboardInterrupt", 130, "error: interrupted"),
+    "bug": ("1 / 0", 1, "ZeroDivisionError: division by zero"),
+}
+
+
+@pytest.mark.parametrize("case", EXITS)
+def test_a_script_leaves_with_its_own_code_after_its_output_is_flushed(case):
+    body, code, said = EXITS[case]
+    program = ("import sys\nfrom harness.files import FileError\n"
+               "from harness.runtime import exit_after, fail\n"
+               f"def main():\n    print('output', end='')\n    {body}\nexit_after(main)\n"
+               "print('finalized')")
+    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (code, "output")  # flushed, and nothing ran after it
+    last = (r.stderr.strip().splitlines() or [""])[-1]
+    assert last.startswith(said) and (said or not r.stderr), r.stderr
+    assert ("Traceback" in r.stderr) == (case == "bug")
 
 
 def train_flags(books, cache, out, *extra):

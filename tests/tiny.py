@@ -1,9 +1,7 @@
 """What many tests build for themselves, written once: the one-layer cl100k model that stands
-in for a checkpoint, a folder of synthetic books that stands in for a corpus, and an optimizer
-state crafted to run code when it is read."""
+in for a checkpoint, a folder of synthetic books that stands in for a corpus, and a pickle
+crafted to run code when it is read."""
 import os
-import pickle
-import shutil
 
 import torch
 
@@ -45,20 +43,3 @@ class Plant:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def plant_code(state, vector: str, marker, model=None, opt=None) -> None:
-    """Rewrite the optimizer state saved in folder `state` so that reading it would run `touch
-    marker`, by either way torch.distributed.checkpoint unpickles: its .metadata ("metadata",
-    pickle.load) or one non-tensor value of the optimizer ("plain-value", torch.load with
-    weights_only=False; the state of `model` and `opt` saved again with one value replaced)."""
-    if vector == "metadata":
-        with open(os.path.join(state, ".metadata"), "wb") as f:
-            pickle.dump(Plant(marker), f)
-        return
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    sd = get_optimizer_state_dict(model, opt)
-    sd["param_groups"][1]["lr"] = Plant(marker)
-    shutil.rmtree(state)
-    dcp.save({"optimizer": sd}, checkpoint_id=str(state), no_dist=True)

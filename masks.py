@@ -40,17 +40,14 @@ STRATEGIES = {
 
 
 def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown mask strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    assert strategy in STRATEGIES, f"unknown mask strategy {strategy!r}; one of {list(STRATEGIES)}"
 
 
 def uses_separator(strategy: str) -> bool:
-    check_strategy(strategy)
-    return STRATEGIES[strategy][0]
+    return STRATEGIES[strategy][0]  # a KeyError names an unknown strategy
 
 
 def isolates_documents(strategy: str) -> bool:
-    check_strategy(strategy)
     return STRATEGIES[strategy][1]
 
 
@@ -81,13 +78,11 @@ def pack_sequence(tokens: np.ndarray, doc_offsets: np.ndarray, index: int, seq_l
     Random access, so any rank can build any sequence without reading the ones before it.
     """
     separator = uses_separator(strategy)
-    if separator and eod_id is None:
-        raise ValueError("the eod strategy needs eod_id, the end-of-document token")
+    assert eod_id is not None or not separator, "the eod strategy needs eod_id, the separator"
     bounds = stream_bounds(doc_offsets, separator)
     start, end = index * seq_len, (index + 1) * seq_len
-    if index < 0 or end > bounds[-1]:
-        raise IndexError(f"packed sequence {index} is out of range "
-                         f"({int(bounds[-1]) // seq_len} sequences of {seq_len} tokens)")
+    assert 0 <= index and end <= bounds[-1], f"packed sequence {index} is out of range " \
+        f"({int(bounds[-1]) // seq_len} sequences of {seq_len} tokens)"
     out = np.empty(seq_len, dtype=np.int64)
     doc_lens = []
     j = int(np.searchsorted(bounds, start, side="right")) - 1  # document holding `start`
@@ -109,19 +104,7 @@ def pack_sequence(tokens: np.ndarray, doc_offsets: np.ndarray, index: int, seq_l
 
 
 # ---------------------------------------------------------------------------------------------
-# The layout, checked and converted in one place.
-
-def check_doc_lens(doc_lens: list[list[int]], batch: int, seq_len: int) -> None:
-    """One-line errors for layouts that cannot describe a (batch, seq_len) input."""
-    if len(doc_lens) != batch:
-        raise ValueError(f"doc_lens describes {len(doc_lens)} sequences but the batch has {batch}")
-    for b, lens in enumerate(doc_lens):
-        if any(n <= 0 for n in lens):
-            raise ValueError(f"sequence {b} has a document of length <= 0: {list(lens)}")
-        if sum(lens) != seq_len:
-            raise ValueError(f"document lengths of sequence {b} sum to {sum(lens)}, "
-                             f"not the sequence length {seq_len}")
-
+# The layout, converted in one place.
 
 def doc_ids(doc_lens: list[list[int]]) -> torch.Tensor:
     """(B, L) index of the document each token belongs to."""
@@ -131,16 +114,14 @@ def doc_ids(doc_lens: list[list[int]]) -> torch.Tensor:
 
 def document_positions(doc_lens: list[list[int]]) -> torch.Tensor:
     """(B, L) positions restarting at 0 at the start of every document."""
-    rows = [torch.cat([torch.arange(n) for n in lens]) for lens in doc_lens]
-    return torch.stack(rows)
+    return torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in doc_lens])
 
 
 def allowed(doc_lens: list[int], strategy: str) -> torch.Tensor:
     """(L, L) bool: may query i attend to key j. For tests and pictures of small examples only."""
     ids = doc_ids([doc_lens])[0]
-    if isolates_documents(strategy):
-        return ids[:, None] == ids[None, :]
-    return torch.ones(len(ids), len(ids), dtype=torch.bool)
+    same = ids[:, None] == ids[None, :]
+    return same if isolates_documents(strategy) else torch.ones_like(same)
 
 
 @dataclass
@@ -156,20 +137,18 @@ class AttentionPlan:
     uniform: int = 0  # every document has this length: attention on a (B * L / n, n) view
     starts: torch.Tensor | None = None  # (n_docs,) where each document starts in the flat batch
     lens: torch.Tensor | None = None  # (n_docs,) their lengths
-    bucket_growth: float = 1.25
 
     def sdpa_buckets(self) -> tuple[list, torch.Tensor]:
         """The padded batches of SDPA, built on first use and then shared by every layer; a
         flash-attn run never needs them."""
         if self.buckets is None:
-            self.buckets, self.inverse = document_buckets(self.starts, self.lens, self.bucket_growth,
+            self.buckets, self.inverse = document_buckets(self.starts, self.lens,
                                                           self.cu_seqlens.device)
         return self.buckets, self.inverse
 
 
 def attention_plan(doc_lens: list[list[int]] | None, batch: int, seq_len: int,
-                   device: torch.device, query_len: int | None = None,
-                   bucket_growth: float = 1.25) -> AttentionPlan | None:
+                   device: torch.device, query_len: int | None = None) -> AttentionPlan | None:
     """Convert `doc_lens` into what the kernels need. None means full attention.
 
     query_len < seq_len is cached decoding: the queries are the last query_len keys and must all
@@ -177,27 +156,27 @@ def attention_plan(doc_lens: list[list[int]] | None, batch: int, seq_len: int,
     """
     if doc_lens is None:
         return None
-    check_doc_lens(doc_lens, batch, seq_len)
+    assert len(doc_lens) == batch and all(sum(lens) == seq_len and min(lens) > 0
+                                          for lens in doc_lens), \
+        f"doc_lens must give {batch} rows of positive lengths summing to {seq_len}, got {doc_lens}"
     if query_len is not None and query_len != seq_len:
-        if any(lens[-1] < query_len for lens in doc_lens):
-            raise ValueError("cached decoding needs every query inside the last document")
+        assert all(lens[-1] >= query_len for lens in doc_lens), \
+            f"cached decoding needs all {query_len} queries inside the last document: {doc_lens}"
         if all(len(lens) == 1 for lens in doc_lens):
             return None
         first_key = torch.tensor([seq_len - lens[-1] for lens in doc_lens], device=device)
         key_mask = torch.arange(seq_len, device=device)[None, :] >= first_key[:, None]
         return AttentionPlan("suffix", key_mask=key_mask[:, None, None, :])
     lens = torch.tensor([n for row in doc_lens for n in row], dtype=torch.int64)
-    starts = torch.cumsum(lens, 0) - lens  # offsets in the flattened (B * L) batch
-    plan = AttentionPlan("documents", max_len=int(lens.max()))
-    plan.cu_seqlens = F.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32).to(device)
-    if bool((lens == lens[0]).all()):  # equal documents (a long book's chunks): a plain reshape
-        plan.uniform = int(lens[0])
-    plan.starts, plan.lens, plan.bucket_growth = starts, lens, bucket_growth
-    return plan
+    ends = torch.cumsum(lens, 0)  # offsets in the flattened (B * L) batch
+    # equal documents (a long book's chunks) need no buckets: a plain reshape
+    uniform = int(lens[0]) if bool((lens == lens[0]).all()) else 0
+    return AttentionPlan("documents", cu_seqlens=F.pad(ends, (1, 0)).to(torch.int32).to(device),
+                         max_len=int(lens.max()), uniform=uniform, starts=ends - lens, lens=lens)
 
 
-def document_buckets(starts: torch.Tensor, lens: torch.Tensor, growth: float,
-                     device: torch.device) -> tuple[list, torch.Tensor]:
+def document_buckets(starts: torch.Tensor, lens: torch.Tensor, device: torch.device,
+                     growth: float = 1.25) -> tuple[list, torch.Tensor]:
     """Group documents of similar length into padded batches.
 
     One kernel call per document is slow with a thousand short documents; one call over a batch
@@ -329,11 +308,8 @@ def plot_strategies(path: str, doc_lens=(5, 3, 6, 2), eod_id_label: str = "EOD")
                 ax.text(e - 1, -1.2, eod_id_label, ha="center", fontsize=7, rotation=90, color="#c0392b")
                 ax.add_patch(plt.Rectangle((e - 1.5, -0.5), 1, len(ids), color="#c0392b",
                                            alpha=0.35, lw=0))
-        ax.set_title(f"{strategy}", pad=26)
-        ax.set_xlabel("key position")
-        ax.set_ylabel("query position")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_title(strategy, pad=26)
+        ax.set(xlabel="key position", ylabel="query position", xticks=[], yticks=[])
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#2a9d8f", "#f4a261", "#f4f4f4")]
     handles.append(plt.Rectangle((0, 0), 1, 1, color="#c0392b", alpha=0.35, lw=0))
     fig.legend(handles, ["same document", "other document (cross-document attention)", "blocked",
@@ -380,9 +356,8 @@ def main(argv=None):
         return
     # eod adds a separator to every document, and the picture has a cell per pair
     if sum(args.doc_lens) + len(args.doc_lens) > MAX_PLOT_TOKENS:
-        p.error(f"--plot draws a cell per query-key pair, and --doc-lens sum to "
-                f"{sum(args.doc_lens)} tokens (at most {MAX_PLOT_TOKENS} with a separator per "
-                f"document can be seen); pass shorter ones, or leave out --plot")
+        p.error(f"--plot draws a cell per query-key pair, and --doc-lens sum to {sum(args.doc_lens)} "
+                f"tokens (at most {MAX_PLOT_TOKENS} with their separators); pass shorter ones")
     if not os.path.splitext(args.out)[1] or os.path.isdir(args.out):
         # without an extension matplotlib would append .png: --out /tmp would write /tmp.png
         p.error(f"--out {args.out!r} is not a picture's file name; pass one such as docs/masks.png")

@@ -68,14 +68,18 @@ def test_eod_separator_exactly_at_document_ends():
     assert list(np.flatnonzero(packed == EOD)) == expected
 
 
-def test_pack_sequence_errors():
+def test_preconditions_are_assertions_that_name_the_values():
     tokens, offsets, _ = make_corpus([10, 10])
-    with pytest.raises(IndexError, match="out of range"):
+    with pytest.raises(AssertionError, match=r"packed sequence 3 is out of range \(2 sequences"):
         pack_sequence(tokens, offsets, 3, 8, "concat")
-    with pytest.raises(ValueError, match="needs eod_id"):
+    with pytest.raises(AssertionError, match="needs eod_id"):
         pack_sequence(tokens, offsets, 0, 8, "eod")
-    with pytest.raises(ValueError, match="unknown mask strategy 'causal'"):
+    with pytest.raises(AssertionError, match="unknown mask strategy 'causal'"):
         check_strategy("causal")
+    for doc_lens in ([[3, 4]], [[8, 0]], [[8], [8]]):  # sums to 7; an empty document; 2 rows
+        with pytest.raises(AssertionError, match=r"doc_lens must give 1 rows of positive lengths "
+                                                 r"summing to 8, got \["):
+            attention_plan(doc_lens, 1, 8, torch.device("cpu"))
 
 
 def test_layout_conversions():
@@ -84,14 +88,6 @@ def test_layout_conversions():
     a = allowed([2, 1], "adaptive")
     assert a.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
     assert allowed([2, 1], "eod").all() and allowed([2, 1], "concat").all()
-
-
-@pytest.mark.parametrize("doc_lens,msg", [([[3, 4]], "sum to 7, not the sequence length 8"),
-                                          ([[8, 0]], "length <= 0"),
-                                          ([[8], [8]], "describes 2 sequences")])
-def test_bad_layouts_are_one_line_errors(doc_lens, msg):
-    with pytest.raises(ValueError, match=msg):
-        attention_plan(doc_lens, 1, 8, torch.device("cpu"))
 
 
 def dense_reference(q, k, v, doc_lens):
@@ -133,7 +129,7 @@ def test_suffix_plan_matches_full_attention_for_the_last_document():
     plan = attention_plan(doc_lens, B, L, torch.device("cpu"), query_len=Lq)
     part = attention(q[:, -Lq:], k, v, plan)
     assert torch.allclose(part, full[:, -Lq:], atol=1e-6)
-    with pytest.raises(ValueError, match="inside the last document"):
+    with pytest.raises(AssertionError, match="all 12 queries inside the last document"):
         attention_plan([[10, 10]], 1, 20, torch.device("cpu"), query_len=12)
 
 
@@ -212,16 +208,15 @@ def test_plot_draws_a_picture(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-@pytest.mark.parametrize("device, dtype, flash_installed, expected", [
-    ("cuda", torch.bfloat16, True, "flash"), ("cuda", torch.float16, True, "flash"),
-    ("cuda", torch.float32, True, "sdpa"),  # flash-attn has no float32 kernels
-    ("cuda", torch.bfloat16, False, "sdpa"), ("cpu", torch.bfloat16, True, "sdpa"),
-    ("cpu", torch.float32, False, "sdpa"),
-])
-def test_the_kernel_is_chosen_from_device_dtype_and_availability(monkeypatch, device, dtype,
-                                                                  flash_installed, expected):
-    monkeypatch.setattr(masks, "flash_attn_available", lambda: flash_installed)
-    assert masks.attention_kernel(torch.device(device), dtype) == expected
+def test_the_kernel_is_chosen_from_device_dtype_and_availability(monkeypatch):
+    for device, dtype, flash_installed, expected in [
+        ("cuda", torch.bfloat16, True, "flash"), ("cuda", torch.float16, True, "flash"),
+        ("cuda", torch.float32, True, "sdpa"),  # flash-attn has no float32 kernels
+        ("cuda", torch.bfloat16, False, "sdpa"), ("cpu", torch.bfloat16, True, "sdpa"),
+        ("cpu", torch.float32, False, "sdpa"),
+    ]:
+        monkeypatch.setattr(masks, "flash_attn_available", lambda: flash_installed)
+        assert masks.attention_kernel(torch.device(device), dtype) == expected
 
 
 def test_an_adaptive_plan_does_not_depend_on_flash_and_serves_sdpa_in_float32(monkeypatch):
@@ -241,10 +236,10 @@ def test_an_adaptive_plan_does_not_depend_on_flash_and_serves_sdpa_in_float32(mo
     assert torch.allclose(out, masks.sdpa(q, k, v, mask), atol=1e-6)
 
 
-@pytest.mark.parametrize("doc_lens", [[5, 3, 6, 2], [1], [7, 1, 1, 30]])
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_pairs_are_counted_as_the_mask_would_count_them(doc_lens, strategy):
-    assert masks.pairs_computed(doc_lens, strategy) == int(allowed(doc_lens, strategy).sum())
+def test_pairs_are_counted_as_the_mask_would_count_them():
+    for doc_lens in ([5, 3, 6, 2], [1], [7, 1, 1, 30]):
+        for strategy in STRATEGIES:
+            assert masks.pairs_computed(doc_lens, strategy) == int(allowed(doc_lens, strategy).sum())
 
 
 def test_cli_counts_pairs_of_any_length_without_building_a_mask(capsys, monkeypatch):
@@ -276,13 +271,12 @@ def test_plot_refuses_what_it_cannot_draw_and_writes_nothing(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["folder"] and not os.listdir(tmp_path / "folder")
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["masks.py", "--plot", "--out", "/proc/ultrallada/masks.png"], "cannot write /proc/ultrallada"),
-    (["masks.py", "--plot", "--out", "/tmp"], "--out '/tmp' is not a picture's file name"),
-    (["masks.py", "--plot", "--doc-lens", "100000", "100000"], "--doc-lens sum to 200000 tokens"),
-    (["masks.py", "--doc-lens", "0"], "--doc-lens must all be positive"),
-])
-def test_masks_cli_answers_bad_input_in_one_line(args, fragment):
-    r = script(*args)
-    one_line_error(r, fragment)
-    assert "usage:" not in r.stderr and r.stdout == ""
+def test_masks_cli_answers_bad_input_in_one_line():
+    for args, fragment in [
+        (["--plot", "--out", "/proc/ultrallada/masks.png"], "cannot write /proc/ultrallada"),
+        (["--plot", "--doc-lens", "100000", "100000"], "--doc-lens sum to 200000 tokens"),
+        (["--doc-lens", "0"], "--doc-lens must all be positive"),
+    ]:
+        r = script("masks.py", *args)
+        one_line_error(r, fragment)
+        assert "usage:" not in r.stderr and r.stdout == ""

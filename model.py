@@ -101,10 +101,8 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> LLaDAConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[name]  # a copy of it: callers may edit the copy's extra keys
-    return replace(base, extra=dict(base.extra), **overrides)
+    """A copy of PRESETS[name] with `overrides`; callers may edit the copy's extra keys."""
+    return replace(PRESETS[name], extra=dict(PRESETS[name].extra), **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +121,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+@dataclass
 class PrefixCache:
     """Keys and values of the first `length` positions, one (k, v) pair per layer.
 
@@ -130,10 +129,8 @@ class PrefixCache:
     model's prompt keys depend on the tokens being decoded, so reusing them while a block is
     denoised is an approximation that trades a little agreement for a lot of speed.
     """
-
-    def __init__(self, length: int):
-        self.length = length
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def filled(self, n_layers: int) -> bool:
         """Whether the first n_layers layers have stored their keys and values."""
@@ -201,12 +198,9 @@ class Block(nn.Module):
 class LLaDA(nn.Module):
     def __init__(self, config: LLaDAConfig):
         super().__init__()
-        if config.include_bias or config.weight_tying:
-            raise ValueError("this implementation supports LLaDA's layout only: "
-                             "include_bias=false and weight_tying=false")
-        if config.n_kv_heads != config.n_heads:
-            raise ValueError(f"n_kv_heads ({config.n_kv_heads}) must equal n_heads "
-                             f"({config.n_heads}): LLaDA uses plain multi-head attention")
+        # LLaDA's layout only (harness/checkpoint.py refuses other configs when it reads them)
+        assert not config.include_bias and not config.weight_tying, "no biases, untied embeddings"
+        assert config.n_kv_heads == config.n_heads, f"n_kv_heads {config.n_kv_heads} != n_heads"
         self.config = config
         # Two plain containers, only so that state_dict() keys read "model.transformer.*".
         self.model = nn.Module()
@@ -223,6 +217,7 @@ class LLaDA(nn.Module):
     def transformer(self):
         return self.model.transformer
 
+    @torch.no_grad()
     def init_weights(self, seed: int | None = None):
         """Normal(0, init_std); the projections that write into the residual stream are scaled
         down by sqrt(2 * n_layers) so its variance does not grow with depth (from scratch only)."""
@@ -234,8 +229,7 @@ class LLaDA(nn.Module):
             std = self.config.init_std
             if name.endswith("attn_out.weight") or (".blocks." in name and name.endswith("ff_out.weight")):
                 std /= math.sqrt(2 * self.config.n_layers)
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 doc_lens: list[list[int]] | None = None,
@@ -247,13 +241,12 @@ class LLaDA(nn.Module):
         positions after the cached prefix, and doc_lens describes the whole sequence.
         """
         B, L = input_ids.shape
+        start = cache.length if cache is not None and cache.filled(self.config.n_layers) else 0
         if positions is None:
-            start = cache.length if cache is not None and cache.filled(self.config.n_layers) else 0
             positions = torch.arange(start, start + L, device=input_ids.device)[None]
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta,
                                self.config.position_scale)
-        key_len = L + (cache.length if cache is not None and cache.filled(self.config.n_layers) else 0)
-        plan = attention_plan(doc_lens, B, key_len, input_ids.device, query_len=L)
+        plan = attention_plan(doc_lens, B, start + L, input_ids.device, query_len=L)
         x = self.transformer.wte(input_ids)  # (B, L, d)
         for i, block in enumerate(self.transformer.blocks):
             x = block(x, cos, sin, plan, cache, i)
@@ -275,30 +268,22 @@ def num_params(config: LLaDAConfig) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
-def describe(config: LLaDAConfig) -> str:
-    n = num_params(config)
-    emb = config.embedding_size * config.d_model
-    lines = [
-        f"parameters: {n:,} ({n / 1e9:.2f}B; embeddings {2 * emb:,}, blocks {n - 2 * emb - config.d_model:,})",
-        f"weights in bf16: {2 * n / 2**30:.2f} GiB, in fp32: {4 * n / 2**30:.2f} GiB",
-        f"shape: {config.n_layers} layers, d_model {config.d_model}, {config.n_heads} heads of "
-        f"{config.head_dim}, SwiGLU hidden {config.mlp_hidden_size}, vocabulary {config.vocab_size}",
-        f"rope base {config.rope_theta:,.0f}, trained context {config.max_sequence_length} tokens",
-        f"full float32 logits for 65536 tokens would take "
-        f"{65536 * config.embedding_size * 4 / 1e9:.1f} GB: the loss computes them only where masked",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Describe a LLaDA model preset without allocating it.")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
-    p.add_argument("--preset", default="llada-8b", help=f"one of {', '.join(PRESETS)} (default llada-8b)")
+    p.add_argument("--preset", default="llada-8b", choices=PRESETS, help="(default: %(default)s)")
     args = p.parse_args(argv)
-    if args.preset not in PRESETS:
-        p.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    c = PRESETS[args.preset]
+    n, emb = num_params(c), c.embedding_size * c.d_model
     print(f"preset {args.preset}")
-    print(describe(PRESETS[args.preset]))
+    print(f"parameters: {n:,} ({n / 1e9:.2f}B; embeddings {2 * emb:,}, "
+          f"blocks {n - 2 * emb - c.d_model:,})")
+    print(f"weights in bf16: {2 * n / 2**30:.2f} GiB, in fp32: {4 * n / 2**30:.2f} GiB")
+    print(f"shape: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads of {c.head_dim}, "
+          f"SwiGLU hidden {c.mlp_hidden_size}, vocabulary {c.vocab_size}")
+    print(f"rope base {c.rope_theta:,.0f}, trained context {c.max_sequence_length} tokens")
+    print(f"full float32 logits for 65536 tokens would take "
+          f"{65536 * c.embedding_size * 4 / 1e9:.1f} GB: the loss computes them only where masked")
 
 
 if __name__ == "__main__":

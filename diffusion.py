@@ -22,6 +22,7 @@ text before it, accumulated into a running geometric mean.
 Logits are only ever computed where they are needed (masked positions, the block being
 decoded): with LLaDA's 126464-token vocabulary the logits of a 64K sequence are 33 GB in float32.
 """
+import argparse
 import math
 
 import torch
@@ -199,6 +200,17 @@ def block_logits(model, x, block: slice, prompt_len: int, cfg_scale: float, mask
     return guided(*logits.chunk(2), cfg_scale) if cfg_scale > 0 else logits
 
 
+def check_schedule(gen_length: int, block_length: int, steps: int) -> None:
+    """The sampler's one rule, which the official generate.py asserts: the answer is a whole
+    number of blocks, and every block gets the same number of steps (a ValueError naming them)."""
+    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
+        raise ValueError(f"gen_length {gen_length} must be a positive multiple of block_length "
+                         f"{block_length}")
+    if steps <= 0 or steps % (gen_length // block_length):
+        raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks "
+                         f"{gen_length // block_length} (gen_length / block_length)")
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 128,
              block_length: int = 128, temperature: float = 0., cfg_scale: float = 0.,
@@ -216,8 +228,14 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     options logits_eos_inf and confidence_eos_eot_inf (Instruct-model tweaks) are left out.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    check_generate_args(prompt, steps, gen_length, block_length, remasking, mask_id,
-                        prompt_lens, cache)
+    check_schedule(gen_length, block_length, steps)
+    assert prompt.dim() == 2, f"prompt must be (batch, length) token ids, got {tuple(prompt.shape)}"
+    assert remasking in REMASKING and cache in CACHES, f"remasking {remasking!r}, cache {cache!r}"
+    assert prompt_lens is None or (len(prompt_lens) == len(prompt) and 0 <= min(prompt_lens)
+                                   and max(prompt_lens) <= prompt.shape[1]), \
+        f"prompt_lens {list(prompt_lens)} for prompts of shape {tuple(prompt.shape)}"
+    if bool((prompt == mask_id).any()):  # a tokenizer can encode the mask token's text
+        raise ValueError(f"the prompt contains the mask token {mask_id}; infilling is not supported")
     B, Lp = prompt.shape
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)  # (B, L)
     x[:, :Lp] = prompt
@@ -246,31 +264,6 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
             if on_step is not None:  # e.g. a progress bar: long prompts take seconds a step
                 on_step()
     return x
-
-
-def check_generate_args(prompt, steps, gen_length, block_length, remasking, mask_id,
-                        prompt_lens, cache) -> None:
-    """One-line errors for sampler arguments the official code would assert on (or misuse)."""
-    if prompt.dim() != 2:
-        raise ValueError(f"prompt must be (batch, length) token ids, got shape "
-                         f"{tuple(prompt.shape)}; pass prompt[None] for a single prompt")
-    if gen_length <= 0 or block_length <= 0 or gen_length % block_length:
-        raise ValueError(f"gen_length {gen_length} must be a positive multiple of block_length "
-                         f"{block_length}")
-    if steps <= 0 or steps % (gen_length // block_length):
-        raise ValueError(f"steps {steps} must be a positive multiple of the number of blocks "
-                         f"{gen_length // block_length} (gen_length / block_length)")
-    if remasking not in REMASKING:
-        raise ValueError(f"unknown remasking {remasking!r}; choose one of {', '.join(REMASKING)}")
-    if cache not in CACHES:
-        raise ValueError(f"unknown cache {cache!r}; pass None (exact) or 'prefix' (approximate)")
-    if bool((prompt == mask_id).any()):
-        raise ValueError(f"the prompt contains the mask token {mask_id}; infilling is not "
-                         "supported, remove masks from the prompt")
-    if prompt_lens is not None and (len(prompt_lens) != len(prompt) or
-                                    not all(0 <= n <= prompt.shape[1] for n in prompt_lens)):
-        raise ValueError(f"prompt_lens must give one length in 0..{prompt.shape[1]} per row of the "
-                         f"prompt ({len(prompt)} rows), got {list(prompt_lens)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,16 +406,18 @@ def demo(steps: int = 300, seed: int = 0) -> None:
     print(f"-log p(9 10 11 | 5 6 7 8) <= {nll:.3f} nats (Monte Carlo bound, 32 draws)")
 
 
+def natural(text: str) -> int:
+    """An argparse type: a whole number in 0..2^63-1 (torch.manual_seed's range)."""
+    if not 0 <= int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {text}")
+    return int(text)
+
+
 if __name__ == "__main__":
-    import argparse
     p = argparse.ArgumentParser(description="Train a tiny masked-diffusion model on counting "
                                             "sequences, then sample from it (CPU, seconds).")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
+    p.add_argument("--steps", type=natural, default=300, help="training steps (default 300)")
+    p.add_argument("--seed", type=natural, default=0, help="seed of weights and data (default 0)")
     args = p.parse_args()
-    if args.steps < 0:
-        p.error(f"--steps must be 0 or more, got {args.steps}")
-    if not 0 <= args.seed < 2**63:  # torch.manual_seed's range
-        p.error(f"--seed must be in 0..2^63-1, got {args.seed}")
     demo(args.steps, args.seed)

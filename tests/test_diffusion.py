@@ -1,6 +1,7 @@
 """Tests for diffusion.py: the loss, LLaDA's sampler (against a restatement of the official
 generate.py), the prompt cache, and the likelihood estimates. Tiny or fake models, CPU only."""
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (add_gumbel_noise, chunk_nll, cumulative_perplexity, diffusion_loss,
+from diffusion import (add_gumbel_noise, check_schedule, chunk_nll, cumulative_perplexity, diffusion_loss,
                        forward_process, generate, get_num_transfer_tokens, left_pad,
                        log_likelihood, low_confidence, masked_cross_entropy, sft_loss,
                        stratified_forward_process)
@@ -466,20 +467,39 @@ def test_gumbel_noise_samples_softmax_over_temperature():
     assert torch.allclose(freq, torch.softmax(logits.double() / T, 0), atol=0.01)
 
 
-@pytest.mark.parametrize("kw,message", [
-    (dict(gen_length=10, block_length=4), "multiple of block_length"),
-    (dict(steps=5, gen_length=8, block_length=4), "multiple of the number of blocks"),
-    (dict(remasking="entropy"), "unknown remasking"),
-    (dict(cache="kv"), "unknown cache"),
-    (dict(prompt_lens=[3]), "prompt_lens"),
-])
-def test_generate_rejects_bad_arguments(kw, message):
+def test_the_schedule_rule_is_checked_in_one_place_before_any_forward():
+    check_schedule(gen_length=12, block_length=4, steps=9)  # 3 blocks of 3 steps
+    for (gen_length, block_length, steps), message in [
+        ((10, 4, 4), "gen_length 10 must be a positive multiple of block_length 4"),
+        ((0, 4, 4), "gen_length 0 must be a positive multiple of block_length 4"),
+        ((8, 0, 4), "gen_length 8 must be a positive multiple of block_length 0"),
+        ((8, 4, 5), "steps 5 must be a positive multiple of the number of blocks 2 "
+                    "(gen_length / block_length)"),
+        ((8, 4, 0), "steps 0 must be a positive multiple of the number of blocks 2"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_schedule(gen_length, block_length, steps)
+        model, _, _ = scripted()
+        with pytest.raises(ValueError, match=re.escape(message)):  # generate applies it
+            generate(model, torch.zeros(1, 3, dtype=torch.long), steps=steps,
+                     gen_length=gen_length, block_length=block_length)
+        assert model.inputs == []
+
+
+def test_generate_refuses_a_prompt_with_masks_and_asserts_its_other_arguments():
     model, _, _ = scripted()
-    args = dict(steps=4, gen_length=8, block_length=8) | kw
-    with pytest.raises(ValueError, match=message):
-        generate(model, torch.zeros(2, 3, dtype=torch.long), **args)
-    with pytest.raises(ValueError, match="mask token"):
-        generate(model, torch.full((1, 3), MASK), steps=4, gen_length=8, block_length=8)
+    kw = dict(steps=4, gen_length=8, block_length=8)
+    with pytest.raises(ValueError, match=f"the prompt contains the mask token {MASK}"):
+        generate(model, torch.full((1, 3), MASK), **kw)
+    for bad, message in [(dict(remasking="entropy"), "remasking 'entropy'"),
+                         (dict(cache="kv"), "cache 'kv'"),
+                         (dict(prompt_lens=[3]), r"prompt_lens \[3\] for prompts of shape \(2, 3\)"),
+                         (dict(prompt_lens=[3, 4]), r"prompt_lens \[3, 4\]")]:
+        with pytest.raises(AssertionError, match=message):
+            generate(model, torch.zeros(2, 3, dtype=torch.long), **kw, **bad)
+    with pytest.raises(AssertionError, match=r"\(batch, length\) token ids, got \(3,\)"):
+        generate(model, torch.zeros(3, dtype=torch.long), **kw)
+    assert model.inputs == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,11 +623,9 @@ def test_chunk_nll_averages_each_draws_mean_over_its_masked_tokens():
         assert math.isclose(float(nll[c - 1]), sum(per_draw) / 8, rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["diffusion.py", "--steps", "-1"], "--steps must be 0 or more, got -1"),
-    (["diffusion.py", "--seed", "-1"], "--seed must be in 0..2^63-1, got -1"),
-])
-def test_diffusion_cli_answers_bad_input_in_one_line(args, fragment):
-    r = script(*args)
-    one_line_error(r, fragment)
-    assert "usage:" not in r.stderr and r.stdout == ""
+def test_diffusion_cli_answers_bad_input_in_one_line():
+    for args, fragment in [(["--steps", "-1"], "argument --steps: must be in 0..2^63-1, got -1"),
+                           (["--seed", str(2**63)], "argument --seed: must be in 0..2^63-1, got 92")]:
+        r = script("diffusion.py", *args)
+        one_line_error(r, fragment)
+        assert "usage:" not in r.stderr and r.stdout == ""

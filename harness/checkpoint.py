@@ -2,30 +2,24 @@
 checkpoint.py: the official Hugging Face checkpoint layout, and the training state beside it.
 
 Harness, not part of the paper. LLaDA-8B-Base is a directory holding `config.json`,
-`model.safetensors` or shards `model-0000N-of-0000M.safetensors` with
-`model.safetensors.index.json`, `tokenizer.json`, and the official modeling code that
-`transformers` runs with trust_remote_code (named by config.json's `auto_map`). The tensor
-names are model.py's state_dict() keys, so loading needs no renaming and what we save loads in
-the official code; a checkpoint carries the modeling code of the directory it was trained from.
+`model.safetensors` (or shards with `model.safetensors.index.json`), `tokenizer.json`, and the
+official modeling code that `transformers` runs with trust_remote_code. The tensor names are
+model.py's state_dict() keys: loading needs no renaming and what we save loads in the official
+code. A training checkpoint (train.py's OUT/checkpoint) adds `optimizer.safetensors` (AdamW's
+moments under the same names) and `train_state.json` (the step and the run's flags):
+safetensors and JSON only, so reading a checkpoint cannot run code. It is published one way:
 
-A training checkpoint (train.py's OUT/checkpoint) is such a directory plus
-`optimizer.safetensors` (AdamW's moments and step counts under the official tensor names) and
-`train_state.json` (the step and the run's flags). Safetensors and JSON only: reading a
-checkpoint cannot run code. It is published in one way (`publish`):
-
-    1. rank 0 writes every file into OUT/checkpoint.tmp/, train_state.json last;
+    1. every file is written into OUT/checkpoint.tmp/;
     2. OUT/checkpoint is renamed OUT/checkpoint.old, then checkpoint.tmp is renamed checkpoint;
-    3. what only the old folder holds (files a user put there) moves into the new one, and the
-       old folder is deleted.
+    3. what only the old folder holds (a user's files) moves into the new one; the old goes.
 
-A kill during 1 leaves checkpoint.tmp, which the next save deletes; a kill between the renames
-leaves checkpoint.old alone, which `recover` renames back; a kill during 3 is finished by it.
-OUT itself is train.py's: a run starts only in a new or empty folder, or in one that an
-earlier run locked (it holds .lock), so every name a save replaces is its own.
+A kill during 1 leaves checkpoint.tmp, which the next save deletes; between the renames it
+leaves checkpoint.old alone, which `recover` renames back; during 3, `recover` finishes it.
+OUT is train.py's own: a run starts only in a new or empty folder or one an earlier run
+locked (it holds .lock), so every name a save replaces is its own.
 """
 import json
 import os
-import re
 import shutil
 from dataclasses import asdict, fields
 
@@ -67,11 +61,7 @@ class CheckpointError(ValueError):
 # config.json: read once, checked where it is read.
 
 def read_config(path: str) -> LLaDAConfig:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not os.path.isfile(os.path.join(path, CONFIG)):
-        raise CheckpointError(f"{path} has no {CONFIG}: not a LLaDA checkpoint directory")
-    d = read_json(os.path.join(path, CONFIG))
+    d = read_json(os.path.join(path, CONFIG))  # "does not exist": not a checkpoint directory
     if not isinstance(d, dict):
         raise CheckpointError(f"{os.path.join(path, CONFIG)} is not a JSON object")
     names = {f.name for f in fields(LLaDAConfig)} - {"extra"}
@@ -274,23 +264,11 @@ def auto_map_files(ref) -> list[str]:
 
 
 def record_remote_code(init: str) -> dict:
-    """The files of `init` that transformers' trust_remote_code loading reads, to copy into
-    every checkpoint: the modules its auto_map names, the modules those import relatively
-    (from .configuration_llada import ...), and generation_config.json. A preset has none."""
-    config = read_json(os.path.join(init, CONFIG), missing_ok=True) if os.path.isdir(init) else {}
-    auto_map = config.get("auto_map") if isinstance(config, dict) else None
-    todo = [f for ref in (auto_map or {}).values() for f in auto_map_files(ref)]
-    todo += ["generation_config.json"] if todo else []
-    files = {}
-    while todo:
-        name = todo.pop()
-        src = os.path.join(init, name)
-        if name in files or not os.path.isfile(src):
-            continue
-        files[name] = src
-        with open(src, encoding="utf-8", errors="replace") as f:
-            todo += [m + ".py" for m in re.findall(r"^\s*from\s+\.(\w+)\s+import", f.read(), re.M)]
-    return files
+    """The official modeling code of `init`, to copy into every checkpoint: its Python files and
+    generation_config.json, which transformers reads with trust_remote_code. A preset has none."""
+    names = sorted(os.listdir(init)) if os.path.isdir(init) else []
+    return {n: os.path.join(init, n) for n in names if os.path.isfile(os.path.join(init, n))
+            and (n.endswith(".py") or n == "generation_config.json")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +366,8 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
         except (OSError, FileError) as e:
             problem = e if isinstance(e, FileError) else f"cannot write {path}: {e.strerror or e}"
             raise FileError(f"{problem}; {what_is_kept(path)}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-done
 
     rank_zero_first(write, rank, world, (FileError,), "write the checkpoint", others=False)
 

@@ -84,11 +84,10 @@ def test_loads_an_official_layout_directory(tmp_path, net):
 
 
 def test_clear_errors(tmp_path, net):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        from_pretrained(str(tmp_path / "nowhere"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="has no config.json"):
-        from_pretrained(str(tmp_path / "empty"))
+    for folder in ("nowhere", "empty"):  # not a checkpoint directory
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(FileError, match=f"{folder}/config.json does not exist"):
+            from_pretrained(str(tmp_path / folder))
     good = tmp_path / "good"
     save_pretrained(str(good), net.config, net.state_dict())
 

@@ -104,8 +104,7 @@ def test_every_strategy_and_rope_method_trains(tmp_path, books, cache, mask, rop
 
 
 # Remote code of our own, in the shape of the official files: configuration and modeling
-# modules named by auto_map, a module the modeling one imports relatively, and one that
-# nothing names (not carried).
+# modules named by auto_map, a module the modeling one imports relatively, and notes.
 REMOTE_CODE = {
     "configuration_toy.py": '"""A toy configuration module."""\n\n\nclass ToyConfig(dict):\n    model_type = "llada"\n',
     "modeling_toy.py": '"""A toy modeling module."""\nfrom .configuration_toy import ToyConfig\n'
@@ -133,8 +132,7 @@ def test_a_checkpoint_carries_the_remote_code_of_its_init_folder(tmp_path, books
     train.main(flags(books, cache, out, "--init", str(init), "--max-steps", "2", "--resume"))
     ckpt = out / "checkpoint"
     for name, text in REMOTE_CODE.items():  # carried from --init, then from the resumed checkpoint
-        assert (ckpt / name).is_file() == (name != "notes_toy.py"), name
-        assert name == "notes_toy.py" or (ckpt / name).read_text() == text
+        assert (ckpt / name).read_text() == text, name
     assert json.loads((ckpt / "config.json").read_text())["auto_map"] == TOY_AUTO_MAP
 
 

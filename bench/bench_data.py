@@ -5,7 +5,7 @@ Two measurements, printed as markdown tables:
   1. tokenization: the whole pipeline (read .txt books, tokenize in worker processes, write the
      cache) against calling the tokenizer directly on the same texts already in memory, one
      process. A ratio above 1 means the pipeline beats a plain loop (it has more processes).
-  2. packing: masks.pack_sequence through data.packed_sequence and data.batch_for_step, for
+  2. packing: masks.pack_sequence through data.batch_for_step, as training calls it, for
      sequences of 65536 tokens in a shuffled order, on book-length documents and on short ones.
 
 The books are written from the synthetic generator (no downloads): English-like text with a
@@ -60,23 +60,6 @@ def timed(fn, repeats: int = 1):
     return out, best
 
 
-def busy_loop(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i
-    return total
-
-
-def machine_scaling(workers: int, n: int = 5_000_000) -> float:
-    """How much more pure-Python work `workers` processes do than one: shared or throttled
-    cores make this well below `workers`, and then the pipeline cannot gain either."""
-    import multiprocessing
-    _, one = timed(lambda: busy_loop(n))
-    with multiprocessing.Pool(workers) as pool:
-        _, many = timed(lambda: pool.map(busy_loop, [n] * workers))
-    return workers * one / many
-
-
 def build(tok, folder, workers, cache_dir):
     """A cold build: a fresh cache directory each time, so nothing is reused."""
     cache = tempfile.mkdtemp(dir=cache_dir)
@@ -112,25 +95,19 @@ def bench_tokenization(tok, folder, texts, workers_list, cache_dir, repeats):
 
 
 def bench_packing(corpora, seq_len, max_seqs):
+    """data.batch_for_step, which packs through masks.pack_sequence, as training calls it."""
     print(f"\n### Packing sequences of {seq_len:,} tokens (shuffled order, one process, best of 3)\n")
-    print("| corpus | documents / sequence | strategy | call | sequences | seconds | sequences/s | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| corpus | documents / sequence | strategy | sequences | seconds | sequences/s | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     for label, c in corpora:
-        if c.n_tokens < seq_len:
-            fail(f"--seq-len {seq_len} is longer than the {label} corpus ({c.n_tokens:,} tokens); "
-                 f"pass a smaller --seq-len, or a larger --mb or --short-docs")
         label = f"{label}, mean document {c.n_tokens / c.n_docs:,.0f} tokens"
         for strategy in ("concat", "eod", "adaptive"):
             s = data.Schedule(c, seq_len, strategy, batch_size=1, seed=0)
-            order = data.epoch_order(s.n_sequences, 0, 0)[:max_seqs]
-            lens, t_pack = timed(lambda: [data.packed_sequence(c, int(i), seq_len, strategy)[1]
-                                          for i in order], 3)
-            per_seq = np.mean([len(x) for x in lens])
-            n = len(order)
-            _, t_batch = timed(lambda: [data.batch_for_step(s, step) for step in range(n)], 3)
-            for call, sec in (("packed_sequence", t_pack), ("batch_for_step (B=1, to torch)", t_batch)):
-                print(f"| {label} | {per_seq:.1f} | {strategy} | {call} | {n} | {sec:.3f} | {n / sec:,.0f} "
-                      f"| {n * seq_len / sec:,.0f} |")
+            n = min(max_seqs, s.n_sequences)
+            batches, sec = timed(lambda: [data.batch_for_step(s, step) for step in range(n)], 3)
+            per_seq = np.mean([len(doc_lens[0]) for _, doc_lens in batches])
+            print(f"| {label} | {per_seq:.1f} | {strategy} | {n} | {sec:.3f} | {n / sec:,.0f} "
+                  f"| {n * seq_len / sec:,.0f} |")
 
 
 def main(argv=None):
@@ -157,9 +134,6 @@ def main(argv=None):
     tok = tiktoken_tokenizer()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}")
-    if args.workers > 1:
-        print(f"parallel scaling of this machine: {args.workers} processes do "
-              f"{machine_scaling(args.workers):.2f}x the work of one (pure-Python loop)")
     work = tempfile.mkdtemp(prefix="bench_data-")
     try:
         texts = write_books(os.path.join(work, "books"), args.mb)

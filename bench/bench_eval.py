@@ -9,27 +9,24 @@ timings do not depend on the weights. Each case runs in a fresh subprocess so th
 resident memory (VmHWM, reset by writing 5 to /proc/self/clear_refs) is its own.
 
 Exact decoding runs 16 full forwards; with the prompt cache the first forward is full and the
-other 15 run the 32 answer tokens against the cached keys. One exact forward of the tiny model at
-131072 tokens takes minutes on two cores, so the exact 131072 cell (about half an hour) only runs
-with --exact-131072; everything else takes about 10 minutes.
+other 15 run the 32 answer tokens against the cached keys (so "per step", the cell time / 16, is
+an average). An exact forward at 131072 tokens takes minutes on a CPU, so the exact 131072 cell
+runs only with --exact-131072. The estimate column scales the first row by FLOPs as evaluate.py
+estimates a run (results.generation_flops). A load average above the core count means another
+process shared the CPU and the times are inflated.
 
     python -m bench.bench_eval [--lengths 8192 32768 131072] [--exact-131072] [--model DIR]
 """
 import argparse
-import json
 import os
-import sys
 import time
 
-from bench.child import run_child
-from bench.memory import memory_mb, reset_peak
+from bench.child import measure, memory_mb, reset_peak, serve
 from harness.flags import count
 from harness.runtime import fail
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def run_case(length: int, mode: str, model_dir: str | None) -> dict:
+def run_case(length: str, mode: str, model_dir: str) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
     import torch
 
@@ -42,6 +39,7 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
     from model import LLaDA, preset
 
     torch.manual_seed(0)
+    length = int(length)
     model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
     counter = tiktoken_tokenizer()
     counter.decode([0])  # builds decode's table of known ids once, outside the measurement
@@ -50,29 +48,16 @@ def run_case(length: int, mode: str, model_dir: str | None) -> dict:
         model(torch.zeros(1, 64, dtype=torch.long))  # warm-up: threads, allocator
     base = memory_mb("VmRSS")
     reset_peak()
-    t = time.perf_counter()
+    load, t = os.getloadavg()[0], time.perf_counter()
     cells, work, _ = niah.plan(cfg, counter, counter)
-    n = length - len(work["needle"]) - len(work["tail"])
-    window = niah.haystack_window(work["pool"], work["bounds"], n, 0)
-    work["windows"] = {(length, 0): (window, niah.sentence_boundaries(window, counter))}
-    build = time.perf_counter() - t
-    load = os.getloadavg()[0]
     cell = niah.run_cell(model, counter, cfg, cells[0], work, torch.device("cpu"))
-    return {"build": build, "time": cell["seconds"], "peak_mb": memory_mb("VmHWM"),
-            "above_mb": memory_mb("VmHWM") - base, "tokens": cell["model_tokens"],
-            "load": max(load, os.getloadavg()[0]), "threads": torch.get_num_threads()}
-
-
-def measure(length: int, mode: str, model_dir: str | None) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_eval", "--child", str(length), mode, model_dir or ""]
-    out = run_child(cmd, f"the {length} {mode} case", ROOT)
-    return json.loads(out.strip().splitlines()[-1])
+    return {"build": time.perf_counter() - t - cell["seconds"],  # the rest is the prompt's
+            "time": cell["seconds"], "peak_mb": memory_mb("VmHWM"),
+            "above_mb": memory_mb("VmHWM") - base, "load": max(load, os.getloadavg()[0])}
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        length, mode, model_dir = int(sys.argv[2]), sys.argv[3], sys.argv[4] or None
-        print(json.dumps(run_case(length, mode, model_dir)))
+    if serve(run_case):
         return
     p = argparse.ArgumentParser(description="Time and peak memory of one NIAH cell (evaluate.py), "
                                             "exact and with the prompt cache, on the CPU.")
@@ -83,8 +68,6 @@ def main(argv=None):
                    help="also run the exact cell at lengths >= 131072 (about half an hour on 2 cores)")
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
     args = p.parse_args(argv)
-    if args.model and not os.path.isdir(args.model):
-        fail(f"--model {args.model} is not a directory")
 
     import torch
 
@@ -118,7 +101,8 @@ def main(argv=None):
                 print(f"| {length:,} | exact | - | not run (pass --exact-131072; about 16 x the "
                       f"time of one forward) | | | | | |", flush=True)
                 continue
-            r = measure(length, mode, args.model)
+            r = measure("bench.bench_eval", f"the {length} {mode} case", length, mode,
+                        args.model or "")
             flops = generation_flops(config, length, 32, 32, 16, prompt_cache=mode == "prefix")
             first = first or (r["time"], flops)
             estimate = first[0] / first[1] * flops
@@ -126,11 +110,6 @@ def main(argv=None):
             print(f"| {length:,} | {label} | {r['build']:.1f} | {r['time']:.1f} | {r['time'] / 16:.2f} "
                   f"| {estimate:.0f} | {r['peak_mb']:,.0f} | {r['above_mb']:,.0f} | {r['load']:.1f} |",
                   flush=True)
-    print("\nper step: cell time / 16 (with the cache the first step is a full forward and the "
-          "others are cheap, so this is an average). The estimate column scales the first row by "
-          "FLOPs as evaluate.py does (linear layers ~ L, attention ~ L^2, the cache's suffix "
-          "passes ~ 32 x L). Load average above the core count means another process shared "
-          "the CPU and the times are inflated.")
 
 
 if __name__ == "__main__":

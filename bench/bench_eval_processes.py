@@ -20,7 +20,7 @@ import torch
 
 from bench.child import run_child
 from harness.checkpoint import save_pretrained
-from harness.flags import count
+from harness.flags import count, number
 from harness.runtime import fail
 from harness.tokenizer import TIKTOKEN_NAME
 from model import LLaDA, preset
@@ -58,13 +58,11 @@ def main(argv=None):
                    "(default 2; one core each, so no more than the cores)")
     p.add_argument("--len", type=count, default=1024, help="context length of every cell "
                    "(default 1024)")
-    p.add_argument("--depths", type=count, default=21, help="needle depths, spread over 0..100 "
-                   "(default 21)")
+    p.add_argument("--depths", type=number(int, 2, True, 101), default=21,
+                   help="needle depths, spread over 0..100 in whole percent (default 21)")
     p.add_argument("--repeats", type=count, default=2, help="haystacks per depth (default 2)")
     p.add_argument("--rounds", type=count, default=2, help="runs of each, best kept (default 2)")
     args = p.parse_args(argv)
-    if not 2 <= args.depths <= 101:  # spread over 0..100 in whole percent
-        fail(f"--depths must be in 2..101 (spread over 0..100), got {args.depths}")
     with tempfile.TemporaryDirectory() as work:
         ckpt = tiny_checkpoint(os.path.join(work, "tiny"))
         best = {}

@@ -3,13 +3,13 @@ bench_main_job.py: the wall time of the README's commands, as a user on a fresh 
 
 Runs, one after the other and each in a fresh process: `python train.py` (the tiny preset on the
 built-in corpus, into a temporary --out with an empty token cache, so the cache is built as on
-a fresh clone), `python evaluate.py --task niah --len 2048` on the checkpoint it wrote, the
-`python diffusion.py` demo and (with --tests) `python -m pytest`. Prints a markdown table of
-the times and what each ended with (the last loss, the NIAH average, the demo's last line, the
-tests passed): docs/benchmarks.md, "Timings of the
-main job". Nothing else should run meanwhile: on 2 cores a second job doubles every time.
+a fresh clone), `python evaluate.py --task niah --len 2048` on the checkpoint it wrote, and the
+`python diffusion.py` demo. Prints a markdown table of the times and what each ended with (the
+last loss, the NIAH average, the demo's last line): docs/benchmarks.md, "Timings of the main
+job". The tests' time is the last line `python -m pytest` prints. Nothing else should run
+meanwhile: on 2 cores a second job doubles every time.
 
-    python -m bench.bench_main_job [--tests]
+    python -m bench.bench_main_job
 """
 import argparse
 import os
@@ -39,13 +39,10 @@ def minutes(seconds: float) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Wall time of the README's main commands: train.py "
                                             "on the defaults (token cache built), evaluate.py "
-                                            "--task niah --len 2048 on its checkpoint, the "
-                                            "diffusion.py demo, and with --tests the tests. "
-                                            "Run nothing else meanwhile.")
+                                            "--task niah --len 2048 on its checkpoint and the "
+                                            "diffusion.py demo. Run nothing else meanwhile.")
     p.error = fail  # one line, not the usage block
-    p.add_argument("--tests", action="store_true",
-                   help="also time `python -m pytest` (several minutes)")
-    args = p.parse_args(argv)
+    p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-main-") as tmp:
         out, cache = os.path.join(tmp, "out"), os.path.join(tmp, "cache")
@@ -64,11 +61,6 @@ def main(argv=None):
     answer = re.findall(r"(?m)^.*->.*$", printed)
     rows.append(("`python diffusion.py` (the sampler's demo)", seconds,
                  answer[-1].strip() if answer else "-"))
-    if args.tests:
-        seconds, printed = timed([sys.executable, "-m", "pytest", "-p", "no:cacheprovider"],
-                                 "the tests")  # pyproject's -q: the summary line stays
-        passed = re.search(r"(\d+) passed", printed)
-        rows.append(("`python -m pytest`", seconds, f"{passed.group(1)} passed" if passed else "-"))
     print("| command | wall time | ended with |\n|---|---:|---|")
     for command, seconds, result in rows:
         print(f"| {command} | {minutes(seconds)} | {result} |")

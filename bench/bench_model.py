@@ -2,22 +2,16 @@
 bench_model.py: how close the plain PyTorch model gets to the CPU's matrix-multiply peak.
 
 For the `small` preset at a few sequence lengths, time the forward (hidden states and logits at
-every position) and the forward+backward, count the model's FLOPs (2 per multiply-add of every
-weight matrix, plus 4 L d per token per layer for bidirectional attention; backward = 2x
-forward) and compare with torch.mm on the model's own shapes, measured in the same run. Prints a
-markdown table.
+every position) and the forward+backward, count the model's FLOPs (results.forward_flops, the
+cost model evaluate.py estimates with; backward = 2x forward) and compare with torch.mm on the
+model's own shapes, measured in the same run. Prints a markdown table.
 
 The backward is seeded with a fixed gradient of the logits, so the goal row times the model and
-nothing else. The last row per length adds F.cross_entropy over every position, for reference:
-at 2048 tokens that is 2048 x 100352 float32 logits, and softmax, its gradient and the fresh
-memory they need (the kernel zeroes every new page of an 822 MB tensor) cost about as much as the
-whole model's backward, so that row is timed after the others (best of 3). Training never does
-this: diffusion.py runs the head only at masked positions, in chunks (bench_diffusion.py
-measures that loss).
+nothing else: no loss over every position, which training never computes (diffusion.py runs the
+head at masked positions, in chunks; bench_diffusion.py measures that loss against the naive one).
 
 The matmuls and the model passes are timed in interleaved rounds and each keeps its best time:
-on a shared machine a slow spell then slows every measurement alike, instead of deflating the
-peak (and flattering every fraction) or the model.
+a slow spell of a shared machine then slows every measurement alike.
 
     python -m bench.bench_model [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
@@ -25,10 +19,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from harness.flags import count
 from harness.files import physical_memory
+from harness.results import forward_flops
 from harness.runtime import fail, tune_cpu_memory
 from model import PRESETS, LLaDA, num_params, preset
 
@@ -45,14 +39,6 @@ def best_times(cases: dict, rounds: int) -> dict:
             fn()
             best[name] = min(best[name], time.perf_counter() - t)
     return best
-
-
-def model_flops(cfg, tokens, seq_len):
-    """Forward FLOPs: weight matmuls of the blocks and the head, and attention scores/values."""
-    d, m = cfg.d_model, cfg.mlp_hidden_size
-    per_layer = 4 * d * d + 3 * d * m
-    weights = cfg.n_layers * per_layer + d * cfg.embedding_size
-    return 2 * weights * tokens + 4 * seq_len * d * cfg.n_layers * tokens
 
 
 def matmuls(cfg, tokens, dtype) -> dict:
@@ -115,19 +101,11 @@ def main(argv=None):
         def forward_backward():
             net.logits(x).backward(seed)
 
-        def with_cross_entropy():
-            logits = net.logits(x)
-            F.cross_entropy(logits.view(L, -1).float(), x.view(-1)).backward()
-
-        flops = model_flops(cfg, L, L)
+        flops = forward_flops(cfg, L, L, L)  # logits at every position
         passes = {"forward": (forward, flops), "forward+backward": (forward_backward, 3 * flops)}
         mms = matmuls(cfg, L, dtype)
         best = best_times({**mms, **passes}, args.rounds)
         top = peak(mms, best)
-        # Timed apart: its gigabytes of fresh tensors would slow the rounds around it.
-        loss = {"+ cross-entropy, all positions": (with_cross_entropy, 3 * flops)}
-        best |= best_times(loss, 3)
-        passes |= loss
         for name, (_, f) in passes.items():
             t = best[name]
             print(f"| {L} | {name} | {t:.3f} | {L / t:,.0f} | {f / t / 1e9:.1f} | "

@@ -3,10 +3,9 @@ bench_train.py: training throughput on the CPU, one process and two (torchrun, g
 
 Runs train.py for a few steps of the `small` preset at two sequence lengths and reads the
 tokens/s that its log.jsonl records (the first steps, which warm up, are left out). Model FLOP
-utilisation counts the FLOPs the model needs, not the ones spent recomputing: 6 per parameter
-of the blocks per token, 6 d V per masked token for the LM head (half the tokens on average,
-since the masking rate is uniform), and 12 L d per token per layer for attention; it is divided
-by the torch.mm peak of this machine's cores, measured in the same run. Prints a markdown table.
+utilisation counts the FLOPs the model needs, not the ones spent recomputing (results.forward_flops
+x 3 for forward and backward, the LM head on the masked half of the tokens), divided by the
+torch.mm peak of this machine's cores, measured in the same run. Prints a markdown table.
 
     python -m bench.bench_train [--lengths 256 1024] [--steps 8] [--preset small]
 """
@@ -26,12 +25,6 @@ from harness.runtime import fail
 from model import PRESETS, preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def train_flops_per_token(cfg, seq_len: int, masked_fraction: float = 0.5) -> float:
-    """Forward and backward (3x the forward) of one token attending to seq_len, the LM head on
-    the masked share of the positions."""
-    return 3 * forward_flops(cfg, 1, seq_len, masked_fraction)
 
 
 def run(nproc: int, seq_len: int, args, out: str) -> float:
@@ -71,7 +64,8 @@ def main(argv=None):
         for nproc in (1, 2):
             with tempfile.TemporaryDirectory() as out:
                 tps = run(nproc, L, args, out)
-            flops = tps * train_flops_per_token(cfg, L)
+            # forward + backward = 3 forwards of a token attending to L, the head on half of them
+            flops = tps * 3 * forward_flops(cfg, 1, L, 0.5)
             print(f"| {L} | {nproc} | {tps:,.0f} | {flops / 1e9:.1f} | {flops / peak:.0%} |", flush=True)
 
 

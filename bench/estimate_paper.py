@@ -5,8 +5,8 @@ from FLOPs (evaluate.py's own cost model), not measured: no GPU has run them her
 Each benchmark's cells are costed as evaluate.py runs them (exact decoding, the authors'
 decoding settings; results.generation_flops and ppl.cell_flops) and divided by an assumed
 sustained throughput: --peak-tflops (the H200's dense bf16 peak, about 790) times --mfu (the
-share a long-context forward sustains; 0.4 is a guess to be replaced by bench/gpu_check.py's
-measured MFU). The README's wall times come from this script.
+share a long-context forward sustains; 0.4 is a guess until `python -m pytest tests/test_gpu.py -s`
+prints a measured MFU). The README's wall times come from this script.
 
     python -m bench.estimate_paper [--peak-tflops 790] [--mfu 0.4]
 """
@@ -15,7 +15,7 @@ import argparse
 from evaluations import ppl
 from evaluations.compare import NIAH_LENGTHS  # the authors' NeedleBench config: 8K..128K
 from evaluations.longbench import DATASETS, answer_tokens
-from harness.flags import positive
+from harness.flags import number, positive
 from harness.results import generation_flops
 from harness.runtime import fail
 from model import preset
@@ -38,11 +38,10 @@ def main(argv=None):
     p.error = fail  # one line, not the usage block
     p.add_argument("--peak-tflops", type=positive, default=790.0,
                    help="the GPU's dense bf16 peak in TFLOP/s (H200: about 790)")
-    p.add_argument("--mfu", type=positive, default=0.4,
-                   help="assumed share of the peak sustained at long context (default 0.4)")
+    p.add_argument("--mfu", type=number(float, 0, False, 1), default=0.4,
+                   help="assumed share of the peak sustained at long context, in (0, 1] "
+                        "(default 0.4)")
     args = p.parse_args(argv)
-    if args.mfu > 1:
-        fail(f"--mfu is a share of the peak, in (0, 1]; got {args.mfu}")
     c = preset("llada-8b")
     speed = args.peak_tflops * 1e12 * args.mfu
 

@@ -226,7 +226,7 @@ def rank_zero_first(fn, rank: int, world: int, errors=(ValueError,), what: str =
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def memory_plan_rows(c, seq_len: int, gpu_gib: float = 80.0) -> list[dict]:
+def memory_plan(c, seq_len: int, gpu_gib: float = 80.0) -> list[dict]:
     """Per-GPU memory of FSDP training at seq_len tokens per GPU, in GiB: one row per GPU count
     (GPU_COUNTS), the numbers `train.py --memory-plan` prints and tests/test_gpu.py holds a
     measured step to.
@@ -259,7 +259,7 @@ def memory_plan_rows(c, seq_len: int, gpu_gib: float = 80.0) -> list[dict]:
 
 def memory_plan_text(c, seq_len: int, gpu_gib: float = 80.0) -> str:
     """memory_plan as the table `train.py --memory-plan` prints."""
-    rows = memory_plan_rows(c, seq_len, gpu_gib)
+    rows = memory_plan(c, seq_len, gpu_gib)
     lines = [f"Per-GPU memory for {c.n_layers} layers x d_model {c.d_model} "
              f"({num_params(c) / 1e9:.2f}B parameters) at {seq_len:,} tokens per GPU, FSDP + "
              f"bf16 mixed precision + activation checkpointing:", "",
@@ -271,6 +271,3 @@ def memory_plan_text(c, seq_len: int, gpu_gib: float = 80.0) -> str:
     lines.append("\n(without activation checkpointing every block keeps its activations: "
                  f"{rows[0]['more_without_checkpointing']:.0f} GiB more)")
     return "\n".join(lines)
-
-
-memory_plan = memory_plan_text  # TRANSITION: train.py's old name, until it calls memory_plan_text

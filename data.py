@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from harness.flags import count, positive0
+from harness.flags import add_flags, count, flag, from_args, number
 from harness.prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus, printable
 from harness.runtime import fail
 from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer
-from masks import STRATEGIES, check_strategy, num_packed_sequences, pack_sequence
+from masks import STRATEGIES, num_packed_sequences, pack_sequence
 
 # ---------------------------------------------------------------------------------------------
 # Packing and batches. Packed sequence n is tokens [n*L, (n+1)*L) of the document stream
@@ -61,21 +61,16 @@ class Schedule:
     steps_per_epoch: int = field(init=False)
 
     def __post_init__(self):
-        check_strategy(self.strategy)
-        sizes = dict(seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                     world_size=self.world_size)
-        if min(sizes.values()) < 1:
-            raise ValueError(f"seq_len, batch_size, grad_accum and world_size must be positive, "
-                             f"got {sizes}")
+        assert min(self.seq_len, self.batch_size, self.grad_accum, self.world_size) >= 1
         self.n_sequences = num_sequences(self.corpus, self.seq_len, self.strategy)
         self.per_step = self.world_size * self.grad_accum * self.batch_size
         self.steps_per_epoch = self.n_sequences // self.per_step
-        if self.steps_per_epoch == 0:
+        if self.steps_per_epoch == 0:  # a property of the data, so an error, not an assert
             raise ValueError(
                 f"{self.corpus.name} packs into {self.n_sequences} sequences of {self.seq_len} "
                 f"tokens ({self.corpus.n_tokens} tokens), but one step needs {self.per_step} "
                 f"({self.world_size} processes x {self.grad_accum} accumulation x "
-                f"{self.batch_size} batch); pass a smaller --seq-len or --batch-size, or more data")
+                f"{self.batch_size} batch): shorter sequences, a smaller batch, or more data")
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,9 +85,7 @@ def sequence_indices(s: Schedule, step: int, micro_step: int = 0, rank: int = 0)
     Within a step, micro steps and ranks take consecutive slices, so 2 ranks x 1 micro step
     and 1 rank x 2 micro steps train on the same sequences.
     """
-    if not (0 <= micro_step < s.grad_accum and 0 <= rank < s.world_size and step >= 0):
-        raise ValueError(f"step {step}, micro step {micro_step}, rank {rank} are outside "
-                         f"grad_accum {s.grad_accum} x world_size {s.world_size}")
+    assert 0 <= micro_step < s.grad_accum and 0 <= rank < s.world_size and step >= 0
     epoch, step_in_epoch = divmod(step, s.steps_per_epoch)
     first = step_in_epoch * s.per_step + (micro_step * s.world_size + rank) * s.batch_size
     return epoch_order(s.n_sequences, epoch, s.seed)[first: first + s.batch_size].tolist()
@@ -101,12 +94,9 @@ def sequence_indices(s: Schedule, step: int, micro_step: int = 0, rank: int = 0)
 def batch_for_step(s: Schedule, step: int, micro_step: int = 0,
                    rank: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
     """input_ids (B, L) int64 and doc_lens (for masks.py) of one rank's micro batch."""
-    rows, doc_lens = [], []
-    for index in sequence_indices(s, step, micro_step, rank):
-        tokens, lens = packed_sequence(s.corpus, index, s.seq_len, s.strategy)
-        rows.append(tokens)
-        doc_lens.append(lens)
-    return torch.from_numpy(np.stack(rows)), doc_lens  # (B, L)
+    rows = [packed_sequence(s.corpus, index, s.seq_len, s.strategy)
+            for index in sequence_indices(s, step, micro_step, rank)]
+    return torch.from_numpy(np.stack([tokens for tokens, _ in rows])), [lens for _, lens in rows]
 
 
 def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) -> list[int]:
@@ -116,8 +106,7 @@ def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) ->
     order = [int(j) for j in np.argsort(-lengths, kind="stable") if lengths[j] >= min_tokens]
     if not order:
         raise ValueError(f"no document of {corpus.name} has {min_tokens} tokens (the longest "
-                         f"has {int(lengths.max())}); pass a shorter length or --data with "
-                         f"longer documents")
+                         f"has {int(lengths.max())}): a shorter length, or longer documents")
     return order[:limit]
 
 
@@ -147,50 +136,40 @@ def describe(corpus: Corpus, seq_len: int, strategy: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class DataConfig:
+    data: str | None = flag(None, "a folder of .txt books or .jsonl files with a \"text\" field, "
+                            "optionally in train/ validation/ test/; default: the synthetic corpus")
+    split: str = flag("train", "the split folder, or without them the (not) held-out documents",
+                      choices=SPLITS)
+    heldout: float = flag(0.02, "the fraction held out for validation without split folders",
+                          type=number(float, 0, inclusive=True, highest=0.5))
+    tokenizer: str = flag(TIKTOKEN_NAME, "a checkpoint directory with tokenizer.json, or tiktoken's")
+    seq_len: int = flag(2048, "packed sequence length for the packing statistics", type=count)
+    strategy: str = flag("adaptive", "document masking strategy", choices=list(STRATEGIES))
+    cache_dir: str = flag(CACHE_DIR, "where token caches live")
+    workers: int | None = flag(None, "processes that tokenize (default: every core)", type=count)
+    synthetic_seed: int = flag(0, "seed of the synthetic corpus", type=int)
+    synthetic_docs: int = flag(SyntheticConfig.n_docs, "synthetic corpus size", type=count)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a corpus into the cache (or reuse it) and "
-                                            "print its statistics and how it packs.")
+    p = argparse.ArgumentParser(description="Build or reuse a corpus's token cache; show it.")
     p.error = fail  # one line, not the usage block
-    p.add_argument("--data", default=None,
-                   help="folder of .txt books (PG19 layout, optionally with train/ validation/ "
-                        "test/) or .jsonl files with a \"text\" field; default: the built-in "
-                        "synthetic corpus")
-    p.add_argument("--split", default="train", choices=SPLITS,
-                   help="which split: the subfolder when --data has them, otherwise train is every "
-                        "document not held out and validation the held-out ones (default train)")
-    p.add_argument("--heldout", type=positive0, default=0.02,
-                   help="fraction of documents held out for validation, chosen by a hash of their "
-                        "text, when --data has no split folders (default 0.02)")
-    p.add_argument("--tokenizer", default=TIKTOKEN_NAME,
-                   help=f"{TIKTOKEN_NAME} (tiktoken, the tiny and small presets' tokenizer; "
-                        f"default) or a checkpoint directory with tokenizer.json")
-    p.add_argument("--seq-len", type=count, default=2048,
-                   help="packed sequence length for the packing statistics (default 2048)")
-    p.add_argument("--strategy", default="adaptive", choices=list(STRATEGIES),
-                   help="document masking strategy; eod adds a separator per document "
-                        "(default adaptive)")
-    p.add_argument("--cache-dir", default=CACHE_DIR,
-                   help=f"where token caches live (default {CACHE_DIR})")
-    p.add_argument("--workers", type=count, default=None,
-                   help="processes that tokenize (default: one per CPU core)")
-    p.add_argument("--synthetic-seed", type=int, default=0,
-                   help="seed of the synthetic corpus (default 0)")
-    p.add_argument("--synthetic-docs", type=count, default=SyntheticConfig.n_docs,
-                   help=f"documents in the synthetic corpus (default {SyntheticConfig.n_docs})")
-    args = p.parse_args(argv)
+    add_flags(p, DataConfig)
+    cfg = from_args(DataConfig, p.parse_args(argv))
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        synthetic = SyntheticConfig(seed=args.synthetic_seed, n_docs=args.synthetic_docs)
-        corpus = load_corpus(tokenizer, args.data, args.split, args.heldout, synthetic,
-                             args.cache_dir, args.workers)
+        tokenizer = load_tokenizer(cfg.tokenizer)
+        synthetic = SyntheticConfig(seed=cfg.synthetic_seed, n_docs=cfg.synthetic_docs)
+        corpus = load_corpus(tokenizer, cfg.data, cfg.split, cfg.heldout, synthetic,
+                             cfg.cache_dir, cfg.workers)
     except ValueError as e:
         fail(str(e))
     except KeyboardInterrupt:  # the cache's temporary folder is already removed
         fail("interrupted; no token cache was written", 130)
     print(f"tokenizer: {tokenizer.name} (EOS {tokenizer.eos_id}, [MASK] {tokenizer.mask_id})")
-    print(describe(corpus, args.seq_len, args.strategy))
+    print(describe(corpus, cfg.seq_len, cfg.strategy))
 
 
 if __name__ == "__main__":
     main()
-

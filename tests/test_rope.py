@@ -6,26 +6,20 @@ import torch
 from rope import METHODS, apply_rope, critical_dim, main, rope_lambda, rope_tables, scale_rope
 from scripts import one_line_error, script
 
-LENGTHS = [8192, 16384, 24576, 32768]
-
-
 def rotate_half(x):
     """The reference's layout (GPT-NeoX): (x1, x2) -> (-x2, x1) on the two halves."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
-def test_critical_dimension_of_llada():
-    assert critical_dim(128, 500000.0, 4096) == 64
-    # the doubled bidirectional capacity moves it to 70 (docs/paper.md section 2)
-    assert critical_dim(128, 500000.0, 2 * 4096) == 70
-
-
-def test_published_lambdas():
+def test_published_critical_dimensions_and_lambdas():
     """LongLLaDA's critical-dimension lambdas and UltraLLaDA's diffusion-aware ones for LLaDA."""
-    for length, expected in zip(LENGTHS, [3.400, 13.599, 30.598, 54.396]):
+    assert critical_dim(128, 500000.0, 4096) == 64
+    assert critical_dim(128, 500000.0, 2 * 4096) == 70  # the doubled bidirectional capacity
+    lengths = [8192, 16384, 24576, 32768]
+    for length, expected in zip(lengths, [3.400, 13.599, 30.598, 54.396]):
         assert rope_lambda("critical", length) == pytest.approx(expected, abs=6e-4)
-    for length, expected in zip(LENGTHS + [65536, 131072],
+    for length, expected in zip(lengths + [65536, 131072],
                                 [3.531, 12.541, 26.322, 44.543, 158.21, 561.94]):
         assert rope_lambda("diffusion", length) == pytest.approx(expected, rel=2e-4)
     s = scale_rope("diffusion", 131072, 4096, 128, 500000.0)
@@ -44,42 +38,31 @@ def test_no_scaling_inside_the_training_window_and_never_a_smaller_base():
     assert rope_lambda("critical", 8192) > 1.0
 
 
-def test_d_crit_override():
+def test_d_crit_override_and_position_interpolation():
     assert rope_lambda("diffusion", 32768, d_crit=70) == rope_lambda("diffusion", 32768)
     lam73 = rope_lambda("diffusion", 32768, d_crit=73)
     assert lam73 == pytest.approx(500000.0 ** -1 * (2 * 32768 / (2 * math.pi)) ** (128 / 73))
     assert scale_rope("critical", 32768, 4096, 128, 5e5, d_crit=66)["d_crit"] == 66
     assert scale_rope("ntk", 32768, 4096, 128, 5e5, d_crit=66)["d_crit"] is None  # has none
-
-
-def test_position_interpolation():
     s = scale_rope("pi", 32768, 4096, 128, 5e5)
     assert s["lambda"] == 1.0 and s["position_scale"] == 0.125
     cos, _ = rope_tables(torch.tensor([800]), 8, 10000.0, pos_scale=0.125)
-    cos_ref, _ = rope_tables(torch.tensor([100]), 8, 10000.0)
-    assert torch.allclose(cos, cos_ref)
-
-
-# The tiny preset's head (64) and base (10000): the critical dimension is 2 ceil(32 log_b(T_cap /
-# 2pi)), in 2..64 exactly for 2pi < T_cap <= 2pi b, T_cap = T_train (critical), 2 T_train (diffusion).
-@pytest.mark.parametrize("method, lowest, highest", [("critical", 7, 62831),
-                                                     ("diffusion", 4, 31415)])
-def test_a_critical_dimension_outside_2_to_the_head_size_is_refused(method, lowest, highest):
-    assert scale_rope(method, 8192, lowest, 64, 1e4)["d_crit"] == 2
-    assert scale_rope(method, 8192, highest, 64, 1e4)["d_crit"] == 64
-    for train_len in (1, 2, lowest - 1, highest + 1):  # 1 and 2 gave negative dimensions
-        with pytest.raises(ValueError, match=f"T_train {train_len} gives the {method} rope a "
-                                             f"critical dimension of .* it needs a T_train in "
-                                             f"{lowest}..{highest}$"):
-            scale_rope(method, 4096, train_len, 64, 1e4)  # refused even with nothing to extend
-    # an override takes the formula's place, and methods without one do not care
-    assert scale_rope(method, 4096, 3, 64, 1e4, d_crit=32)["d_crit"] == 32
-    assert scale_rope("ntk", 4096, 3, 64, 1e4)["lambda"] > 1
+    assert torch.allclose(cos, rope_tables(torch.tensor([100]), 8, 10000.0)[0])
 
 
 def test_impossible_combinations_are_value_errors_that_name_the_values():
-    with pytest.raises(ValueError, match="critical dimension of 0 .* outside 2..64"):
-        scale_rope("diffusion", 8192, 3, 64, 1e4)  # was a ZeroDivisionError
+    # The tiny preset's head (64) and base (10000): the critical dimension, 2 ceil(32 log_b(T_cap
+    # / 2pi)), is in 2..64 exactly for 2pi < T_cap <= 2pi b, T_cap = T_train or 2 T_train.
+    for method, lowest, highest in [("critical", 7, 62831), ("diffusion", 4, 31415)]:
+        assert scale_rope(method, 8192, lowest, 64, 1e4)["d_crit"] == 2
+        assert scale_rope(method, 8192, highest, 64, 1e4)["d_crit"] == 64
+        for train_len in (1, 2, lowest - 1, highest + 1):  # negative dimensions, 0 (a division by 0)
+            with pytest.raises(ValueError, match=f"T_train {train_len} gives the {method} rope a "
+                                                 f"critical dimension of .* it needs a T_train in "
+                                                 f"{lowest}..{highest}$"):
+                scale_rope(method, 4096, train_len, 64, 1e4)  # refused even with nothing to extend
+        assert scale_rope(method, 4096, 3, 64, 1e4, d_crit=32)["d_crit"] == 32  # an override
+    assert scale_rope("ntk", 4096, 3, 64, 1e4)["lambda"] > 1  # a method without one does not care
     with pytest.raises(ValueError, match="outside 2..128; it needs another base$"):
         scale_rope("critical", 8192, 4096, 128, 1.001)  # no T_train has a turn in 2..128
     for method, d_crit in (("critical", 65), ("none", 0)):  # checked whatever the method
@@ -140,22 +123,18 @@ def test_scores_depend_only_on_the_offset(base, pos_scale):
     assert abs(score(107, 100) - score(100, 100)) > 1e-3
 
 
-def test_cli_table(capsys):
+def test_cli_prints_the_table_or_answers_bad_input_in_one_line(capsys):
     main(["--target-len", "8192", "131072"])
     out = capsys.readouterr().out
     for value in ("3.400", "3.531", "561.938", "280,968,986"):
         assert value in out
     for method in METHODS:
         assert f" {method} " in out
-
-
-def test_rope_cli_answers_bad_input_in_one_line_and_prints_no_table():
     for args, fragment in [
         (["--head-dim", "7"], "argument --head-dim: must be an even number above 2, got 7"),
         (["--target-len", "0"], "argument --target-len: must be a number of tokens in 1..2^53"),
         (["--target-len", "x"], "argument --target-len: invalid int value: 'x'"),
         (["--base", "nan"], "argument --base: must be a finite number above 1, got nan"),
-        (["--base", "inf"], "argument --base: must be a finite number above 1, got inf"),
         (["--d-crit", "0"], "argument --d-crit: must be a positive number, got 0"),
         (["--d-crit", "129"], "a critical dimension of 129 is outside 1..128 (head size)"),
         (["--train-len", "3"], "T_train 3 gives the critical rope a critical dimension of -6 "

@@ -10,13 +10,10 @@ Harness, not part of the paper (data.py packs what this file prepares). Sources:
                facts stated early in a document ("The secret code of Mira Holt is 417.") are
                asked for thousands of tokens later
 
-The cache is a folder named by its key (the tokenizer, the split, the files' sizes and times),
-built by worker processes, one file each, in NAME.tmp under a lock and renamed into place.
-manifest.json is written last: it describes the corpus, lists the size and SHA-256 of
-tokens.bin (every document back to back), offsets.bin (where each starts) and names.json
-(which file or .jsonl line each came from), and carries its own checksum, so a folder is
-read only while it is exactly what was built. What cannot be read is skipped and named in a
-warning: files that are not UTF-8, unreadable or not regular files, and documents over 256 MB.
+The cache is one folder per corpus, named by its key (the tokenizer, the split, the files'
+sizes and times), built as NAME.tmp under a lock and renamed into place; its manifest.json,
+written last, proves it whole. What cannot be read is skipped and named in a warning: files
+that are not UTF-8, unreadable or not regular files, and documents over 256 MB.
 
 Run `python data.py --help` to build a cache and print its statistics.
 """
@@ -131,15 +128,26 @@ def filler_text(n_tokens: int, tokenizer: Tokenizer, seed: int = 0) -> str:
     return tokenizer.decode(ids[:n_tokens])
 
 
-
 # ---------------------------------------------------------------------------------------------
-# Reading documents. Every file is opened by open_if_regular, which refuses a named pipe or a
-# device instead of blocking on it: like an unreadable file, it is skipped and named.
+# Reading documents, in worker processes, one task each: a .txt file (one document), about
+# JSONL_CHUNK_BYTES of a .jsonl file (one document a line: the lines that start in the range),
+# or a range of synthetic documents. Every file is opened by open_if_regular, which refuses a
+# named pipe or a device instead of blocking on it: like an unreadable file, it is skipped.
 
+JSONL_CHUNK_BYTES = 8 << 20
 # A worker holds about 8 bytes per byte of a document while tokenizing it (the ids as Python
 # ints): longer documents are skipped, and a .txt that big is a corpus in one file, not a book.
 MAX_DOCUMENT_BYTES = 256 << 20
 MAX_SKIPPED_KEPT = 1000  # skipped documents named in the manifest; a wrong field name skips millions
+
+
+@dataclass
+class Task:
+    name: str  # the file relative to the corpus folder, for reports
+    path: str = ""  # "" for synthetic documents
+    start: int = 0  # the task is bytes, or synthetic documents, start .. start + size - 1
+    size: int = 0  # (also the progress bar's unit)
+    synthetic: SyntheticConfig | None = None
 
 
 def read_book(path: str) -> tuple[str | None, str | None]:
@@ -157,28 +165,46 @@ def read_book(path: str) -> tuple[str | None, str | None]:
     return (text, None) if text.strip() else (None, "empty")
 
 
-def read_jsonl(path: str, name: str):
-    """("NAME line N", text, None) for each document of a .jsonl file, or (where, None, why it
-    is skipped); blank lines are no documents. Read a line at a time: a line longer than
-    MAX_DOCUMENT_BYTES is skipped without ever being held whole."""
+def skip_line(f, end: int) -> None:
+    """Read on past the next newline, or to byte `end`, in bounded pieces: a line is never held
+    whole, and a range inside one long line costs no more than its own bytes."""
+    while f.tell() < end and (piece := f.readline(1 << 20)) and not piece.endswith(b"\n"):
+        pass
+
+
+def read_jsonl(task: Task):
+    """((file, line within the range), text, None) for each line that starts in the task's
+    byte range, or (where, None, why it is skipped); a blank line is no document but still a
+    line: (where, None, None). The range's first line number is only known once the ranges
+    before it are read, so the builder numbers the lines in the file."""
     try:
-        with open_if_regular(path) as f:
-            number = 0
-            while line := f.readline(MAX_DOCUMENT_BYTES + 1):  # the limit and its newline
-                number, where = number + 1, f"{name} line {number + 1}"
+        with open_if_regular(task.path) as f:
+            i, end = 0, task.start + task.size
+            f.seek(max(task.start - 1, 0))
+            if task.start:  # the line holding the byte before the range is the previous range's
+                skip_line(f, end)
+            # the limit and its newline: a line of the limit's size fits whole
+            while f.tell() < end and (line := f.readline(MAX_DOCUMENT_BYTES + 1)):
+                where, i = (task.name, i), i + 1
                 if len(line) > MAX_DOCUMENT_BYTES and not line.endswith(b"\n"):
-                    while (line := f.readline(1 << 20)) and not line.endswith(b"\n"):
-                        pass  # the rest of the line, in bounded pieces
+                    skip_line(f, end)
                     yield where, None, f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
-                elif line.strip():
-                    obj, wrong = parse_json_line(line.rstrip(b"\r\n"))  # skipped, named, if bad
-                    text = None if wrong else obj.get("text")
-                    if not isinstance(text, str):
-                        yield where, None, wrong or 'no "text" field'
-                    else:
-                        yield (where, text, None) if text.strip() else (where, None, "empty")
+                else:
+                    yield where, *jsonl_text(line)
     except OSError as e:
-        yield name, None, f"unreadable: {e.strerror or e}"
+        if task.start == 0:  # said once for the file, not once a range
+            yield task.name, None, f"unreadable: {e.strerror or e}"
+
+
+def jsonl_text(line: bytes) -> tuple[str | None, str | None]:
+    """A .jsonl line's "text": (text, None), or (None, why it is skipped); (None, None) if blank."""
+    if not line.strip():
+        return None, None
+    obj, wrong = parse_json_line(line.rstrip(b"\r\n"))  # a corpus skips a bad line, and says so
+    text = None if wrong else obj.get("text")
+    if not isinstance(text, str):
+        return None, wrong or 'no "text" field'
+    return (text, None) if text.strip() else (None, "empty")
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -186,16 +212,6 @@ def is_heldout(text: str, fraction: float) -> bool:
     duplicate documents on the same side, so none leaks from training into validation."""
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
     return h / 2**64 < fraction
-
-
-@dataclass
-class Task:
-    """One unit of work for a worker process: a file, or a range of synthetic documents."""
-    name: str  # the file relative to the corpus folder, for reports
-    path: str = ""
-    size: int = 0  # bytes, or synthetic documents: the progress bar's unit
-    synthetic: SyntheticConfig | None = None
-    first: int = 0  # the first synthetic document
 
 
 _worker_tokenizer = None  # each worker process builds its tokenizer once, in init_worker
@@ -210,22 +226,29 @@ def tokenize_task(task: Task, heldout: float | None, want_heldout: bool,
                   tokenizer: Tokenizer | None = None):
     """Read, select (heldout=None keeps every document) and tokenize the documents of a task:
     (their tokens back to back, uint32; their lengths; their names; [name, why] of each one
-    skipped)."""
+    skipped; the lines read, of a .jsonl)."""
     if task.synthetic:
         docs = ((f"synthetic document {i}", synthetic_document(task.synthetic, i), None)
-                for i in range(task.first, task.first + task.size))
+                for i in range(task.start, task.start + task.size))
     else:
         docs = [(task.name, *read_book(task.path))] if task.path.endswith(".txt") \
-            else read_jsonl(task.path, task.name)
-    pieces, names, skipped = [], [], []
+            else read_jsonl(task)
+    pieces, names, skipped, lines = [], [], [], 0
     for name, text, why in docs:
+        lines = name[1] + 1 if isinstance(name, tuple) else lines
         if why:
             skipped.append([name, why])
-        elif heldout is None or is_heldout(text, heldout) == want_heldout:
+        elif text is not None and (heldout is None or is_heldout(text, heldout) == want_heldout):
             pieces.append(np.asarray((tokenizer or _worker_tokenizer).encode(text), np.uint32))
             names.append(name)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return tokens, [len(p) for p in pieces], names, skipped
+    return tokens, [len(p) for p in pieces], names, skipped, lines
+
+
+def document_name(doc, line_base: int) -> str:
+    """A document's name for reports: .jsonl lines come numbered within their byte range, so
+    they are numbered in the file here."""
+    return f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
 
 
 def printable(path: str) -> str:
@@ -245,7 +268,7 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
         if split == "test":
             raise ValueError("the synthetic corpus has train and validation splits only")
         n, step = synthetic.n_docs, max(100, -(-synthetic.n_docs // 10_000))  # <= 10,000 tasks
-        tasks = [Task("synthetic", "", min(step, n - i), synthetic, i) for i in range(0, n, step)]
+        tasks = [Task("synthetic", "", i, min(step, n - i), synthetic) for i in range(0, n, step)]
         key = {"synthetic": asdict(synthetic), "generator": SYNTHETIC_VERSION}
         return (f"synthetic (built-in, seed {synthetic.seed}, {split})", key,
                 f"synthetic-seed{synthetic.seed}", tasks, heldout)
@@ -261,20 +284,24 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
     if not present and split == "validation" and heldout == 0:
         raise ValueError(f"{data} has no validation/ folder and the held-out fraction is 0: "
                          f"no documents are held out for validation")
-    folder, files = os.path.join(data, split) if present else data, []
-    for root, dirs, names in os.walk(folder):
-        dirs.sort()
-        files += [os.path.join(root, n) for n in sorted(names) if n.endswith((".txt", ".jsonl"))]
-    if not os.path.isdir(data):  # one file (a named pipe is skipped when it is read)
+    if os.path.isdir(data):
+        folder, files = os.path.join(data, split) if present else data, []
+        for root, dirs, names in os.walk(folder):
+            dirs.sort()
+            files += [os.path.join(root, n) for n in sorted(names) if n.endswith((".txt", ".jsonl"))]
+    else:  # one file (a named pipe is skipped when it is read)
         folder, files = os.path.dirname(os.path.abspath(data)), [os.path.abspath(data)]
     tasks, signatures = [], []
     for path in files:
         try:
-            size, mtime = os.stat(path).st_size, os.stat(path).st_mtime_ns
+            stat = os.stat(path)
         except OSError:  # gone or unreadable: reported as skipped when the cache is built
-            size, mtime = 0, -1
-        tasks.append(Task(os.path.relpath(path, folder), path, size))
-        signatures.append([tasks[-1].name, size, mtime])
+            stat = os.stat_result((0,) * 10)
+        rel = os.path.relpath(path, folder)
+        signatures.append([rel, stat.st_size, stat.st_mtime_ns])
+        step = JSONL_CHUNK_BYTES if path.endswith(".jsonl") else max(stat.st_size, 1)
+        tasks += [Task(rel, path, a, min(step, stat.st_size - a))
+                  for a in range(0, max(stat.st_size, 1), step)]
     if present:
         name = f"{printable(os.path.join(data, split))} ({split} folder)"
     else:
@@ -414,7 +441,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                disable=None if progress is None else not progress)
     run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
     pool, results = None, (run(t, tokenizer=tokenizer) for t in tasks)
-    lengths, names, skipped, n_skipped = [], [], [], 0
+    lengths, names, skipped, n_skipped, line_base = [], [], [], 0, 0
     try:
         if min(workers or os.cpu_count() or 1, len(tasks)) > 1:
             with ctrl_c_ignored():  # map starts the worker processes
@@ -429,12 +456,15 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
                 # map keeps the task order, so the cache is the same for any number of workers
                 results = pool.map(run, tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-            for task, (tokens, task_lengths, task_names, task_skipped) in zip(tasks, results):
+            for task, (tokens, task_lengths, task_names, task_skipped, lines) in zip(tasks, results):
                 tokens.tofile(out)
                 lengths += task_lengths
-                names += task_names
+                line_base = line_base if task.start else 0
+                names += [document_name(doc, line_base) for doc in task_names]
                 n_skipped += len(task_skipped)
-                skipped += task_skipped[:MAX_SKIPPED_KEPT - len(skipped)]
+                skipped += [[document_name(doc, line_base), why]
+                            for doc, why in task_skipped[:MAX_SKIPPED_KEPT - len(skipped)]]
+                line_base += lines
                 bar.update(task.size)
         if not lengths:
             shown = "; ".join(f"{n} ({r})" for n, r in skipped[:5])

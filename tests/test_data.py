@@ -319,7 +319,10 @@ JSONL = [
 ]
 
 
-def test_jsonl_lines_are_documents_and_skipped_lines_are_named_by_number(tmp_path, tok):
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 20])  # one range, or one a line or two
+def test_jsonl_lines_are_documents_and_skipped_lines_are_named_by_number(tmp_path, tok, monkeypatch,
+                                                                         chunk_bytes):
+    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", chunk_bytes)
     write(tmp_path / "d" / "x.jsonl", b"\n".join(JSONL) + b"\n", "wb")
     # no newline after the last line
     write(tmp_path / "d" / "y.jsonl", b'{"text": "Fourth."}\n[1, 2]\n{"text": "Fifth."}', "wb")
@@ -340,6 +343,7 @@ def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path
     """A line of exactly MAX_DOCUMENT_BYTES (plus its newline) is a document; one byte more is
     skipped, read in bounded pieces, and the line after it is still read."""
     monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 20)
+    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", 16)  # long lines span several ranges
     folder = tmp_path / "d"
     write(folder / "big.txt", "word " * 5)  # 25 bytes: one document, over the limit
     write(folder / "small.txt", "A short book.")

@@ -24,9 +24,9 @@ import os
 
 import numpy as np
 
-from evaluations import TASKS, longbench, needlebench, ppl, ruler
-from harness.files import write_atomic, write_text
-from harness.results import read_results, short
+from evaluations import TASKS, longbench, needles, ppl, ruler
+from harness.files import write_text
+from harness.results import figure, markdown_table, read_results, short
 from harness.runtime import fail
 
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]
@@ -67,9 +67,9 @@ def model_rows(label: str, cells: list[dict]) -> dict[str, list[dict]]:
 # Each benchmark's row: column -> value, from one model's cells.
 
 def needle_row(cells: list[dict]) -> dict:
-    depths, lengths, grid = needlebench.score_grid(cells)
-    return {**{L: needlebench.nan_mean(col) for L, col in zip(lengths, grid.T)},
-            "overall": needlebench.nan_mean(grid)}
+    depths, lengths, grid = needles.score_grid(cells)
+    return {**{L: needles.nan_mean(col) for L, col in zip(lengths, grid.T)},
+            "overall": needles.nan_mean(grid)}
 
 
 def ruler_rows(cells: list[dict]) -> dict:
@@ -120,64 +120,46 @@ def tables(rows: dict[str, dict], columns: list, decimals: int) -> tuple[str, st
     """The rows as a markdown table and as CSV; a missing value is '-' and an empty field."""
     fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) \
         else f"{v:.{decimals}f}"  # noqa: E731
-    md = ["| model | " + " | ".join(column_name(c) for c in columns) + " |",
-          "|---|" + "---:|" * len(columns)]
-    md += [f"| {name} | " + " | ".join(fmt(row.get(c)) for c in columns) + " |"
-           for name, row in rows.items()]
+    md = markdown_table(["model"] + [column_name(c) for c in columns],
+                        [[name] + [fmt(row.get(c)) for c in columns] for name, row in rows.items()])
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["model"] + [column_name(c) for c in columns])
     for name, row in rows.items():
         writer.writerow([name] + ["" if fmt(row.get(c)) == "-" else fmt(row.get(c))
                                   for c in columns])
-    return "\n".join(md), out.getvalue()
+    return md, out.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures.
 
 def plot_heatmaps(path: str, models: dict[str, list[dict]], title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     # One grid of depths x lengths for every model, so that the pictures line up; grey: missing
     all_depths = sorted({c["depth"] for cells in models.values() for c in cells})
     all_lengths = sorted({c["length"] for cells in models.values() for c in cells})
-    fig, axes = plt.subplots(1, len(models), figsize=(2 + 1.2 * len(all_lengths) * len(models),
-                                                      1.6 + 0.4 * len(all_depths)), squeeze=False)
-    for ax, (name, cells) in zip(axes[0], models.items()):
-        depths, lengths, grid = needlebench.score_grid(cells)
-        full = np.full((len(all_depths), len(all_lengths)), np.nan)
-        full[np.ix_([all_depths.index(d) for d in depths],
-                    [all_lengths.index(L) for L in lengths])] = grid
-        needlebench.draw_heatmap(ax, all_depths, all_lengths, full, name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    with figure(path, 1, len(models), squeeze=False, figsize=(
+            2 + 1.2 * len(all_lengths) * len(models), 1.6 + 0.4 * len(all_depths))) as (fig, axes):
+        for ax, (name, cells) in zip(axes[0], models.items()):
+            depths, lengths, grid = needles.score_grid(cells)
+            full = np.full((len(all_depths), len(all_lengths)), np.nan)
+            full[np.ix_([all_depths.index(d) for d in depths],
+                        [all_lengths.index(L) for L in lengths])] = grid
+            needles.draw_heatmap(ax, [f"{d}%" for d in all_depths], all_lengths, full, name)
+        fig.suptitle(title)
 
 
 def plot_curves(path: str, rows: dict[str, dict], ylabel: str, title: str, log: bool) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, row in rows.items():
-        points = sorted((c, v) for c, v in row.items() if isinstance(c, int) and v is not None)
-        if points:
-            ax.plot([c for c, _ in points], [v for _, v in points], "o-", label=name)
-    ax.set_xscale("log", base=2)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    with figure(path, figsize=(7, 4)) as (fig, ax):
+        for name, row in rows.items():
+            points = sorted((c, v) for c, v in row.items() if isinstance(c, int) and v is not None)
+            if points:
+                ax.plot([c for c, _ in points], [v for _, v in points], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log" if log else "linear")
+        ax.set(xlabel="context length (tokens)", ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from harness import files, results
-from harness.flags import count, flag
+from harness.flags import count, flag, number
 
 MAX_LEN = 16000  # the wrapper's max_seq_len: model ids kept, BOS included
 BLOCK_LENGTH = 64  # the config's diffusion_config block_length
@@ -132,14 +132,14 @@ class Options(results.PromptCache):
     """LongBench's own flags (python evaluate.py --task longbench --help). Decoding follows the
     authors' config per dataset: blocks of 64, as many steps as answer tokens."""
     data: str | None = flag(None, "the folder of LongBench's .jsonl files (THUDM/LongBench "
-                            "data.zip; required)")
+                            "data.zip)", required=True)
     datasets: list[str] | None = flag(None, f"datasets to run (default: all 21): "
                                       f"{', '.join(DATASETS)}", nargs="+", choices=list(DATASETS),
                                       metavar="NAME", setting=False)
     samples: int | None = flag(None, "the first N rows of each dataset (default: all)",
                                type=count, setting=False)
-    max_len: int = flag(MAX_LEN, "model tokens a prompt is cut to, in the middle (paper: 16000)",
-                        type=count)
+    max_len: int = flag(MAX_LEN, "model tokens a prompt is cut to, in the middle, a head and a "
+                        "tail (paper: 16000)", type=number(int, 2, True))
 
 
 FIRST_LINE = {"trec", "triviaqa", "samsum", "lsht"}  # few-shot: the answer ends at its first line
@@ -363,28 +363,9 @@ def longbench_score(dataset: str, prediction: str, answers: list[str],
 
 
 # ---------------------------------------------------------------------------------------------
-# The data
-
-def selected(cfg) -> list[str]:
-    """cfg.datasets in order without repeats (None: all 21), each one LongBench knows."""
-    names = list(dict.fromkeys(cfg.datasets or DATASETS))
-    for name in names:
-        if name not in DATASETS:
-            raise ValueError(f"unknown LongBench dataset {name!r}; choose from "
-                             f"{', '.join(DATASETS)}")
-    return names
-
-
-def dataset_path(cfg, dataset: str) -> str:
-    return os.path.join(cfg.data, dataset + ".jsonl")
-
+# The data: the rows of one LongBench file, checked where the file is opened.
 
 def load_rows(path: str, dataset: str) -> list[dict]:
-    """The rows of one LongBench file, checked; one-line errors that name the file and line."""
-    if not os.path.isfile(path):  # missing, or not a regular file (a named pipe would block)
-        what = "is not a regular file" if os.path.exists(path) else "does not exist"
-        raise files.FileError(f"{path} {what}; download LongBench's data (THUDM/LongBench, "
-                              f"data.zip) and pass the folder of its .jsonl files as --data")
     fields = {"context": str, "answers": list}
     if "{input}" in DATASETS[dataset].template:
         fields["input"] = str
@@ -402,55 +383,40 @@ def load_rows(path: str, dataset: str) -> list[dict]:
             return f"no 'all_classes', which {dataset} is scored with"
         return None
 
-    rows = files.read_jsonl(path, "re-download LongBench's data (THUDM/LongBench, data.zip)",
-                            check=check_row)
+    rows = files.read_jsonl(path, "download LongBench's data (THUDM/LongBench, data.zip) and "
+                            "pass the folder of its .jsonl files as --data", check=check_row)
     if not rows:
         raise files.FileError(f"{path} has no rows; re-download the file")
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
-# The task, as evaluate.py runs it: check, plan, run_cell per cell, report
+# The task, as evaluate.py runs it.
 
 def forward_tokens(cfg) -> int:
     """Tokens of the largest forward (the memory check): a cut prompt and the longest answer."""
-    return cfg.max_len + max(answer_tokens(d) for d in selected(cfg))
-
-
-def check(cfg) -> None:
-    """Everything that can be wrong with the input, before a model is loaded."""
-    names = selected(cfg)
-    if cfg.samples is not None and cfg.samples < 1:
-        raise ValueError(f"--samples {cfg.samples} must be at least 1")
-    if cfg.max_len < 2:
-        raise ValueError(f"--max-len {cfg.max_len} must keep a head and a tail (at least 2)")
-    if not cfg.data:
-        raise ValueError("LongBench needs --data DIR, the folder of its .jsonl files "
-                         "(THUDM/LongBench data.zip)")
-    if not os.path.isdir(cfg.data):
-        raise ValueError(f"--data {cfg.data} is not a folder; LongBench needs the folder of its "
-                         f".jsonl files (THUDM/LongBench data.zip)")
-    for name in names:
-        nested = os.path.join(cfg.data, "data", name + ".jsonl")
-        if not os.path.exists(dataset_path(cfg, name)) and os.path.isfile(nested):
-            raise ValueError(f"{dataset_path(cfg, name)} does not exist but {nested} does; "
-                             f"pass --data {os.path.join(cfg.data, 'data')}")
-        load_rows(dataset_path(cfg, name), name)
-
-
-def cell_name(dataset: str, index: int, length: int, rope: str) -> str:
-    rope = re.sub(r"[^A-Za-z0-9.=+-]+", "_", rope)  # a file name whatever the label holds
-    return f"longbench_{dataset}_{length}_{rope}_{index:04d}.json"
+    return cfg.max_len + max(answer_tokens(d) for d in cfg.datasets or DATASETS)
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
-    """One cell per (dataset, row); the first cfg.samples rows of each dataset. Lengths are in
-    model tokens, so `counter` (the cl100k counter of the needle tasks) is not used."""
+    """One cell per (dataset, row), the first cfg.samples rows of each dataset, every file
+    checked before any model work. Lengths are in model tokens, so `counter` (the cl100k
+    counter of the needle tasks) is not used."""
+    if not os.path.isdir(cfg.data):
+        raise ValueError(f"--data {cfg.data} is not a folder; LongBench needs the folder of its "
+                         f".jsonl files (THUDM/LongBench data.zip)")
     work, cells = {}, []
-    for name in selected(cfg):
-        work[name] = load_rows(dataset_path(cfg, name), name)[:cfg.samples]
+    for name in dict.fromkeys(cfg.datasets or DATASETS):
+        path = os.path.join(cfg.data, name + ".jsonl")
+        nested = os.path.join(cfg.data, "data", name + ".jsonl")
+        if not os.path.exists(path) and os.path.isfile(nested):
+            raise ValueError(f"{path} does not exist but {nested} does; pass --data "
+                             f"{os.path.join(cfg.data, 'data')}")
+        work[name] = load_rows(path, name)[:cfg.samples]
+        # a file name whatever the rope label holds
+        rope = re.sub(r"[^A-Za-z0-9.=+-]+", "_", cfg.rope_label)
         cells += [{"task": "longbench", "dataset": name, "index": i, "length": cfg.max_len,
-                   "rope": cfg.rope_label, "name": cell_name(name, i, cfg.max_len, cfg.rope_label)}
+                   "rope": cfg.rope_label, "name": f"longbench_{name}_{cfg.max_len}_{rope}_{i:04d}.json"}
                   for i in range(len(work[name]))]
     source = (f"LongBench, {len(work)} datasets from {cfg.data}, {len(cells)} rows, prompts cut "
               f"in the middle to {cfg.max_len:,} model tokens")

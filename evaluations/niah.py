@@ -1,18 +1,11 @@
 """
 niah.py: needle in a haystack, our synthetic version for tiny models (the default NIAH task).
 
-Paper map: docs/paper.md section 5.1. The protocol of LongLLaDA and UltraLLaDA: a needle
-sentence is hidden at depths 0%, 10%, ..., 100% of a long haystack, a question about it is
-appended, and the model decodes 32 tokens in one block with 16 steps. The score is
-OpenCompass NeedleBench's
-
-    score = 100                                            if the keyword is in the answer
-          = 0.2 * 100 * (1 - edit_distance(a, n) / max(|a|, |n|))   otherwise
-
-with a and n the answer and the needle without whitespace. Lengths are counted in tiktoken
-cl100k_base tokens; the picture is a depth x length heatmap in red-yellow-green.
-needlebench.py runs the authors' exact NeedleBench prompts for LLaDA-8B; this file keeps the
-needle in the synthetic corpus's format, which is what a tiny model can learn.
+Paper map: docs/paper.md section 5.1. The protocol of LongLLaDA and UltraLLaDA (needles.py: a
+needle at depths 0%, 10%, ..., 100% of a long haystack, 32 answer tokens, NeedleBench's score,
+a depth x length heatmap); needlebench.py runs the authors' exact prompts for LLaDA-8B. This
+file keeps the needle in the synthetic corpus's format (harness/prepare.py), which is what a
+tiny model can learn, and its haystack is that corpus's filler sentences without the facts.
 
 What --len counts: the whole prompt, haystack + needle + separator + question, is exactly
 --len cl100k tokens; the answer's tokens come on top. The haystack window ends at a sentence
@@ -25,27 +18,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# A cell decodes one prompt as NeedleBench's do: the same size (forward_tokens), cost
-# (cell_flops), score and report.
-from evaluations.needlebench import (cell_flops, forward_tokens,  # noqa: F401
-                                     heatmap_report, needle_score)
+from evaluations import needles
 from harness import results
-from harness.files import open_regular
-from harness.flags import count, count0, flag
-from harness.prepare import filler_text
+from harness.flags import count0, flag, number
+from harness.prepare import filler_text, read_book
 from harness.tokenizer import TIKTOKEN_NAME
 
 
-KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for the report
-
-
 @dataclass
-class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
+class Options(needles.Options):
     """NIAH's own flags (python evaluate.py --task niah --help)."""
-    depths: list[int] = flag(list(range(0, 101, 10)), "needle depths in percent of the haystack",
-                             type=int, nargs="+", setting=False)
     repeats: int = flag(1, "haystacks per (length, depth), each a different stretch of text",
-                        type=count, setting=False)
+                        type=number(int, 0, False, highest=1000), setting=False)
     haystack: str | None = flag(None, "folder of long .txt texts (PG19 books, essays), read in "
                                 "name order (default: filler sentences of the synthetic corpus, "
                                 "without its facts)")
@@ -59,6 +43,7 @@ class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
     separator: str = flag(" ", "text between the haystack and the question (a space, as in the "
                           "synthetic corpus; for LLaDA-8B e.g. $'\\n\\n')")
     seed: int = flag(0, "seed of the synthetic haystack", type=count0)
+
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")  # a sentence's last token, closing quotes allowed
 
@@ -75,29 +60,24 @@ def haystack_pool(cfg, counter, need: int) -> tuple[np.ndarray, str]:
         # competing needles.
         return np.asarray(counter.encode(filler_text(want, counter, seed=cfg.seed)), np.int64), \
             "synthetic filler (prepare.py)"
+    if not os.path.isdir(cfg.haystack):
+        raise ValueError(f"--haystack {cfg.haystack} is not a folder; pass a folder of .txt "
+                         f"texts, or leave it out for the synthetic haystack")
     files = sorted(os.path.join(root, n) for root, _, names in os.walk(cfg.haystack)
                    for n in names if n.endswith(".txt"))
-    if not files:
-        raise ValueError(f"--haystack {cfg.haystack} has no .txt files; pass a folder of long texts")
     pieces, total = [], 0
     for path in files:  # only as many files as needed: a PG19 folder holds billions of tokens
-        # open_regular: a named pipe is refused, where open() would wait for a writer forever
-        with open_regular(path, "remove it from --haystack") as f:
-            data = f.read()
-        try:
-            text = data.decode("utf-8-sig").strip()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"cannot read {path} as UTF-8 text ({e.__class__.__name__}); remove it "
-                            f"from --haystack") from None
-        ids = counter.encode(text + "\n\n")  # the blank line keeps two texts apart
-        pieces.append(np.asarray(ids, np.int64))
-        total += len(ids)
+        text, wrong = read_book(path)  # as the corpus reads a book: a named pipe is refused
+        if wrong:
+            raise ValueError(f"--haystack {path}: {wrong}; remove it from --haystack")
+        pieces.append(np.asarray(counter.encode(text.strip() + "\n\n"), np.int64))  # kept apart
+        total += len(pieces[-1])
         if total >= want:
             break
     if total < need:
         raise ValueError(f"--len {max(cfg.len):,} needs {need:,} haystack tokens, but --haystack "
-                        f"{cfg.haystack} holds only {total:,} cl100k tokens in {len(files)} .txt "
-                        f"files; add texts or pass a shorter --len")
+                         f"{cfg.haystack} holds only {total:,} cl100k tokens in {len(files)} .txt "
+                         f"files; add texts or pass a shorter --len")
     return np.concatenate(pieces), os.path.abspath(cfg.haystack)
 
 
@@ -132,71 +112,42 @@ def haystack_window(pool: np.ndarray, bounds: np.ndarray, n: int, repeat: int) -
     return ids[end - n:end]
 
 
-def needle_position(bounds: np.ndarray, depth: int) -> int:
-    """The last boundary at or before depth% of the haystack (OpenCompass rounds down), or the
-    first one when the haystack starts mid-sentence and the depth lies before it."""
-    n = len(bounds) - 1
-    before = np.flatnonzero(bounds[:n * depth // 100 + 1])
-    return int(before[-1]) if len(before) else int(np.flatnonzero(bounds)[0])
-
-
-def niah_pieces(cfg, counter) -> tuple[list[int], list[int]]:
-    """The needle (with its leading space) and the tail (separator + question), in cl100k ids."""
-    return counter.encode(" " + cfg.needle.strip()), counter.encode(cfg.separator + cfg.question)
-
-
 def niah_prompt(window: np.ndarray, bounds: np.ndarray, needle: list[int], tail: list[int],
                 depth: int) -> tuple[list[int], int]:
-    """haystack[:p] + needle + haystack[p:] + separator + question, and p."""
-    p = needle_position(bounds, depth)
+    """haystack[:p] + needle + haystack[p:] + separator + question, and p: the last boundary
+    at or before depth% of the haystack (OpenCompass rounds down), or the first one when the
+    haystack starts mid-sentence and the depth lies before it."""
+    before = np.flatnonzero(bounds[:(len(bounds) - 1) * depth // 100 + 1])
+    p = int(before[-1]) if len(before) else int(np.flatnonzero(bounds)[0])
     return window[:p].tolist() + needle + window[p:].tolist() + tail, p
 
 
-def model_prompt(ids: list[int], tokenizer, counter) -> list[int]:
-    """The prompt in the model's tokens: the counted ids themselves for a cl100k model, so it
-    reads exactly --len tokens; otherwise the prompt's text encoded by its own tokenizer, with
-    its special tokens (BOS for LLaDA), as the official evaluation wrapper encodes prompts."""
-    if tokenizer.source == TIKTOKEN_NAME:
-        return ids
-    return tokenizer.encode_prompt(counter.decode(ids))
-
-
 # ---------------------------------------------------------------------------------------------
-# The task, as evaluate.py runs it.
+# The task, as evaluate.py runs it; its size, cost and key fields are NeedleBench's.
 
-def check(cfg) -> None:
-    results.check_decoding(cfg)
-    results.check_cell_count(len(set(cfg.len)) * len(set(cfg.depths)) * cfg.repeats,
-                             "pass fewer --len, --depths or --repeats")
-    bad = [d for d in cfg.depths if not 0 <= d <= 100]
-    if bad:
-        raise ValueError(f"--depths must lie in 0..100 (percent of the haystack), got {bad[0]}")
+KEYS, forward_tokens, cell_flops = needles.KEYS, needles.forward_tokens, needles.cell_flops
+
+
+def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
+    """Every cell, and the pieces its prompt is made of: the needle (with its leading space)
+    and the tail (separator + question) in cl100k ids. The needle, question and haystack are
+    checked against every length before anything runs."""
     if not cfg.keyword.strip():
         raise ValueError(f"--keyword {cfg.keyword!r} is blank: every answer would hold it and "
                          f"score 100; pass the word the answer must contain")
     if cfg.keyword not in cfg.needle:
         raise ValueError(f"--keyword {cfg.keyword!r} does not occur in --needle {cfg.needle!r}; "
                          f"no answer could find it")
-    if cfg.haystack is not None and not os.path.isdir(cfg.haystack):
-        raise ValueError(f"--haystack {cfg.haystack} is not a folder; pass a folder of .txt "
-                         f"texts, or leave it out for the synthetic haystack")
-
-
-def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
-    """Every cell, and the pieces its prompt is made of; every length is checked against the
-    needle, the question and the haystack before anything runs."""
-    needle, tail = niah_pieces(cfg, counter)
-    shortest = len(needle) + len(tail) + 1
-    if min(cfg.len) < shortest:
+    needle = counter.encode(" " + cfg.needle.strip())
+    tail = counter.encode(cfg.separator + cfg.question)
+    if min(cfg.len) <= len(needle) + len(tail):
         raise ValueError(f"--len {min(cfg.len)} cannot hold the needle ({len(needle)} tokens) and "
-                         f"the question ({len(tail)} tokens); pass --len {shortest} or more")
+                         f"the question ({len(tail)} tokens); pass --len "
+                         f"{len(needle) + len(tail) + 1} or more")
     pool, source = haystack_pool(cfg, counter, max(cfg.len) - len(needle) - len(tail))
-    cells = [dict(task="niah", length=L, depth=d, repeat=r, rope=cfg.rope_label,
-                  name=f"niah_len{L}_depth{d:03d}_rep{r}_rope-{cfg.rope_label}.json")
-             for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in dict.fromkeys(cfg.depths)]
     work = {"pool": pool, "bounds": sentence_boundaries(pool, counter), "needle": needle,
             "tail": tail, "counter": counter, "windows": {}}
-    return cells, work, source
+    return needles.grid(cfg, "niah", "niah"), work, source
 
 
 def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
@@ -208,15 +159,18 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
         work["windows"] = {key: (window, sentence_boundaries(window, counter))}
     window, bounds = work["windows"][key]
     ids, p = niah_prompt(window, bounds, work["needle"], work["tail"], cell["depth"])
-    out = results.decode_answer(model, tokenizer, model_prompt(ids, tokenizer, counter), cfg.gen_length,
-                        cfg.block_length, cfg.steps, cfg.prompt_cache, device)
+    # The prompt in the model's tokens: the counted ids themselves for a cl100k model, so it
+    # reads exactly --len tokens; otherwise its text encoded by the model's own tokenizer with
+    # its special tokens (BOS for LLaDA), as the official evaluation wrapper encodes prompts.
+    prompt = ids if tokenizer.source == TIKTOKEN_NAME else tokenizer.encode_prompt(counter.decode(ids))
+    out = results.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
+                                cfg.steps, cfg.prompt_cache, device)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
-            # scored as NeedleBench scores: 100 with the keyword, else 0.2 x edit similarity
-            "score": needle_score(out["answer"], cfg.needle, cfg.keyword)}
+            # the user's needle whole: NeedleBench's gold string cuts at a "*"
+            "score": needles.needle_score(out["answer"], cfg.needle, cfg.keyword)}
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:
-    """A heatmap and a markdown table per RoPE label (needlebench.heatmap_report)."""
-    return heatmap_report(cells, folder, "niah",
-                          f"NIAH, {os.path.basename(os.path.abspath(cfg.model))}")
+    return needles.heatmap_report(cells, folder, "niah",
+                                  f"NIAH, {os.path.basename(os.path.abspath(cfg.model))}")

@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from data import long_documents
 from diffusion import chunk_nll, cumulative_perplexity
-from harness.files import write_atomic, write_text
+from harness.files import write_text
 from harness.flags import count, count0, flag
 from harness.prepare import CACHE_DIR, SPLITS, load_corpus, read_book
-from harness import results
-from harness.results import forward_flops, short
+from harness.results import figure, forward_flops, short
 
 
 KEYS = ("length", "doc", "rope", "chunk_nll")  # what a result needs for the report
@@ -61,29 +60,19 @@ def forward_tokens(cfg) -> int:
     return cfg.draws * (max(cfg.len) + 1)
 
 
-def check(cfg) -> None:
-    if cfg.document is not None:
-        if cfg.data is None:
-            raise ValueError("--document names a file inside --data; pass --data DIR too")
-        if not os.path.isfile(os.path.join(cfg.data, cfg.document)):
-            raise ValueError(f"--document {cfg.document}: no such file in {cfg.data}")
-        if cfg.docs != 1:
-            raise ValueError("--document scores one document; leave out --docs")
-    results.check_cell_count(len(set(cfg.len)) * cfg.docs, "pass fewer --len or --docs")
-    bad = [L for L in cfg.len if L % cfg.chunk_size]
-    if bad:
-        raise ValueError(f"--len {bad[0]} is not a multiple of --chunk-size {cfg.chunk_size}; "
-                         f"pass --len {max(2, bad[0] // cfg.chunk_size) * cfg.chunk_size}")
-    if min(cfg.len) < 2 * cfg.chunk_size:
-        raise ValueError(f"--len {min(cfg.len)} is less than two chunks of {cfg.chunk_size}: the "
-                         f"first chunk is context only; pass --len {2 * cfg.chunk_size} or more")
-
-
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     """One cell per (length, document): the longest documents that have `length` tokens, BOS
-    included, or the --document file."""
+    included, or the --document file, read and checked before any model work."""
+    bad = [L for L in cfg.len if L % cfg.chunk_size or L < 2 * cfg.chunk_size]
+    if bad:
+        raise ValueError(f"--len {bad[0]} must be a whole number of --chunk-size {cfg.chunk_size} "
+                         f"chunks, at least two (the first is context only); pass --len "
+                         f"{max(2, bad[0] // cfg.chunk_size) * cfg.chunk_size}")
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     if cfg.document is not None:
+        if cfg.data is None or cfg.docs != 1:
+            raise ValueError("--document names one file inside --data: pass --data DIR, and "
+                             "leave out --docs")
         name, tokens = cfg.document, named_document(cfg.data, cfg.document, tokenizer)
         beyond = [L for L in cfg.len if len(bos) + len(tokens) < L]
         if beyond:
@@ -162,31 +151,18 @@ def ppl_curves(cells: list[dict]) -> dict[tuple[str, int], tuple[int, np.ndarray
     return curves
 
 
-def plot_ppl(path: str, curves, chunk_size: int, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for (rope, length), (n, ppl) in curves.items():
-        ax.plot(np.arange(2, len(ppl) + 2) * chunk_size, ppl,  # chunk 0 is context only
-                label=f"rope {rope}, len {short(length)}")
-    ax.set_yscale("log")
-    ax.set_xlabel("position (tokens)")
-    ax.set_ylabel("perplexity of the text so far")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
-
-
 def report(cells: list[dict], cfg, folder: str) -> str:
     curves = ppl_curves(cells)
     table = ["| length | rope | documents | perplexity |", "|---:|---|---:|---:|"]
     table += [f"| {L:,} | {rope} | {n} | {ppl[-1]:.3f} |" for (rope, L), (n, ppl) in curves.items()]
     table = "\n".join(table)
     title = f"perplexity, {os.path.basename(os.path.abspath(cfg.model))}"
-    plot_ppl(os.path.join(folder, "ppl_vs_position.png"), curves, cfg.chunk_size, title)
+    with figure(os.path.join(folder, "ppl_vs_position.png"), figsize=(7, 4)) as (fig, ax):
+        for (rope, length), (n, ppl) in curves.items():
+            ax.plot(np.arange(2, len(ppl) + 2) * cfg.chunk_size, ppl,  # chunk 0 is context only
+                    label=f"rope {rope}, len {short(length)}")
+        ax.set(yscale="log", xlabel="position (tokens)", ylabel="perplexity of the text so far")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
     write_text(os.path.join(folder, "table_ppl.md"), f"# {title}\n\n{table}\n")
     return f"{title} ({folder}/ppl_vs_position.png)\n{table}"

@@ -21,6 +21,7 @@ first by the haystack-size search, then by sample 0, 1, 2, ... So sample `index`
 `index` of the dataset OpenCompass builds, and depends on nothing but (task, length, index).
 """
 import bisect
+import copy
 import functools
 import math
 import os
@@ -36,8 +37,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from evaluations.needles import draw_heatmap  # NIAH's picture: RULER's tasks by length
 from harness import files, results
-from harness.flags import count, count0, flag
+from harness.flags import count0, flag, number
 from harness.tokenizer import cl100k
 
 RULER_SEED = 42  # random_seed of every OpenCompass RULER dataset
@@ -97,8 +99,8 @@ class Options(results.decoding_flags(64, 64, 64, "the authors' RULER config, eve
                                          f"data file is not given): {', '.join(TASKS)}",
                                          nargs="+", choices=list(TASKS), metavar="TASK",
                                          setting=False)
-    samples: int = flag(100, "samples per task and length (paper: 100)", type=count,
-                        setting=False)
+    samples: int = flag(100, "samples per task and length (paper: 100)",
+                        type=number(int, 0, False, highest=100_000), setting=False)
     essays: str | None = flag(None, "Paul Graham's essays, PaulGrahamEssays.jsonl (the essay "
                               "haystack of five NIAH tasks)")
     squad: str | None = flag(None, "SQuAD v2 dev set, dev-v2.0.json (qa_squad)")
@@ -507,10 +509,7 @@ def qa_data(kind: str, path: str):
 
 def qa_build(t: RulerTask, length: int, size: int, d: Draw):
     qas, docs = qa_data(t.data, d.path)
-    if d.index >= len(qas):
-        raise ValueError(f"RULER {t.name} sample {d.index}: {d.path} has only {len(qas)} "
-                         f"answerable questions; pass --samples {len(qas)} or fewer")
-    q = qas[d.index]
+    q = qas[d.index]  # plan() refuses more samples than answerable questions
     own, more = q["context"], q.get("more_context", [])
     if size < len(docs):  # the gold paragraphs, then the article's, then random others
         if size - len(own) > len(more):
@@ -564,25 +563,14 @@ FAMILIES = {
 # ---------------------------------------------------------------------------------------------
 # One random stream per (task, length), replayed so that sample `index` is OpenCompass's row.
 
-def capture(d: Draw):
-    return d.rng.getstate(), d.nprng.get_state()
-
-
-def restore(state, seed: int, path: str | None, index: int) -> Draw:
-    d = Draw(random.Random(), np.random.RandomState(), seed, path, index)
-    d.rng.setstate(state[0])
-    d.nprng.set_state(state[1])
-    return d
-
-
 @functools.cache
 def stream(task: str, length: int, seed: int, path: str | None) -> dict:
-    """The fitted size and the stream's state before each sample drawn so far: OpenCompass seeds
-    random and numpy with 42 at the start of load(), sizes the haystack, then draws the samples
-    in order, so reaching sample i means replaying samples 0..i-1 once."""
+    """The fitted size and the stream as it was before each sample drawn so far: OpenCompass
+    seeds random and numpy with 42 at the start of load(), sizes the haystack, then draws the
+    samples in order, so reaching sample i means replaying samples 0..i-1 once."""
     d = Draw(random.Random(seed), np.random.RandomState(seed), seed, path)
     size = FAMILIES[TASKS[task].family].fit(TASKS[task], length, d)
-    return {"size": size, "states": [capture(d)]}
+    return {"size": size, "states": [copy.deepcopy(d)]}
 
 
 def data_path(task: str, data_files: dict) -> str | None:
@@ -598,96 +586,59 @@ def ruler_sample(task: str, length: int, index: int, data_files: dict | None = N
     """Sample `index` of a task at `length` cl100k tokens: {"prompt", "answers"}. The prompt is
     OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX. data_files: the files
     by DATA_FILES key, as far as the task needs one."""
-    if task not in TASKS:
-        raise ValueError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
     t, path = TASKS[task], data_path(task, data_files or {})
     s, draw = stream(task, length, seed, path), FAMILIES[t.family].sample
     while len(s["states"]) <= index:
-        d = restore(s["states"][-1], seed, path, len(s["states"]) - 1)
+        d = copy.deepcopy(s["states"][-1])
         draw(t, length, s["size"], d)
-        s["states"].append(capture(d))
-    prompt, answers = draw(t, length, s["size"], restore(s["states"][index], seed, path, index))
+        d.index += 1
+        s["states"].append(d)
+    prompt, answers = draw(t, length, s["size"], copy.deepcopy(s["states"][index]))
     return {"prompt": prompt, "answers": list(answers)}
 
 
 # ---------------------------------------------------------------------------------------------
-# The evaluation-task protocol evaluate.py calls: check, plan, run_cell, report.
-
-def select_tasks(cfg) -> tuple[list[str], list[str]]:
-    """(tasks to run, tasks skipped). The default list skips the tasks whose file was not
-    passed; a task asked for by name without its file is an error."""
-    named = cfg.ruler_tasks is not None
-    unknown = [n for n in (cfg.ruler_tasks or []) if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown RULER task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    run, skipped = [], []
-    for name in (cfg.ruler_tasks if named else TASKS):
-        kind = TASKS[name].data
-        if kind and data_files_of(cfg)[kind] is None and not named:
-            skipped.append(name)
-        else:
-            run.append(name)
-    return run, skipped
-
+# The task, as evaluate.py runs it.
 
 def forward_tokens(cfg) -> int:
     """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
-    return max(cfg.len) + decoding(cfg)[0]
-
-
-def check(cfg) -> None:
-    """Flags and data files, before any model work; one-line ValueError / FileError."""
-    results.check_decoding(cfg)
-    tasks, _ = select_tasks(cfg)
-    results.check_cell_count(len(set(cfg.len)) * len(tasks) * cfg.samples,
-                             "pass fewer --len, --ruler-tasks or --samples")
-    for L in cfg.len:
-        if L < MIN_LENGTH:
-            raise ValueError(f"--len {L} is too small for RULER; pass --len {MIN_LENGTH} or more")
-    if cfg.samples < 1:
-        raise ValueError(f"--samples {cfg.samples} must be at least 1")
-    for name in tasks:
-        t = TASKS[name]
-        path = data_path(name, data_files_of(cfg))
-        if path is not None and not os.path.isfile(path):  # a named pipe would block too
-            raise files.FileError(f"--{t.data} {path} does not exist or is not a file; pass "
-                                  f"{DATA_FILES[t.data]}")
-        if t.data == "essays":
-            essay_words(path)
-        elif t.family == "qa" and cfg.samples > len(qa_data(t.data, path)[0]):
-            raise ValueError(f"--samples {cfg.samples} exceeds the {len(qa_data(t.data, path)[0])} "
-                             f"answerable questions of {path}")
-        if "words" in (t.options.get("key"), t.options.get("value")) or t.family == "cwe":
-            wonderwords_lists()
-
-
-def data_files_of(cfg) -> dict:
-    return {kind: getattr(cfg, kind) for kind in DATA_FILES}
+    return max(cfg.len) + cfg.gen_length
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
-    """Every cell (task x length x sample) and the data they share. Sizes every haystack now,
-    so a length too small for a task fails before the model loads. `source` names the files
-    and, after "skipped:", the tasks the default list left out for want of a file."""
-    tasks, skipped = select_tasks(cfg)
+    """Every cell (task x length x sample) and the data they share. Each file is read and
+    checked where it is opened, and every haystack sized now, so a length too small for a
+    task fails before the model loads. The default list skips the tasks whose file was not
+    passed, and `source` says so; a task asked for by name without its file is an error."""
+    if min(cfg.len) < MIN_LENGTH:
+        raise ValueError(f"--len {min(cfg.len)} is too small for RULER; pass --len {MIN_LENGTH} "
+                         f"or more")
+    files_ = {kind: getattr(cfg, kind) for kind in DATA_FILES}
+    named = cfg.ruler_tasks is not None
+    tasks = [n for n in dict.fromkeys(cfg.ruler_tasks or TASKS)
+             if named or not TASKS[n].data or files_[TASKS[n].data] is not None]
     seed = RULER_SEED + cfg.seed  # --seed 0 is OpenCompass's random_seed 42
-    for L in sorted(set(cfg.len)):
-        for name in tasks:
-            stream(name, L, seed, data_path(name, data_files_of(cfg)))
+    for name in tasks:
+        t, path = TASKS[name], data_path(name, files_)
+        if t.family == "qa" and cfg.samples > len(qa_data(t.data, path)[0]):
+            raise ValueError(f"--samples {cfg.samples} exceeds the {len(qa_data(t.data, path)[0])} "
+                             f"answerable questions of {path}")
+        for L in sorted(set(cfg.len)):
+            stream(name, L, seed, path)
     cells = [dict(task="ruler", ruler_task=name, length=L, index=i, rope=cfg.rope_label,
                   name=f"ruler_{name}_len{L}_idx{i}_rope-{cfg.rope_label}.json")
              for L in sorted(set(cfg.len)) for name in tasks for i in range(cfg.samples)]
-    used = [f"{k} {getattr(cfg, k)}" for k in DATA_FILES if getattr(cfg, k) is not None]
+    used = [f"{k} {v}" for k, v in files_.items() if v is not None]
     source = f"RULER {len(tasks)} tasks, seed {seed}" + (f"; {', '.join(used)}" if used else "")
-    if skipped:
+    if skipped := [n for n in TASKS if n not in tasks and not named]:
         wanted = sorted({"--" + TASKS[n].data for n in skipped})
         source += f"; skipped: {', '.join(skipped)} (pass {' and '.join(wanted)})"
-    return cells, {"seed": seed, "files": data_files_of(cfg)}, source
+    return cells, {"seed": seed, "files": files_}, source
 
 
 def decoding(cfg) -> tuple[int, int, int]:
     """(gen_length, block_length, steps) by the wrapper's rule: no more steps than answer
-    tokens. (It also rounds the answer up to whole blocks; check_decoding refuses any other.)"""
+    tokens. (It also rounds the answer up to whole blocks; check_schedule refuses any other.)"""
     return cfg.gen_length, cfg.block_length, min(cfg.steps, cfg.gen_length)
 
 
@@ -731,10 +682,6 @@ def score_table(cells: list[dict]) -> dict:
 
 def report(cells: list[dict], cfg, folder: str) -> str:
     """table_ruler.md (task x length, category and overall averages) and ruler_scores.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = score_table(cells)
     ropes = sorted({r for r, _ in table})
     tasks = [t for t in TASKS if any(t in row for row in table.values())]
@@ -765,20 +712,11 @@ def report(cells: list[dict], cfg, folder: str) -> str:
     text = f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n"
     files.write_text(os.path.join(folder, "table_ruler.md"), text)
 
-    fig, axes = plt.subplots(1, len(fig_rows), figsize=(2.5 + 1.2 * max(len(r[1]) for r in fig_rows)
-                                                        * len(fig_rows), 1 + 0.45 * len(tasks)),
-                             squeeze=False)
-    for ax, (rope, lengths, grid) in zip(axes[0], fig_rows):
-        ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
-        ax.set_yticks(range(len(tasks)), tasks)
-        for (i, j), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"rope {rope}")
-    fig.suptitle(title)
-    fig.tight_layout()
     path = os.path.join(folder, "ruler_scores.png")
-    files.write_atomic(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    with results.figure(path, 1, len(fig_rows), squeeze=False, figsize=(
+            2.5 + 1.2 * max(len(r[1]) for r in fig_rows) * len(fig_rows), 1 + 0.45 * len(tasks))) \
+            as (fig, axes):
+        for ax, (rope, lengths, grid) in zip(axes[0], fig_rows):
+            draw_heatmap(ax, tasks, lengths, grid, f"rope {rope}", ylabel="task")
+        fig.suptitle(title)
     return f"{title} ({folder}/table_ruler.md, {path})\n" + "\n\n".join(sections)

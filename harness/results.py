@@ -1,13 +1,14 @@
 """
-results.py: the evaluation harness shared by every task: decoding an answer, the results
-folder (one JSON file per cell, so an interrupted run resumes), and report helpers.
+results.py: what every evaluation task shares: decoding an answer, what a run must not do (score
+a broken model, start what cannot fit), the results folder and the run-time estimate.
 
-Harness, not part of the paper: the tasks themselves (niah.py, needlebench.py, ruler.py,
-longbench.py, ppl.py) hold the protocols; evaluate.py runs them.
+Harness, not part of the paper: the tasks (evaluations/) hold the protocols; evaluate.py runs
+them. The results folder holds one JSON file per cell, written atomically, so a file is either
+a finished cell or damaged from outside; a process computes a cell while it holds the cell's
+claim, a lock the operating system gives up when the process ends, however it ends.
 """
 import contextlib
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from diffusion import generate
-from harness.files import (FileError, append_line, physical_memory, read_json, release, try_lock,
-                           wait_for_lock, write_json)
+from harness.files import FileError, physical_memory, read_json, release, try_lock, \
+    wait_for_lock, write_atomic, write_json
 from harness.flags import count, finite_number, flag
 
 
@@ -42,16 +43,6 @@ def decoding_flags(gen: int, block: int, n_steps: int, source: str) -> type:
     return Decoding
 
 
-def check_decoding(cfg) -> None:
-    """The sampler's own rules (diffusion.check_generate_args), before any model work."""
-    if cfg.gen_length % cfg.block_length:
-        raise ValueError(f"--gen-length {cfg.gen_length} must be a multiple of --block-length "
-                         f"{cfg.block_length}")
-    if cfg.steps % (cfg.gen_length // cfg.block_length):
-        raise ValueError(f"--steps {cfg.steps} must be a multiple of the number of blocks "
-                         f"{cfg.gen_length // cfg.block_length}")
-
-
 def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,
                   steps: int, prompt_cache: bool, device, cut_at_eos: bool = True) -> dict:
     """LLaDA's sampler at temperature 0 on one prompt (model token ids, BOS included when the
@@ -61,17 +52,14 @@ def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, bloc
     model). False decodes all gen_length tokens with the special tokens dropped, as the
     authors' OpenCompass wrapper does (no stop words), for the paper's benchmarks."""
     prompt = torch.tensor([prompt_ids], device=device)  # (1, Lp)
-    # Inner bar only on a terminal (disable=None): in a log file the cell bar says enough.
-    bar = tqdm(total=steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True,
-               disable=None)
     t = time.perf_counter()
-    try:
+    # Inner bar only on a terminal (disable=None): in a log file the cell bar says enough.
+    with tqdm(total=steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True,
+              disable=None) as bar:
         out = generate(model, prompt, steps=steps, gen_length=gen_length,
                        block_length=block_length, temperature=0.0,
                        cache="prefix" if prompt_cache else None,
                        on_step=lambda: bar.update(1))  # (1, Lp + gen_length)
-    finally:
-        bar.close()
     answer = out[0, len(prompt_ids):].tolist()
     if cut_at_eos and tokenizer.eos_id in answer:  # after the first EOS comes padding
         answer = answer[:answer.index(tokenizer.eos_id)]
@@ -82,22 +70,17 @@ def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, bloc
 # ---------------------------------------------------------------------------------------------
 # What a run must not do: score a broken model, or start what cannot fit.
 
-class NonFinite(ValueError):
-    """The model's hidden states stopped being finite numbers."""
-
-
 @contextlib.contextmanager
 def finite_outputs(model, what: str):
-    """Raise NonFinite as soon as a forward of `model` gives a NaN or an infinity. A model whose
-    weights or config are broken (rope_theta 0, a NaN norm) decodes "!!!!" with a confident
-    score of 0 otherwise; one check of the final hidden states per forward costs nothing
-    beside the forward itself."""
+    """A ValueError as soon as a forward of `model` gives a NaN or an infinity. A model whose
+    weights or config are broken decodes "!!!!" with a confident score of 0 otherwise; one
+    check of the final hidden states per forward costs nothing beside the forward itself."""
     def check(module, inputs, output):
         if not bool(torch.isfinite(output).all()):
-            raise NonFinite(f"{what}: the model's hidden states are not finite (NaN or inf); its "
-                            f"weights or config.json (rope_theta, rms_norm_eps) are broken, or "
-                            f"{str(output.dtype).removeprefix('torch.')} overflows; nothing was "
-                            f"written for this cell")
+            raise ValueError(f"{what}: the model's hidden states are not finite (NaN or inf); its "
+                             f"weights or config.json (rope_theta, rms_norm_eps) are broken, or "
+                             f"{str(output.dtype).removeprefix('torch.')} overflows; nothing was "
+                             f"written for this cell")
     hook = model.transformer.ln_f.register_forward_hook(check)
     try:
         yield
@@ -105,51 +88,29 @@ def finite_outputs(model, what: str):
         hook.remove()
 
 
-def available_memory(device) -> int:
-    """Bytes this process may still allocate: the GPU's free memory, or MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return physical_memory()
-
-
-def inference_bytes(c, tokens: int, dtype_bytes: int) -> int:
-    """A lower bound on the memory of one forward without gradients over `tokens` tokens (all
-    rows together): the weights, and per token the residual stream, q, k, v, the attention
-    output and the float32 RoPE tables (the SwiGLU intermediates run in slices of tokens)."""
-    weights = dtype_bytes * (2 * c.embedding_size * c.d_model +
-                             c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size))
-    per_token = 6 * c.d_model * dtype_bytes + 2 * c.head_dim * 4
-    return weights + tokens * per_token
-
-
 class DoesNotFit(ValueError):
     """check_fits' refusal: about this process's own device, which the others do not share."""
 
 
-def check_fits(c, tokens: int, dtype: str, device, what: str) -> None:
-    """One line before any work when a forward over `tokens` tokens cannot fit in memory."""
-    need = inference_bytes(c, tokens, torch.empty((), dtype=getattr(torch, dtype)).element_size())
-    have = available_memory(device)
+def check_fits(c, tokens: int, dtype: str, device) -> None:
+    """One line before any work when a forward over `tokens` tokens (all rows together) cannot
+    fit. A lower bound: the weights, and per token the residual stream, q, k, v, the attention
+    output and the float32 RoPE tables (the SwiGLU intermediates run in slices of tokens)."""
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    weights = size * (2 * c.embedding_size * c.d_model +
+                      c.n_layers * (4 * c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size))
+    need = weights + tokens * (6 * c.d_model * size + 2 * c.head_dim * 4)
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    else:
+        have = physical_memory()
+        with contextlib.suppress(OSError), open("/proc/meminfo") as f:  # Linux: MemAvailable
+            have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     if need > have:
-        raise DoesNotFit(f"{what} needs at least {need / 2**30:,.1f} GiB for one forward of this "
-                         f"model ({tokens:,} tokens in {dtype}), but {device.type} has "
-                         f"{have / 2**30:,.1f} GiB available; pass a shorter length or use a "
-                         f"bigger machine")
-
-
-MAX_CELLS = 1_000_000  # a plan beyond this is a typo: its list alone fills memory
-
-
-def check_cell_count(n: int, hint: str) -> None:
-    if n > MAX_CELLS:
-        raise ValueError(f"this run would have {n:,} cells (more than {MAX_CELLS:,}); {hint}")
+        raise DoesNotFit(f"this run's largest forward ({tokens:,} tokens) needs at least "
+                         f"{need / 2**30:,.1f} GiB for one forward of this model in {dtype}, but "
+                         f"{device.type} has {have / 2**30:,.1f} GiB available; pass a shorter "
+                         f"length or use a bigger machine")
 
 
 def short(length: int) -> str:
@@ -157,28 +118,39 @@ def short(length: int) -> str:
     return f"{length // 1024}K" if length % 1024 == 0 else f"{length:,}"
 
 
+@contextlib.contextmanager
+def figure(path: str, *grid, **options):
+    """`with figure(path, 1, 2, figsize=(8, 3)) as (fig, axes):` a matplotlib figure drawn
+    off-screen, written atomically as a PNG at `path` when the block ends."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(*grid, **options)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A markdown table; floats with one decimal, None as '-'."""
     def cell(v):
         return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
 # ---------------------------------------------------------------------------------------------
-# The results folder: one JSON per cell, named by the task's plan; a rerun skips the cells that
-# have a result made with the same settings.
+# The results folder: one JSON per cell, named by the task's plan.
 
 def results_dir(model: str, task: str, results: str | None = None) -> str:
-    """results/<model name>/<task>/ unless --results says otherwise."""
-    if results:
-        return results
+    """results/<model name>/<task>/ unless --results says otherwise; train.py's OUT/checkpoint
+    is named by OUT, which says more."""
     path = os.path.abspath(model)
-    name = os.path.basename(path)
-    if name == "checkpoint":  # train.py's OUT/checkpoint: OUT says more
-        name = os.path.basename(os.path.dirname(path))
-    return os.path.join("results", name, task)
+    name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path)
+    return results or os.path.join("results", name, task)
 
 
 def checkpoint_fingerprint(path: str) -> str:
@@ -191,38 +163,23 @@ def checkpoint_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def result_files(folder: str, task: str) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if n.startswith(task + "_") and n.endswith(".json")) \
-        if os.path.isdir(folder) else []
+def sound(cell, task: str, keys: tuple) -> bool:
+    """A result its task's report can use: the report's keys there, the score and the chunk
+    NLLs (where the cell has them) finite numbers."""
+    if not (isinstance(cell, dict) and cell.get("task") == task and all(k in cell for k in keys)):
+        return False
+    nll = cell.get("chunk_nll", [0.0])
+    return isinstance(nll, list) and len(nll) > 0 and \
+        all(map(finite_number, [cell.get("score", 0.0), *nll]))
 
 
-def non_finite(value) -> bool:
-    """Whether a JSON value holds a NaN or an infinity anywhere (Python's json reads them)."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(non_finite(v) for v in value.values())
-    return isinstance(value, list) and any(non_finite(v) for v in value)
-
-
-def sound(record, task: str, keys: tuple) -> bool:
-    """A result its task's report can use: the task's keys are there, the score a number, the
-    perplexity's chunk NLLs numbers, and nothing NaN or infinite."""
-    return (isinstance(record, dict) and record.get("task") == task
-            and isinstance(record.get("settings"), dict) and all(k in record for k in keys)
-            and (finite_number(record["score"]) if "score" in keys else True)
-            and (isinstance(record["chunk_nll"], list) and len(record["chunk_nll"]) > 0
-                 and all(map(finite_number, record["chunk_nll"])) if "chunk_nll" in keys else True)
-            and not non_finite(record))
-
-
-def scan_results(folder: str, task: str, keys: tuple = ()) -> tuple[dict[str, dict], list[str]]:
-    """The finished cells of `task` in the folder by file name, and the names of the files
-    that are not sound (not JSON, a named pipe, a key or number missing or NaN): damaged from
-    outside, since writes are atomic. One listing gives both, so a cell another process writes
-    meanwhile is in neither."""
+def scan_results(folder: str, task: str, keys: tuple) -> tuple[dict[str, dict], list[str]]:
+    """The sound results of `task` by file name, and the names of its other result files:
+    damaged from outside (not JSON, a named pipe, a number missing or NaN). One listing gives
+    both, so a cell another process writes meanwhile is in neither."""
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     found, damaged = {}, []
-    for name in result_files(folder, task):
+    for name in (n for n in names if n.startswith(task + "_") and n.endswith(".json")):
         try:
             cell = read_json(os.path.join(folder, name))  # refuses a named pipe, never opens it
         except FileError:
@@ -235,106 +192,63 @@ def scan_results(folder: str, task: str, keys: tuple = ()) -> tuple[dict[str, di
 
 
 def read_results(folder: str, task: str, keys: tuple = ()) -> dict[str, dict]:
-    """The finished, sound cells of `task` in the folder (scan_results); the next run redoes
-    the damaged ones."""
     return scan_results(folder, task, keys)[0]
 
 
-def finished_cells(folder: str, task: str, names: list[str]) -> set:
-    """The names among `names` with a result file, whichever process wrote it."""
-    return set(result_files(folder, task)) & set(names)
-
-
-def claim_cells(folder: str, task: str, names: list[str], evaluate_one, wait: bool,
-                progress=None) -> None:
-    """evaluate_one(name) -> record for each cell without a result, written to folder/name.
-    Any number of processes may share a folder: each walks the same list and takes the cells
-    nobody holds. A claim is a lock on .claims/NAME, given up by a killed process, so its cell
-    goes to whoever comes next; a journal line says who computed each cell. When nothing is
-    left to claim, wait=True waits for the cells that other processes hold (taking over any
-    they abandon); wait=False returns. progress(finished, waiting), where given, hears how many
-    cells are done (a listing of the folder each time: only the process that shows a bar)."""
-    while len(finished := finished_cells(folder, task, names)) < len(names):
-        if progress:
-            progress(len(finished), False)
-        took = False
-        for name in names:
-            claim_path = os.path.join(folder, ".claims", name)
-            if name in finished or (claim := try_lock(claim_path)) is None:
-                continue
-            result_there = False
-            try:
-                if os.path.exists(os.path.join(folder, name)):
-                    result_there = True  # written by another process since the listing
-                    continue
-                record = {**evaluate_one(name), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-                write_json(os.path.join(folder, name), record)
-                result_there = took = True
-                append_line(os.path.join(folder, f".journal-{task}.jsonl"),
-                            {"cell": name, "process": record.get("process"),
-                             "finished": record["finished"]})
-                if progress:
-                    progress(len(finished_cells(folder, task, names)), False)
-            finally:
-                # The claim file goes only once the result is there: a process that opened it
-                # just before could lock the removed file while another locks a new one, and
-                # both would compute a cell that has no result yet.
-                release(claim, claim_path if result_there else None)
-        if not took:  # what is left is held by other processes
-            if not wait:
-                break
-            if progress:
-                progress(len(finished), True)
-            time.sleep(2)
-    if progress:
-        progress(len(finished_cells(folder, task, names)), False)
-
-
-def check_outside_checkpoints(folder: str) -> None:
-    """A results folder inside a checkpoint folder would be lost the next time a training run
-    saves that checkpoint (train.py swaps the whole folder)."""
+def prepare_folder(folder: str, task: str, keys: tuple, current: dict, planned: set,
+                   overwrite: bool) -> None:
+    """Make the folder ready for a run with settings `current`, under its lock, so that
+    processes starting together see one another: results of other settings are refused (with
+    --overwrite they are deleted, and so are the planned cells), damaged result files are
+    deleted to be run again, and the settings are recorded, so that a process started at the
+    same time with other settings is refused too. Afterwards a cell is finished exactly when
+    its file exists. A folder inside a checkpoint is refused: a training run's save replaces
+    the checkpoint's folder, and the results with it."""
     path = os.path.abspath(folder)
     while path != os.path.dirname(path):
-        if os.path.isfile(os.path.join(path, "config.json")) and any(
-                os.path.exists(os.path.join(path, n)) for n in (
-                    "model.safetensors", "model.safetensors.index.json", "train_state.json")):
+        if os.path.isfile(os.path.join(path, "config.json")) and any(os.path.exists(
+                os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
             raise ValueError(f"--results {folder} lies inside the checkpoint folder {path}, "
-                             f"which a training run rewrites at every save (while one saves, "
-                             f"a cell written there fails); pass a folder outside it")
+                             f"which a training run rewrites at every save; pass a folder "
+                             f"outside it")
         path = os.path.dirname(path)
-
-
-def prepare_folder(folder: str, task: str, keys: tuple, current: dict, cells: list[dict],
-                   overwrite: bool) -> None:
-    """Make the results folder ready for a run with settings `current`, under its lock, so that
-    processes starting together see one another: results made with other settings are refused
-    (with --overwrite they are deleted, and so are this plan's finished cells), damaged result
-    files are deleted to be run again, and the settings are recorded, so that a process started
-    at the same time with other settings is refused too. Afterwards a cell is finished exactly
-    when its file exists."""
-    check_outside_checkpoints(folder)
     lock = wait_for_lock(os.path.join(folder, ".lock"), "setting up the results folder")
     try:
-        recorded = read_json(os.path.join(folder, f".settings-{task}.json"), missing_ok=True)
         done, damaged = scan_results(folder, task, keys)
         other = [n for n, c in done.items() if c.get("settings") != current]
-        old = recorded if recorded and recorded != current else \
-            (done[other[0]].get("settings") or {}) if other else None
-        if old is not None and not overwrite:
+        record = os.path.join(folder, f".settings-{task}.json")
+        old = read_json(record, missing_ok=True) or (done[other[0]].get("settings") or {}
+                                                     if other else current)
+        if old != current and not overwrite:
             diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
                     for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
             # no result yet: a run with those settings set the folder up, and runs or died
             what = "holds results made" if other else "was set up by a run"
             raise ValueError(f"{folder} {what} with other settings ({'; '.join(diff[:2])}); "
                              f"pass --results DIR for this run, or --overwrite to replace them")
-        planned = {c["name"] for c in cells}
-        # a set: a cell of other settings that this plan also names is removed once
-        for name in sorted({*damaged, *(other + [n for n in done if n in planned]
-                                        if overwrite else [])}):
+        redo = set(other) | (planned & set(done)) if overwrite else set()
+        for name in sorted(redo | set(damaged)):
             os.remove(os.path.join(folder, name))  # a named pipe too: remove() never opens it
-        write_json(os.path.join(folder, f".settings-{task}.json"), current)
+        write_json(record, current)
     finally:
         release(lock)
+
+
+@contextlib.contextmanager
+def claim(folder: str, name: str):
+    """True while this process holds cell `name`, which has no result yet; False when another
+    process holds it or its result is there. The claim is a lock on .claims/NAME; its file
+    goes only once the result is there: a process that opened it just before could otherwise
+    lock the removed file while another locks a new one, and both would compute the cell."""
+    path, result = os.path.join(folder, ".claims", name), os.path.join(folder, name)
+    lock = try_lock(path)
+    if lock is None:
+        yield False
+        return
+    try:
+        yield not os.path.exists(result)  # written by another process since the listing
+    finally:
+        release(lock, path if os.path.exists(result) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,21 +281,18 @@ def flops_per_second(model, device, length: int = 1024) -> float:
     """The model's speed on a short input: a few seconds even where a 128K forward takes
     minutes. Attention's share grows with length, so long cells are estimated roughly."""
     c = model.config
-    model(torch.zeros(1, 64, dtype=torch.long, device=device))  # warm-up: threads, allocator
     x = torch.randint(0, min(c.eos_token_id, c.mask_token_id), (1, length), device=device)
     times = []
-    while len(times) < 3 and sum(times) < 5.0:
+    for _ in range(2):  # the first warms up threads and the allocator
         t = time.perf_counter()
         model.head(model(x)[:, -32:])
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the model's GPU, which need not be the current one
         times.append(time.perf_counter() - t)
-    return forward_flops(c, length, length, 32) / min(times)
+    return forward_flops(c, length, length, 32) / times[-1]
 
 
 def duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

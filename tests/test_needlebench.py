@@ -1,5 +1,5 @@
 """Tests for needlebench.py: OpenCompass NeedleBench "origin" prompts (template, token budget,
-needle index, the accumulating shuffles), its evaluator, the one-line errors of check(), and one
+needle index, the accumulating shuffles), its evaluator, the one-line errors of its plan, and one
 cell end to end with a tiny random model. The data files are invented here, in the official
 formats (en_un_asr.jsonl: {"title", "text"}; needles.jsonl: {"needle", "retrieval_question",
 "gold_standard_answer", "arg1", "arg2", "type", "language"})."""
@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from evaluations import needlebench
-from evaluations.needlebench import check, needlebench_sample, needlebench_score
+from evaluations import needlebench, needles
+from evaluations.needlebench import needlebench_sample, needlebench_score
 from harness.files import FileError
 from harness.tokenizer import cl100k, tiktoken_tokenizer
 from tiny import tiny_model
@@ -215,107 +215,69 @@ def test_score_is_a_fifth_of_the_edit_similarity_without_whitespace():
     assert needlebench_score("Paprika", "x", "paprika") == pytest.approx(0.0)  # case matters
 
 
+def test_only_needlebench_cuts_the_gold_answer_at_a_star():
+    """OpenCompass stores "\n" + needle + "\n*" + keyword and splits it at "*"; our NIAH scores
+    the user's needle whole (needles.needle_score)."""
+    assert needles.needle_score("It is 28.", "The code is 4*7.", "28") == 100
+    assert needlebench_score("It is 28.", "The code is 4*7.", "28") == 0
+
+
 @pytest.mark.parametrize("a, b, distance", [("kitten", "sitting", 3), ("sitting", "kitten", 3),
                                             ("", "abc", 3), ("abc", "abc", 0), ("", "", 0),
                                             ("flaw", "lawn", 2), ("日本語", "日本", 1)])
 def test_edit_similarity_is_one_minus_levenshtein_over_the_longer_length(a, b, distance):
     longest = max(len(a), len(b))
     expected = 100 * (1 - distance / longest) if longest else 100
-    assert needlebench.edit_similarity(a, b) == pytest.approx(expected)
+    assert needles.edit_similarity(a, b) == pytest.approx(expected)
 
 
-def one_line_error(excinfo) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    return message
+def one_line_error(call, *fragments, kind=ValueError) -> str:
+    with pytest.raises(kind) as e:
+        call()
+    assert "\n" not in str(e.value) and all(f in str(e.value) for f in fragments), str(e.value)
+    return str(e.value)
 
 
-def test_check_accepts_the_fixture_files(paths):
-    """The positive control of the refusals below: the fixtures themselves pass, and their
-    haystack does fill the longest length."""
-    cfg = make_cfg(*paths, len=[1024, 4096])
-    assert check(cfg) is None
-    assert sum(map(len, needlebench.haystack_ids(paths[0]))) >= 4096 - cfg.length_buffer
-
-
-def test_check_names_a_missing_file(paths, tmp_path):
+def test_plan_refuses_bad_files_and_a_length_they_cannot_fill(paths, tmp_path):
+    """Each refusal names the file and, where there is one, the line."""
+    def plan(haystack=paths[0], needles=paths[1], **overrides):
+        return lambda: needlebench.plan(make_cfg(haystack, needles, **overrides), None, None)
     missing = str(tmp_path / "nowhere.jsonl")
-    with pytest.raises(ValueError) as e:
-        check(make_cfg(missing, paths[1]))
-    assert missing in one_line_error(e) and "--haystack" in str(e.value)
-    with pytest.raises(ValueError) as e:
-        check(make_cfg(paths[0], missing))
-    assert missing in one_line_error(e) and "--needles" in str(e.value)
-
-
-def test_check_names_the_malformed_line(paths, tmp_path):
+    one_line_error(plan(haystack=missing), missing, "--haystack")
+    one_line_error(plan(needles=missing), missing, "--needles")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken\n', encoding="utf-8")
-    with pytest.raises(FileError) as e:
-        check(make_cfg(str(bad), paths[1]))
-    assert str(bad) in one_line_error(e) and "line 3" in str(e.value)
-    no_text = tmp_path / "no_text.jsonl"
-    no_text.write_text('{"title": "x"}\n', encoding="utf-8")
-    with pytest.raises(FileError) as e:
-        check(make_cfg(str(no_text), paths[1]))
-    assert "line 1" in one_line_error(e) and "'text'" in str(e.value)
+    one_line_error(plan(haystack=str(bad)), str(bad), "line 3", kind=FileError)
+    bad.write_text('{"title": "x"}\n', encoding="utf-8")
+    one_line_error(plan(haystack=str(bad)), "line 1", "'text'", kind=FileError)
+    one_line_error(plan(len=[1024, 1_000_000]), "--len 1000000", paths[0])
+    one_line_error(plan(len=[500]), "--len 500")  # nothing left after the 600-token buffer
+    english = tmp_path / "needles_en.jsonl"
+    english.write_text("".join(json.dumps(n) + "\n" for n in NEEDLES if n["language"] == "English"))
+    one_line_error(plan(needles=str(english), language="Chinese", length_buffer=200),
+                   "'Chinese'", str(english))
+    # An empty keyword is found in every answer: an untrained model would score 100.
+    for field, value in [("arg2", ""), ("arg2", "  "), ("needle", "")]:
+        rows = [dict(row) for row in NEEDLES]
+        rows[1][field] = value  # the second line, an English entry
+        bad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        one_line_error(plan(needles=str(bad)), f"line 2: {field!r} is empty", str(bad), kind=FileError)
 
 
-def test_check_refuses_a_length_the_haystack_cannot_fill(paths):
-    with pytest.raises(ValueError) as e:
-        check(make_cfg(*paths, len=[1024, 1_000_000]))
-    assert "--len 1000000" in one_line_error(e) and paths[0] in str(e.value)
-
-
-def test_check_refuses_bad_values(paths, tmp_path):
-    for overrides, says in [(dict(depths=[0, 120]), "--depths [120]"),
-                            (dict(len=[500]), "--len 500"),
-                            (dict(repeats=0), "--repeats 0"),
-                            (dict(language="Klingon"), "Klingon")]:
-        with pytest.raises(ValueError) as e:
-            check(make_cfg(*paths, **overrides))
-        assert says in one_line_error(e), overrides
-    english_only = tmp_path / "needles_en.jsonl"
-    english_only.write_text("".join(json.dumps(n) + "\n" for n in NEEDLES
-                                    if n["language"] == "English"), encoding="utf-8")
-    with pytest.raises(ValueError) as e:
-        check(make_cfg(paths[0], str(english_only), language="Chinese", length_buffer=200))
-    assert "'Chinese'" in one_line_error(e) and str(english_only) in str(e.value)
-
-
-@pytest.mark.parametrize("field, value", [("arg2", ""), ("arg2", "  "), ("needle", "")])
-def test_check_refuses_a_needle_whose_keyword_or_text_is_empty(paths, tmp_path, field, value):
-    """An empty keyword is found in every answer: an untrained model would score 100."""
-    rows = [dict(row) for row in NEEDLES]
-    rows[1][field] = value  # the second line, an English entry
-    bad = tmp_path / "needles.jsonl"
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    assert rows[1]["language"] == "English"
-    with pytest.raises(FileError) as e:
-        check(make_cfg(paths[0], str(bad)))
-    assert f"line 2: {field!r} is empty" in one_line_error(e) and str(bad) in str(e.value)
-
-
-def test_plan_lists_every_cell_with_unique_names(paths):
+def test_plan_run_cell_and_report_end_to_end(paths, tmp_path):
+    tok = tiktoken_tokenizer()
     cfg = make_cfg(*paths, len=[2048, 1024], depths=[0, 50, 100], repeats=2, rope_label="ntk4")
-    cells, work, source = needlebench.plan(cfg, tiktoken_tokenizer(), tiktoken_tokenizer())
-    assert len(cells) == 2 * 3 * 2
-    assert len({c["name"] for c in cells}) == len(cells)
-    assert all(c["name"].startswith("needlebench_") and c["name"].endswith("_rope-ntk4.json")
+    cells, work, source = needlebench.plan(cfg, tok, tok)
+    assert len(cells) == 2 * 3 * 2 and len({c["name"] for c in cells}) == len(cells)
+    assert all(c["name"].startswith("needlebench_en_") and c["name"].endswith("_rope-ntk4.json")
                and c["task"] == "needlebench" and c["rope"] == "ntk4" for c in cells)
     assert {(c["length"], c["depth"], c["repeat"]) for c in cells} == \
         {(L, d, r) for L in (1024, 2048) for d in (0, 50, 100) for r in range(2)}
-    json.dumps(cells)
-    assert paths[0] in source and len(work["line_ids"]) == 300
-
-
-def test_run_cell_end_to_end_and_report(paths, tmp_path):
-    model = tiny_model().eval()
-    tok = tiktoken_tokenizer()
+    assert paths[0] in source and len(work["line_ids"]) == 300 and len(work["needles"]) == 3
     cfg = make_cfg(*paths, len=[1024], depths=[0, 100], repeats=1)  # 32 tokens, 1 block, 16 steps
     cells, work, _ = needlebench.plan(cfg, tok, tok)
     cell = cells[0]
-    record = needlebench.run_cell(model, tok, cfg, cell, work, torch.device("cpu"))
+    record = needlebench.run_cell(tiny_model().eval(), tok, cfg, cell, work, torch.device("cpu"))
     s = needlebench_sample(*paths, length=1024, depth=cell["depth"], repeat=cell["repeat"])
     assert record["model_tokens"] == len(tok.encode_prompt(s["prompt"]))
     assert record["score"] == needlebench_score(record["answer"], s["needle"], s["keyword"])

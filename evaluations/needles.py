@@ -1,0 +1,131 @@
+"""
+needles.py: what the two needle tasks share, niah.py (ours, for tiny models) and needlebench.py
+(the authors' NeedleBench): the grid of cells, the decoding, the score and the heatmap.
+
+Paper map: docs/paper.md section 5.1. A cell is one (length, depth, repeat): a needle sentence
+hidden at depth% of a haystack of `length` cl100k tokens, one prompt decoded in one block of 32
+tokens with 16 steps (the authors' NIAH config), scored as OpenCompass's NeedleBench scores
+
+    score = 100                                            if the keyword is in the answer
+          = 0.2 * 100 * (1 - edit_distance(a, n) / max(|a|, |n|))   otherwise
+
+with a and n the answer and the needle without whitespace. A heatmap cell is the mean over
+repeats, drawn depth x length from red through yellow to green.
+"""
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from harness import results
+from harness.files import write_text
+from harness.flags import flag, number
+
+KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for the report
+
+
+@dataclass
+class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
+    depths: list[int] = flag(list(range(0, 101, 10)), "needle depths in percent of the haystack",
+                             type=number(int, 0, True, highest=100), nargs="+", setting=False)
+
+
+def grid(cfg, task: str, prefix: str) -> list[dict]:
+    """Every (length, depth, repeat) cell, a depth or length given twice once."""
+    return [dict(task=task, length=L, depth=d, repeat=r, rope=cfg.rope_label,
+                 name=f"{prefix}_len{L}_depth{d:03d}_rep{r}_rope-{cfg.rope_label}.json")
+            for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in dict.fromkeys(cfg.depths)]
+
+
+def forward_tokens(cfg) -> int:
+    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
+    return max(cfg.len) + cfg.gen_length
+
+
+def cell_flops(c, cfg, cell: dict) -> float:
+    return results.generation_flops(c, cell["length"], cfg.gen_length, cfg.block_length,
+                                    cfg.steps, cfg.prompt_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# The score: NeedleBenchOriginEvaluator with its defaults (use_trim=False; the prediction and
+# dataset post-processors of the config return the text unchanged).
+
+def edit_similarity(a: str, b: str) -> float:
+    """100 * (1 - Levenshtein distance / longer length), 100 for two empty strings."""
+    from rapidfuzz.distance import Levenshtein
+    return 100 * Levenshtein.normalized_similarity(a, b)
+
+
+def needle_score(prediction: str, reference: str, keyword: str) -> float:
+    """100 if the keyword is in the raw answer, else 0.2 x edit similarity (0..100) between
+    answer and reference with all whitespace removed."""
+    if keyword in prediction:
+        return 100.0
+    return 0.2 * edit_similarity(re.sub(r"\s+", "", prediction), re.sub(r"\s+", "", reference))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: the mean over repeats per (depth, length), as a table and a heatmap.
+
+def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
+    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
+    depths = sorted({c["depth"] for c in cells})
+    lengths = sorted({c["length"] for c in cells})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for i, d in enumerate(depths):
+        for j, L in enumerate(lengths):
+            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
+            if scores:
+                grid[i, j] = sum(scores) / len(scores)
+    return depths, lengths, grid
+
+
+def nan_mean(values) -> float | None:
+    """The mean of the values that exist (not NaN), None if there are none."""
+    values = np.asarray(values, dtype=float)
+    return None if np.all(np.isnan(values)) else float(np.nanmean(values))
+
+
+def draw_heatmap(ax, rows: list[str], lengths, grid, title: str, ylabel: str = "needle depth"):
+    """A heatmap of scores, rows x lengths, on matplotlib axes `ax` (NIAH's depths, RULER's
+    tasks); returns the image (for a colour bar)."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    # The colours of the original NIAH pictures (gkamradt): red 0, yellow 50, green 100.
+    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
+        .with_extremes(bad="#dddddd")  # grey: cells not evaluated
+    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if not np.isnan(v):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set(xlabel="context length (cl100k tokens)", ylabel=ylabel)
+    ax.set_title(title, fontsize=10)
+    return im
+
+
+def heatmap_report(cells: list[dict], folder: str, name: str, title: str) -> str:
+    """Per rope label NAME_heatmap_rope-X.png and NAME_table_rope-X.md (depth x length, the
+    mean over repeats, an average row per length); the overall score is the plain mean of the
+    heatmap's cells with two decimals, as OpenCompass's summarizer averages its (length,
+    depth) datasets. Returns the summary to print."""
+    lines = []
+    for rope in sorted({c["rope"] for c in cells}):
+        depths, lengths, grid = score_grid([c for c in cells if c["rope"] == rope])
+        fmt = lambda v: "-" if v is None or np.isnan(v) else f"{v:.2f}"  # noqa: E731
+        rows = [[f"{d}%"] + [fmt(v) for v in row] for d, row in zip(depths, grid)]
+        rows.append(["**average**"] + [f"**{fmt(nan_mean(col))}**" for col in grid.T])
+        table = results.markdown_table(["depth \\ length"] + [results.short(L) for L in lengths],
+                                       rows)
+        heading = f"{title}, rope {rope}: average {fmt(nan_mean(grid))}"
+        png = os.path.join(folder, f"{name}_heatmap_rope-{rope}.png")
+        with results.figure(png, figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths))) \
+                as (fig, ax):
+            fig.colorbar(draw_heatmap(ax, [f"{d}%" for d in depths], lengths, grid, heading),
+                         ax=ax, label="score")
+        write_text(os.path.join(folder, f"{name}_table_rope-{rope}.md"), f"# {heading}\n\n{table}\n")
+        lines += [f"{heading} ({png})", table, ""]
+    return "\n".join(lines)

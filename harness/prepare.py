@@ -372,9 +372,10 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
                 if new:  # refused before any work: nothing left behind either
                     os.rmdir(cache_dir)
                 raise ValueError(refusal)
-            # one builder at a time; the others wait, and then find the cache built
+            # one builder at a time: the others wait, and then find the cache built
             with wait_for_lock(path + ".lock", f"building the token cache {path}"):
-                if not os.path.isdir(path):
+                reused = os.path.isdir(path)
+                if not reused:
                     build_cache(path, name, key, tasks, tokenizer, select, split != "train",
                                 workers, progress)
         except OSError as e:  # a cache folder that cannot be created, a full disk
@@ -436,6 +437,7 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     tmp, started = path + ".tmp", time.time()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=sum(t.size for t in tasks), unit_scale=True, desc=f"tokenizing {name}",
                unit="doc" if tasks and tasks[0].synthetic else "B",
                disable=None if progress is None else not progress)
@@ -443,16 +445,15 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
     pool, results = None, (run(t, tokenizer=tokenizer) for t in tasks)
     lengths, names, skipped, n_skipped, line_base = [], [], [], 0, 0
     try:
-        if min(workers or os.cpu_count() or 1, len(tasks)) > 1:
+        if workers > 1:
             with ctrl_c_ignored():  # map starts the worker processes
                 # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
                 # thread pools, tqdm's monitor) and can hang, e.g. when training is started
                 # from a process that already ran the model. An executor, not
                 # multiprocessing.Pool: if a worker dies (out of memory), Pool waits forever,
                 # an executor raises.
-                pool = ProcessPoolExecutor(min(workers or os.cpu_count(), len(tasks)),
-                                           multiprocessing.get_context("spawn"), init_worker,
-                                           (tokenizer.source,))
+                pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
+                                           init_worker, (tokenizer.source,))
                 # map keeps the task order, so the cache is the same for any number of workers
                 results = pool.map(run, tasks)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:

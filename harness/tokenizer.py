@@ -89,13 +89,11 @@ def json_tokenizer(path: str, config: dict) -> Tokenizer:
         raise ValueError(f"cannot read {file}: {str(e).splitlines()[0][:100]}") from None
     hf.encode_special_tokens = True  # as tiktoken's encode_ordinary: "<|endoftext|>" in a book is text
     eos, mask = config.get("eos_token_id", LLADA_EOS), config.get("mask_token_id", LLADA_MASK)
-    if not (fits(eos, int) and fits(mask, int) and min(eos, mask) >= 0):  # "5" would compare unequal to 5
-        raise ValueError(f"{config_file}: eos_token_id {eos!r} and mask_token_id {mask!r} must be "
-                         f"token ids; restore the file from a copy")
-    vocab = config.get("vocab_size", max(hf.get_vocab_size(with_added_tokens=True), eos + 1, mask + 1))
-    if not fits(vocab, int) or vocab <= max(eos, mask):
-        raise ValueError(f"{config_file}: vocab_size {vocab!r} does not cover EOS {eos} and "
-                         f"[MASK] {mask}; restore the file from a copy")
+    vocab = config.get("vocab_size", hf.get_vocab_size(with_added_tokens=True))
+    for name, value in (("eos_token_id", eos), ("mask_token_id", mask), ("vocab_size", vocab)):
+        if not fits(value, int) or value < 0:  # "126336" would compare unequal to 126336 later
+            raise ValueError(f"{config_file}: {name} is {value!r}, not a whole number; restore "
+                             f"the file from a copy")
     bos = prompt_bos(path, hf, config)
 
     def encode_prompt(text: str) -> list[int]:
@@ -105,7 +103,8 @@ def json_tokenizer(path: str, config: dict) -> Tokenizer:
     return Tokenizer(
         name=f"tokenizer.json of {path}", source=os.path.abspath(path),
         fingerprint=f"json-{hashlib.sha256(raw).hexdigest()[:16]}",
-        eos_id=eos, mask_id=mask, vocab_size=vocab,
+        # the embedding covers EOS and [MASK] (a model's config.json is checked when it is read)
+        eos_id=eos, mask_id=mask, vocab_size=max(vocab, eos + 1, mask + 1),
         encode=lambda text: hf.encode(text, add_special_tokens=False).ids,
         # tokenizers silently drops ids it does not know; skipping special tokens (EOS, [MASK])
         # is what LLaDA's generate.py does with batch_decode

@@ -284,8 +284,8 @@ def test_torchrun_fsdp_resume_equals_a_straight_run(tmp_path):
 
 
 def cells(folder) -> list[dict]:
-    """The result files evaluate.py wrote into its --results folder."""
-    return [json.loads(p.read_text()) for p in folder.glob("*.json")]
+    """The NIAH cells evaluate.py wrote into its --results folder."""
+    return [json.loads(p.read_text()) for p in folder.glob("niah_*.json")]
 
 
 @needs_cuda

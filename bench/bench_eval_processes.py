@@ -25,9 +25,6 @@ from harness.runtime import fail
 from harness.tokenizer import TIKTOKEN_NAME
 from model import LLaDA, preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def tiny_checkpoint(path: str) -> str:
     """A random tiny-preset model on the cl100k tokenizer: the processes are measured, not it."""
     torch.manual_seed(0)
@@ -45,7 +42,7 @@ def cells_per_second(processes: int, ckpt: str, args, results: str) -> tuple[flo
     cmd += ["evaluate.py", "--model", ckpt, "--len", str(args.len), "--depths", *depths,
             "--repeats", str(args.repeats), "--results", results]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = run_child(cmd, f"evaluate.py on {processes} process(es)", ROOT, env)
+    out = run_child(cmd, f"evaluate.py on {processes} process(es)", env=env)
     found = re.search(r"ran (\d+) cells in .*?\(([\d.e+-]+) cells/s", out)
     return float(found.group(2)), int(found.group(1))
 

@@ -21,13 +21,10 @@ import time
 from bench.child import run_child
 from harness.runtime import fail
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def timed(cmd: list[str], what: str) -> tuple[float, str]:
     """(seconds, what it printed) of one command run from the repository's root."""
     start = time.perf_counter()
-    out = run_child(cmd, what, ROOT)
+    out = run_child(cmd, what)
     return time.perf_counter() - start, out
 
 

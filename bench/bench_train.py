@@ -24,9 +24,6 @@ from harness.results import forward_flops
 from harness.runtime import fail
 from model import PRESETS, preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def run(nproc: int, seq_len: int, args, out: str) -> float:
     """Mean tokens/s of the steps after the warm-up ones."""
     flags = ["train.py", "--init", args.preset, "--seq-len", str(seq_len), "--batch-size", "1",
@@ -36,7 +33,7 @@ def run(nproc: int, seq_len: int, args, out: str) -> float:
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             str(nproc)] if nproc > 1 else [sys.executable]) + flags
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    run_child(cmd, f"train.py at {seq_len} tokens on {nproc} process(es)", ROOT, env)
+    run_child(cmd, f"train.py at {seq_len} tokens on {nproc} process(es)", env=env)
     with open(os.path.join(out, "log.jsonl")) as f:
         rates = [json.loads(line)["tokens_per_s"] for line in f][args.warmup_steps:]
     return sum(rates) / len(rates)

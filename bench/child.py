@@ -19,10 +19,11 @@ def last_line(text: str) -> str:
     return (errors or lines or ["(no output)"])[-1][:300]
 
 
-def run_child(cmd: list[str], what: str, cwd: str = ROOT, env: dict | None = None) -> str:
-    """The stdout of `cmd`; if it fails, exit with one line: the child's own "error:" line (or
-    its last line, a traceback's exception) and where the rest of its output is."""
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+def run_child(cmd: list[str], what: str, env: dict | None = None) -> str:
+    """The stdout of `cmd` run from the repository's root; if it fails, exit with one line: the
+    child's own "error:" line (or its last line, a traceback's exception) and where the rest of
+    its output is."""
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode == 0:
         return out.stdout
     with tempfile.NamedTemporaryFile("w", prefix="bench-", suffix=".log", delete=False) as log:

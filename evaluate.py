@@ -1,22 +1,17 @@
 """
 evaluate.py: the evaluation runner: a checkpoint, a task, lengths; one result file per cell.
 
-Paper map: docs/paper.md section 5. The paper's evaluations, each in evaluations/:
-
-    niah         needle in a haystack, our synthetic version for tiny models
-    needlebench  NeedleBench "origin", the authors' NIAH to 128K
-    ruler        RULER's 13 tasks at 4K-128K
-    longbench    LongBench's 21 datasets at 16K
-    ppl          long-document perplexity, LongLLaDA's protocol
-
-A task module holds its flags (`Options`, a dataclass), the keys its results need (`KEYS`) and
-five functions: forward_tokens(cfg) sizes its largest forward (the memory check), plan(cfg,
-tokenizer, counter) opens and checks its data and lists the cells, run_cell(...) evaluates one,
-cell_flops(...) says what it costs, and report(cells, cfg, folder) writes tables and pictures.
-This runner owns the flags every task shares, the model and the cell loop. --rope re-scales the
-checkpoint's RoPE base for each evaluated length, the paper's training-free comparison (LLaDA
-with and without NTK scaling); --rope-factor multiplies it by one factor, as the authors'
-wrapper did; without either it runs as saved.
+Paper map: docs/paper.md section 5. The tasks, each in evaluations/: niah (needle in a haystack,
+our synthetic version for tiny models), needlebench (NeedleBench "origin", the authors' NIAH to
+128K), ruler (RULER's 13 tasks), longbench (LongBench's 21 datasets at 16K) and ppl
+(long-document perplexity, LongLLaDA's protocol). A task holds its flags (`Options`), the keys
+its results need (`KEYS`) and five functions: forward_tokens(cfg) sizes its largest forward (the
+memory check), plan(cfg, tokenizer, counter) opens and checks its data and lists the cells,
+run_cell(...) evaluates one, cell_flops(...) says what it costs, and report(cells, cfg, folder)
+writes tables and pictures. This runner owns the shared flags, the model and the cell loop.
+--rope re-scales the checkpoint's RoPE base for each evaluated length, the paper's
+training-free comparison; --rope-factor multiplies it by one factor, as the authors' wrapper
+did; without either it runs as saved.
 
 Every cell is one JSON file in the results folder, written atomically; a rerun skips finished
 cells, so an interrupted run loses at most the cell in progress, and the reports are rebuilt
@@ -56,18 +51,16 @@ DEFAULT_MODEL = os.path.join("out", "checkpoint")  # where train.py writes
 
 
 def device_name(text: str) -> str:
-    if text.split(":")[0] not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; pass cpu or cuda")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here; pass cpu")
+    cuda = text.startswith("cuda")
+    if text.split(":")[0] not in ("cpu", "cuda") or cuda and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: pass cpu, or cuda where a GPU is available")
     return text
 
 
 @dataclass
 class EvalConfig:
-    """The flags every task shares; each task adds its own (evaluations/<task>.py, Options).
-    None of these is in a result's settings but the model and the dtype: the rope choice is in
-    each cell's name, the rest say where and how a run goes."""
+    """The flags every task shares; each task adds its own (evaluations/<task>.py, Options). The
+    rope choice is in each cell's name; the rest say where and how a run goes."""
     task: str = flag("niah", "niah: synthetic needle in a haystack for tiny models; needlebench: "
                      "the authors' NIAH (NeedleBench origin); ruler: RULER's 13 tasks; "
                      "longbench: LongBench's 21 datasets; ppl: long-document perplexity. "
@@ -163,8 +156,9 @@ def describe(cfg, model, tokenizer, ropes, dtype, device, world, source, folder)
           + (f", {world} processes" if world > 1 else ""))
     print(f"data: {source}; results: {folder}")
     for L, rope in ropes.items():
+        saved = f"{rope.get('method', 'none')} for {rope.get('target_len', c.max_sequence_length):,}"
         how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope or cfg.rope_factor else \
-            f"as saved ({rope.get('method', 'none')} for {rope.get('target_len', c.max_sequence_length):,})"
+            f"as saved ({saved})"
         print(f"rope at {L:,}: base {rope['rope_theta']:,.0f} ({how})")
     if not cfg.rope and cfg.rope_factor is None and \
             max(ropes) > (c.rope_scaling or {}).get("target_len", c.max_sequence_length):
@@ -197,8 +191,8 @@ def main(argv=None):
         cells, work, source = task.plan(cfg, tokenizer, tiktoken_tokenizer())
         folder = results_dir(cfg.model, cfg.task, cfg.results)
         # what a result depends on besides its cell: other settings in one folder are refused
-        settings = {"model": os.path.abspath(cfg.model), "dtype": dtype,
-                    "checkpoint": checkpoint_fingerprint(cfg.model), **settings_of(task.Options, cfg)}
+        settings = {"model": os.path.abspath(cfg.model), "dtype": dtype, "checkpoint":
+                    checkpoint_fingerprint(cfg.model), **settings_of(task.Options, cfg)}
         model = from_pretrained(cfg.model, dtype=getattr(torch, dtype), device=device).eval()
         names = [cell["name"] for cell in cells]  # the folder is set up once the run can start
         rank_zero_first(lambda: prepare_folder(folder, cfg.task, task.KEYS, settings, set(names),
@@ -223,6 +217,8 @@ def main(argv=None):
               if pending else f"all {len(cells)} cells are done; --overwrite redoes them")
     # Every process walks the cells and computes those it can claim; rank 0 (or a process on
     # its own) then waits for the cells other processes hold, taking over any they abandon.
+    process = f"{socket.gethostname()} pid {os.getpid()} rank {rank} on {device}"
+    journal = os.path.join(folder, f".journal-{cfg.task}.jsonl")  # who computed each cell
     try:
         with tqdm(total=len(cells), desc=cfg.task, unit="cell", dynamic_ncols=True,
                   disable=rank != 0) as bar:  # closed before an error is said
@@ -239,11 +235,10 @@ def main(argv=None):
                             record = task.run_cell(model, tokenizer, cfg, cell, work, device)
                         record = {**{k: v for k, v in cell.items() if k != "name"}, **record,
                                   "rope_theta": rope["rope_theta"], "rope_scaling": rope,
-                                  "settings": settings, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                  "process": f"{socket.gethostname()} pid {os.getpid()} rank {rank} on {device}"}
+                                  "settings": settings, "process": process,
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
                         write_json(os.path.join(folder, cell["name"]), record)
-                        append_line(os.path.join(folder, f".journal-{cfg.task}.jsonl"),  # who did what
-                                    {"cell": cell["name"], "process": record["process"]})
+                        append_line(journal, {"cell": cell["name"], "process": process})
                     took = True
                     bar.update(1)
                     if "score" in record:
@@ -256,7 +251,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         fail(f"interrupted; the finished cells are in {folder}: run the same command again to "
              f"continue", 130)
-    except ValueError as e:  # a non-finite forward, or a FileError (a full disk, a read-only folder)
+    except ValueError as e:  # a non-finite forward, or a FileError (a full disk, say)
         fail(str(e), every_rank=True)  # what one rank met, the others may not have
     if world > 1:
         dist.destroy_process_group()
@@ -266,12 +261,8 @@ def main(argv=None):
     if ran:
         print(f"ran {ran} cells in {duration(seconds)} ({ran / seconds:.3g} cells/s; estimated "
               f"{duration(estimate)})")
-    found = read_results(folder, cfg.task, task.KEYS)
-    mine = [cell for cell in found.values() if cell["settings"] == settings]
-    if len(mine) < len(found):  # written by a run whose settings an --overwrite replaced
-        print(f"({len(found) - len(mine)} cells in {folder} were made with other settings and "
-              f"are left out)")
-    print(task.report(mine, cfg, folder) if mine else "no results yet")
+    found = list(read_results(folder, cfg.task, task.KEYS).values())  # all of this run's settings
+    print(task.report(found, cfg, folder) if found else "no results yet")
 
 
 if __name__ == "__main__":

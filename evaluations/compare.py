@@ -190,15 +190,14 @@ def compare(folders: dict[str, str], out: str) -> str:
             write_text(os.path.join(out, "compare_ruler_categories.csv"), cat_text)
             section += (f"\n\n### RULER per length: the four categories and their mean\n\n"
                         f"{cat_md}\n\nCSV: compare_ruler_categories.csv")
+        png = os.path.join(out, f"compare_{bench}.png")
         if bench in ("needlebench", "niah"):
-            plot_heatmaps(os.path.join(out, f"compare_{bench}.png"), cells[bench], TITLES[bench])
-            section += f"\n\n![{bench}](compare_{bench}.png)"
+            plot_heatmaps(png, cells[bench], TITLES[bench])
         elif bench in ("ruler", "ppl"):
-            plot_curves(os.path.join(out, f"compare_{bench}.png"), rows,
-                        "perplexity" if bench == "ppl" else "score", TITLES[bench],
+            plot_curves(png, rows, "perplexity" if bench == "ppl" else "score", TITLES[bench],
                         log=bench == "ppl")
-            section += f"\n\n![{bench}](compare_{bench}.png)"
-        sections.append(section)
+        picture = f"\n\n![{bench}](compare_{bench}.png)" if bench != "longbench" else ""
+        sections.append(section + picture)
     text = ("# The paper's tables, side by side\n\nRows marked (paper) are the published "
             "numbers (docs/paper.md section 6); '-' was not evaluated or not published.\n\n"
             + "\n\n".join(sections) + "\n")
@@ -219,15 +218,12 @@ def main(argv) -> None:
         description="The paper's tables side by side: one row per model, from the results "
                     "folders of finished evaluations, with the paper's published rows.")
     p.error = fail
-    p.add_argument("--compare", nargs="*", default=[], metavar="[NAME=]DIR",
+    p.add_argument("--compare", nargs="+", metavar="[NAME=]DIR",
                    help="results folders, results/<model>/ (every benchmark in it) or one "
                         "benchmark's folder; NAME labels the row (default: the folder's name)")
     p.add_argument("--out", default=os.path.join("results", "compare"),
                    help="where the tables (markdown, CSV) and figures go (default: %(default)s)")
     args = p.parse_args(argv)
-    if not args.compare:
-        fail("--compare needs the results folders to compare, e.g. --compare A=results/a "
-             "B=results/b")
     folders = {}
     for item in args.compare:
         # NAME=DIR, split at the first "="; a folder whose own name holds one is taken whole

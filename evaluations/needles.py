@@ -35,7 +35,8 @@ def grid(cfg, task: str, prefix: str) -> list[dict]:
     """Every (length, depth, repeat) cell, a depth or length given twice once."""
     return [dict(task=task, length=L, depth=d, repeat=r, rope=cfg.rope_label,
                  name=f"{prefix}_len{L}_depth{d:03d}_rep{r}_rope-{cfg.rope_label}.json")
-            for L in sorted(set(cfg.len)) for r in range(cfg.repeats) for d in dict.fromkeys(cfg.depths)]
+            for L in sorted(set(cfg.len)) for r in range(cfg.repeats)
+            for d in dict.fromkeys(cfg.depths)]
 
 
 def forward_tokens(cfg) -> int:

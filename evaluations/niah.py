@@ -162,7 +162,8 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     # The prompt in the model's tokens: the counted ids themselves for a cl100k model, so it
     # reads exactly --len tokens; otherwise its text encoded by the model's own tokenizer with
     # its special tokens (BOS for LLaDA), as the official evaluation wrapper encodes prompts.
-    prompt = ids if tokenizer.source == TIKTOKEN_NAME else tokenizer.encode_prompt(counter.decode(ids))
+    prompt = ids if tokenizer.source == TIKTOKEN_NAME else \
+        tokenizer.encode_prompt(counter.decode(ids))
     out = results.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
                                 cfg.steps, cfg.prompt_cache, device)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),

@@ -477,7 +477,7 @@ BAD = [  # arguments ({ckpt}, {odd}: the fixtures), and a fragment of the one li
     (["--model", "{ckpt}"], "--task niah needs --len"),
     (["--len", -1], "--len: must be above 0"),
     (["--len", 512, "--task", "sudoku"], "invalid choice: 'sudoku'"),
-    (["--len", 512, "--device", "tpu"], "--device: 'tpu' is not a device"),
+    (["--len", 512, "--device", "tpu"], "--device: 'tpu': pass cpu, or cuda"),
     (["--len", 300, "--depths", 0, 110], "--depths: must be at least 0 and at most 100"),
     (["--len", 300, "--steps", 0], "--steps: must be above 0"),
     (["--len", 512, "--gen-length", 30], "pass other --gen-length, --block-length or --steps"),
@@ -549,7 +549,8 @@ def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_
 
 
 @pytest.mark.parametrize("task", [["--task", "niah", "--len", 300, "--depths", 50],
-                                  ["--task", "ppl", "--len", 128, "--cache-dir", "{tmp}"]],
+                                  ["--task", "ppl", "--len", 128, "--data", "{tmp}/docs",
+                                   "--cache-dir", "{tmp}/cache"]],
                          ids=["niah", "ppl"])
 def test_a_non_finite_forward_stops_the_run_naming_the_cell(task, tmp_path, capsys):
     """Finite weights whose forward overflows to inf and NaN, as a broken checkpoint's does (a
@@ -557,7 +558,9 @@ def test_a_non_finite_forward_stops_the_run_naming_the_cell(task, tmp_path, caps
     path, model = tiny_checkpoint(tmp_path / "broken")
     save_pretrained(path, read_config(path), {k: v * (1e20 if "up_proj" in k or "ff_proj" in k else 1)
                                               for k, v in model.state_dict().items()})
-    task = [str(a).format(tmp=tmp_path / "cache") for a in task]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "book.txt").write_text("The farmer walked near the hill. " * 40)
+    task = [str(a).format(tmp=tmp_path) for a in task]
     assert run(["--model", path, *task, "--results", tmp_path / "res"]) == 2
     one_line(capsys, "hidden states are not finite", f"cell {task[1]}_len")
     assert not cells(tmp_path / "res")  # no score of 0 written for a broken model

@@ -290,19 +290,16 @@ def test_the_default_list_skips_tasks_without_files_and_says_so(data):
     assert work["seed"] == 42 and "skipped" not in source
 
 
-def test_decoding_defaults_to_authors_64_64_64_and_follows_wrapper_rules(data):
-    assert ruler.decoding(config(data)) == (64, 64, 64)
-    assert ruler.decoding(config(data, gen_length=8, block_length=8, steps=8)) == (8, 8, 8)
-    # the wrapper caps the steps at the answer length
-    assert ruler.decoding(config(data, gen_length=64, block_length=32, steps=128)) == (64, 32, 64)
-
-
 def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path):
     import torch
 
     from harness.tokenizer import tiktoken_tokenizer
     from tiny import tiny_model
 
+    # the authors' 64 answer tokens in one block of 64 with 64 steps; the wrapper caps the steps
+    # at the answer length
+    assert ruler.decoding(config(data)) == (64, 64, 64)
+    assert ruler.decoding(config(data, gen_length=64, block_length=32, steps=128)) == (64, 32, 64)
     model = tiny_model().eval()
     tok = tiktoken_tokenizer()
     cfg = config(data, samples=1, gen_length=8, block_length=8, steps=8,

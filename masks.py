@@ -356,8 +356,8 @@ def main(argv=None):
         return
     # eod adds a separator to every document, and the picture has a cell per pair
     if sum(args.doc_lens) + len(args.doc_lens) > MAX_PLOT_TOKENS:
-        p.error(f"--plot draws a cell per query-key pair, and --doc-lens sum to {sum(args.doc_lens)} "
-                f"tokens (at most {MAX_PLOT_TOKENS} with their separators); pass shorter ones")
+        p.error(f"--doc-lens sum to {sum(args.doc_lens)} tokens and --plot draws a cell per "
+                f"query-key pair: pass at most {MAX_PLOT_TOKENS}, separators included")
     if not os.path.splitext(args.out)[1] or os.path.isdir(args.out):
         # without an extension matplotlib would append .png: --out /tmp would write /tmp.png
         p.error(f"--out {args.out!r} is not a picture's file name; pass one such as docs/masks.png")

@@ -13,10 +13,9 @@ writes tables and pictures. This runner owns the shared flags, the model and the
 training-free comparison; --rope-factor multiplies it by one factor, as the authors' wrapper
 did; without either it runs as saved.
 
-Every cell is one JSON file in the results folder, written atomically; a rerun skips finished
-cells, so an interrupted run loses at most the cell in progress, and the reports are rebuilt
-from all of them at the end. Any number of processes can share a folder (torchrun, or separate
-jobs): each computes the cells it can claim (harness/results.py, claim).
+Every cell is one JSON file in the results folder, written atomically: a rerun skips finished
+cells, an interrupted run loses at most the cell in progress, and any number of processes can
+share a folder (torchrun, or separate jobs), each computing the cells it can claim.
 
     python evaluate.py --task niah --len 131072           # out/checkpoint, synthetic haystack
     torchrun --nproc-per-node 8 evaluate.py --task ruler --len 4096 ...   # one GPU each
@@ -51,8 +50,8 @@ DEFAULT_MODEL = os.path.join("out", "checkpoint")  # where train.py writes
 
 
 def device_name(text: str) -> str:
-    cuda = text.startswith("cuda")
-    if text.split(":")[0] not in ("cpu", "cuda") or cuda and not torch.cuda.is_available():
+    if text.split(":")[0] not in ("cpu", "cuda") or text.startswith("cuda") and not \
+            torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: pass cpu, or cuda where a GPU is available")
     return text
 
@@ -61,16 +60,14 @@ def device_name(text: str) -> str:
 class EvalConfig:
     """The flags every task shares; each task adds its own (evaluations/<task>.py, Options). The
     rope choice is in each cell's name; the rest say where and how a run goes."""
-    task: str = flag("niah", "niah: synthetic needle in a haystack for tiny models; needlebench: "
-                     "the authors' NIAH (NeedleBench origin); ruler: RULER's 13 tasks; "
-                     "longbench: LongBench's 21 datasets; ppl: long-document perplexity. "
+    task: str = flag("niah", "niah (our synthetic needles, for tiny models), needlebench (the "
+                     "authors' NIAH), ruler, longbench or ppl (long-document perplexity); "
                      "`--task NAME --help` lists that task's own flags", choices=list(TASKS))
     model: str = flag(DEFAULT_MODEL, "checkpoint directory (train.py writes out/checkpoint)")
-    len: list[int] | None = flag(None, "context length(s), e.g. --len 8192 16384 131072 "
-                                 "(every task but longbench, which uses --max-len): niah counts "
-                                 "the whole prompt in cl100k tokens; needlebench and ruler count "
-                                 "cl100k tokens as the authors' configs do; ppl scores the first "
-                                 "L model tokens of each document", type=count, nargs="+")
+    len: list[int] | None = flag(None, "context length(s), e.g. --len 8192 16384 131072 (not "
+                                 "longbench: --max-len): the prompt in cl100k tokens for niah, "
+                                 "needlebench and ruler, as the authors' configs count; the first "
+                                 "L model tokens of each document for ppl", type=count, nargs="+")
     rope: str | None = flag(None, "re-scale the checkpoint's RoPE base for each evaluated length: "
                             "none, ntk, critical (LongLLaDA), diffusion (UltraLLaDA) or pi "
                             "(default: the checkpoint's base as saved)", choices=METHODS)
@@ -94,8 +91,7 @@ class EvalConfig:
 
 
 def task_config(task: str) -> type:
-    """The shared flags plus the task's own, as one dataclass: a task reads cfg.len and
-    cfg.needle alike, and its defaults are written once, in its Options."""
+    """The shared flags plus the task's own, as one dataclass; its defaults are its Options'."""
     return make_dataclass(f"{task}_config", [], bases=(TASKS[task].Options, EvalConfig))
 
 
@@ -137,9 +133,8 @@ def parse_args(argv=None):
 
 
 def rope_for_length(config, cfg, length: int) -> dict:
-    """The rope_scaling to evaluate `length` tokens with: the checkpoint's own, its base times
-    --rope-factor (the same at every length, as the authors' wrapper), or --rope re-scaled from
-    the pre-trained base and window (a ValueError naming the values if it cannot be)."""
+    """The rope_scaling for `length` tokens: the checkpoint's own, its base times --rope-factor
+    (as the authors' wrapper), or --rope re-scaled from the pre-trained base and window."""
     if cfg.rope_factor is not None:
         return {**(config.rope_scaling or {}), "method": "factor", "lambda": cfg.rope_factor,
                 "original_rope_theta": config.rope_theta,
@@ -147,23 +142,6 @@ def rope_for_length(config, cfg, length: int) -> dict:
     if not cfg.rope:
         return {**(config.rope_scaling or {}), "rope_theta": config.rope_theta}
     return config.scaled_rope(cfg.rope, length, cfg.train_len, cfg.d_crit)
-
-
-def describe(cfg, model, tokenizer, ropes, dtype, device, world, source, folder) -> None:
-    c = model.config
-    print(f"model: {cfg.model} ({c.n_layers} layers, d_model {c.d_model}, trained context "
-          f"{c.max_sequence_length:,}), tokenizer {tokenizer.name}, {dtype} on {device.type}"
-          + (f", {world} processes" if world > 1 else ""))
-    print(f"data: {source}; results: {folder}")
-    for L, rope in ropes.items():
-        saved = f"{rope.get('method', 'none')} for {rope.get('target_len', c.max_sequence_length):,}"
-        how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope or cfg.rope_factor else \
-            f"as saved ({saved})"
-        print(f"rope at {L:,}: base {rope['rope_theta']:,.0f} ({how})")
-    if not cfg.rope and cfg.rope_factor is None and \
-            max(ropes) > (c.rope_scaling or {}).get("target_len", c.max_sequence_length):
-        print("note: lengths beyond the checkpoint's context run with its base unchanged; "
-              "--rope diffusion (or critical, ntk, pi) re-scales it for each length")
 
 
 def main(argv=None):
@@ -200,14 +178,24 @@ def main(argv=None):
                         rank, world, what="prepare the results folder", others=False)
     except ValueError as e:  # CheckpointError and FileError are ValueErrors
         fail(str(e), every_rank=isinstance(e, DoesNotFit))  # this rank's GPU alone may be full
-    except KeyboardInterrupt:
-        fail("interrupted before the first cell; run the same command again to start it", 130)
 
     def finished() -> set:  # the cells with a result, whichever process wrote it
         return set(os.listdir(folder)).intersection(names)
     started, before = time.perf_counter(), len(finished())
-    if rank == 0:
-        describe(cfg, model, tokenizer, ropes, dtype, device, world, source, folder)
+    if rank == 0:  # what is about to run
+        c = model.config
+        print(f"model: {cfg.model} ({c.n_layers} layers, d_model {c.d_model}, trained context "
+              f"{c.max_sequence_length:,}), tokenizer {tokenizer.name}, {dtype} on {device.type}"
+              + (f", {world} processes" if world > 1 else ""))
+        print(f"data: {source}; results: {folder}")
+        saved = (c.rope_scaling or {}).get("target_len", c.max_sequence_length)
+        for L, rope in ropes.items():
+            how = f"{rope['method']}, lambda {rope['lambda']:.3f}" if cfg.rope or cfg.rope_factor \
+                else f"as saved ({rope.get('method', 'none')} for {saved:,})"
+            print(f"rope at {L:,}: base {rope['rope_theta']:,.0f} ({how})")
+        if not cfg.rope and cfg.rope_factor is None and max(ropes) > saved:
+            print("note: lengths beyond the checkpoint's context run with its base unchanged; "
+                  "--rope diffusion (or critical, ntk, pi) re-scales it for each length")
         pending = [cell for cell in cells if cell["name"] not in finished()]
         estimate = sum(task.cell_flops(config, cfg, cell) for cell in pending) / \
             (flops_per_second(model, device) * world) if pending else 0.0  # the processes share
@@ -261,8 +249,11 @@ def main(argv=None):
     if ran:
         print(f"ran {ran} cells in {duration(seconds)} ({ran / seconds:.3g} cells/s; estimated "
               f"{duration(estimate)})")
-    found = list(read_results(folder, cfg.task, task.KEYS).values())  # all of this run's settings
-    print(task.report(found, cfg, folder) if found else "no results yet")
+    found = read_results(folder, cfg.task, task.KEYS).values()
+    mine = [cell for cell in found if cell.get("settings") == settings]
+    if len(mine) < len(found):  # written by a run whose settings an --overwrite replaced
+        print(f"({len(found) - len(mine)} cells of other settings in {folder} are left out)")
+    print(task.report(mine, cfg, folder) if mine else "no results yet")
 
 
 if __name__ == "__main__":

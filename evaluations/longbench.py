@@ -25,6 +25,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 
+from evaluations import decoding
 from harness import files, results
 from harness.flags import count, flag, number
 
@@ -128,7 +129,7 @@ KEYS = ("dataset", "index", "rope", "score")  # what a result needs for the repo
 
 
 @dataclass
-class Options(results.PromptCache):
+class Options(decoding.PromptCache):
     """LongBench's own flags (python evaluate.py --task longbench --help). Decoding follows the
     authors' config per dataset: blocks of 64, as many steps as answer tokens."""
     data: str | None = flag(None, "the folder of LongBench's .jsonl files (THUDM/LongBench "
@@ -430,7 +431,7 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
     gen_length = steps = answer_tokens(dataset)  # one step per answer token
     # The ids are cut, not the text (see build_prompt); BOS stays at the head. ids is kept
     # whole for the record of how long the prompt was.
-    out = results.decode_answer(model, tokenizer, truncate_middle(ids, cfg.max_len),
+    out = decoding.decode_answer(model, tokenizer, truncate_middle(ids, cfg.max_len),
                                 gen_length=gen_length, block_length=BLOCK_LENGTH,
                                 steps=steps, prompt_cache=cfg.prompt_cache, device=device,
                                 cut_at_eos=False)  # the wrapper decodes every token, no stop words

@@ -31,8 +31,7 @@ where origin.py silently builds a shorter prompt.
 import random
 from dataclasses import dataclass
 
-from evaluations import needles
-from harness import results
+from evaluations import decoding, needles
 from harness.files import FileError, read_jsonl
 from harness.flags import count0, flag, number
 from harness.tokenizer import cl100k
@@ -252,7 +251,7 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
     # column the same way, so a literal "{answer}" in the text vanishes before the model.
     text = sample["prompt"].replace("{answer}", "")
     ids = tokenizer.encode_prompt(text)  # BOS first, as the wrapper's add_special_tokens=True
-    out = results.decode_answer(model, tokenizer, ids, cfg.gen_length, cfg.block_length,
+    out = decoding.decode_answer(model, tokenizer, ids, cfg.gen_length, cfg.block_length,
                                 cfg.steps, cfg.prompt_cache, device,
                                 cut_at_eos=False)  # the wrapper decodes all 32, no stop words
     return {"score": needlebench_score(out["answer"], sample["needle"], sample["keyword"]),

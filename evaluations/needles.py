@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from evaluations import decoding
 from harness import results
 from harness.files import write_text
 from harness.flags import flag, number
@@ -26,7 +27,7 @@ KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for
 
 
 @dataclass
-class Options(results.decoding_flags(32, 32, 16, "the authors' NIAH config")):
+class Options(decoding.decoding_flags(32, 32, 16, "the authors' NIAH config")):
     depths: list[int] = flag(list(range(0, 101, 10)), "needle depths in percent of the haystack",
                              type=number(int, 0, True, highest=100), nargs="+", setting=False)
 

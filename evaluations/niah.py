@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evaluations import needles
-from harness import results
+from evaluations import decoding, needles
 from harness.flags import count0, flag, number
 from harness.prepare import filler_text, read_book
 from harness.tokenizer import TIKTOKEN_NAME
@@ -164,7 +163,7 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     # its special tokens (BOS for LLaDA), as the official evaluation wrapper encodes prompts.
     prompt = ids if tokenizer.source == TIKTOKEN_NAME else \
         tokenizer.encode_prompt(counter.decode(ids))
-    out = results.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
+    out = decoding.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
                                 cfg.steps, cfg.prompt_cache, device)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],

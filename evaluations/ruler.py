@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from evaluations.decoding import decode_answer, decoding_flags
 from evaluations.needles import draw_heatmap  # NIAH's picture: RULER's tasks by length
 from harness import files, results
 from harness.flags import count0, flag, number
@@ -93,7 +94,7 @@ KEYS = ("ruler_task", "length", "index", "rope", "score")  # what the report rea
 
 
 @dataclass
-class Options(results.decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
+class Options(decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
     """RULER's own flags (python evaluate.py --task ruler --help)."""
     ruler_tasks: list[str] | None = flag(None, "tasks to run (default: all 13, less those whose "
                                          f"data file is not given): {', '.join(TASKS)}",
@@ -647,7 +648,7 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     s = ruler_sample(task, cell["length"], cell["index"], work["files"], seed=work["seed"])
     gen, block, steps = decoding(cfg)
     ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX)  # BOS for LLaDA, as the wrapper
-    out = results.decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block,
+    out = decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block,
                                 steps=steps, prompt_cache=cfg.prompt_cache, device=device,
                                 cut_at_eos=False)  # the wrapper decodes every token, no stop words
     return {**out, "answers": s["answers"], "score": ruler_score(task, out["answer"], s["answers"]),

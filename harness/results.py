@@ -1,6 +1,6 @@
 """
-results.py: what every evaluation task shares: decoding an answer, what a run must not do (score
-a broken model, start what cannot fit), the results folder and the run-time estimate.
+results.py: what every evaluation run shares: what it must not do (score a broken model, start
+what cannot fit), the results folder, report helpers and the run-time estimate.
 
 Harness, not part of the paper: the tasks (evaluations/) hold the protocols; evaluate.py runs
 them. The results folder holds one JSON file per cell, written atomically, so a file is either
@@ -11,60 +11,12 @@ import contextlib
 import hashlib
 import os
 import time
-from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
-from diffusion import generate
 from harness.files import FileError, physical_memory, read_json, release, try_lock, \
     wait_for_lock, write_atomic, write_json
-from harness.flags import count, finite_number, flag
-
-
-# ---------------------------------------------------------------------------------------------
-# The sampler's flags, for the tasks that decode answers; each task gives its own defaults.
-
-@dataclass
-class PromptCache:
-    prompt_cache: bool = flag(False, "reuse the prompt's keys and values while the answer is "
-                              "decoded (diffusion.py's approximate prefix cache): approaching "
-                              "--steps times faster as the context grows; exact decoding is "
-                              "the paper's protocol")
-
-
-def decoding_flags(gen: int, block: int, n_steps: int, source: str) -> type:
-    """--gen-length, --block-length, --steps (and --prompt-cache) with a task's defaults."""
-    @dataclass
-    class Decoding(PromptCache):
-        gen_length: int = flag(gen, f"answer tokens ({source})", type=count)
-        block_length: int = flag(block, f"tokens per decoding block ({source})", type=count)
-        steps: int = flag(n_steps, f"decoding steps ({source})", type=count)
-    return Decoding
-
-
-def decode_answer(model, tokenizer, prompt_ids: list[int], gen_length: int, block_length: int,
-                  steps: int, prompt_cache: bool, device, cut_at_eos: bool = True) -> dict:
-    """LLaDA's sampler at temperature 0 on one prompt (model token ids, BOS included when the
-    tokenizer has one): the answer's text, and how long decoding took.
-
-    cut_at_eos: keep the text before the first EOS (what follows is padding to a diffusion
-    model). False decodes all gen_length tokens with the special tokens dropped, as the
-    authors' OpenCompass wrapper does (no stop words), for the paper's benchmarks."""
-    prompt = torch.tensor([prompt_ids], device=device)  # (1, Lp)
-    t = time.perf_counter()
-    # Inner bar only on a terminal (disable=None): in a log file the cell bar says enough.
-    with tqdm(total=steps, desc="  decoding", unit="step", leave=False, dynamic_ncols=True,
-              disable=None) as bar:
-        out = generate(model, prompt, steps=steps, gen_length=gen_length,
-                       block_length=block_length, temperature=0.0,
-                       cache="prefix" if prompt_cache else None,
-                       on_step=lambda: bar.update(1))  # (1, Lp + gen_length)
-    answer = out[0, len(prompt_ids):].tolist()
-    if cut_at_eos and tokenizer.eos_id in answer:  # after the first EOS comes padding
-        answer = answer[:answer.index(tokenizer.eos_id)]
-    return {"answer": tokenizer.decode(answer), "model_tokens": len(prompt_ids),
-            "seconds": round(time.perf_counter() - t, 3)}
+from harness.flags import finite_number
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +169,10 @@ def prepare_folder(folder: str, task: str, keys: tuple, current: dict, planned: 
         done, damaged = scan_results(folder, task, keys)
         other = [n for n, c in done.items() if c.get("settings") != current]
         record = os.path.join(folder, f".settings-{task}.json")
-        old = read_json(record, missing_ok=True) or (done[other[0]].get("settings") or {}
-                                                     if other else current)
-        if old != current and not overwrite:
+        recorded = read_json(record, missing_ok=True)
+        old = recorded if recorded and recorded != current else \
+            (done[other[0]].get("settings") or {}) if other else None
+        if old is not None and not overwrite:
             diff = [f"{k} {old.get(k)!r} there, {current.get(k)!r} here"
                     for k in sorted(set(old) | set(current)) if old.get(k) != current.get(k)]
             # no result yet: a run with those settings set the folder up, and runs or died

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
-from evaluations import niah
+from evaluations import decoding, niah
 from harness import prepare, results
 from harness.checkpoint import read_config, save_pretrained
 from harness.files import lock_folder
@@ -178,14 +178,14 @@ def test_a_rerun_does_only_what_is_missing_or_damaged_and_other_settings_are_ref
         if len(calls) == 2:
             raise KeyboardInterrupt
         return generate(*a, **kw)
-    monkeypatch.setattr(results, "generate", interrupted)
+    monkeypatch.setattr(decoding, "generate", interrupted)
     assert run(argv) == 130  # stopped during the third cell
     first = cells(out)
     assert len(first) == 2 and not [n for n in os.listdir(out) if n.endswith(".tmp")]
     stamps = {n: os.stat(out / n).st_mtime_ns for n in first}
     assert "4 cells to run (0 already done)" in capsys.readouterr().out  # a depth given twice: once
 
-    monkeypatch.setattr(results, "generate", generate)
+    monkeypatch.setattr(decoding, "generate", generate)
     assert run(argv) == 0 and len(calls) == 2 + 2  # only the two missing cells ran
     assert len(cells(out)) == 4 and {n: os.stat(out / n).st_mtime_ns for n in first} == stamps
     assert "2 cells to run (2 already done)" in capsys.readouterr().out
@@ -213,7 +213,7 @@ def test_a_rerun_does_only_what_is_missing_or_damaged_and_other_settings_are_ref
     capsys.readouterr()
 
     # a folder set up by a run that wrote no cell: refused as set up, not as holding results
-    monkeypatch.setattr(results, "generate", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(decoding, "generate", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
     assert run([*argv[:-1], tmp_path / "fresh"]) == 130 and not cells(tmp_path / "fresh")
     capsys.readouterr()
     assert run([*argv[:-1], tmp_path / "fresh", "--keyword", "Holt"]) == 2
@@ -223,10 +223,10 @@ def test_a_rerun_does_only_what_is_missing_or_damaged_and_other_settings_are_ref
 def test_heatmap_and_table_are_made_from_every_cell(tiny_ckpt, tmp_path, monkeypatch, capsys):
     # repeat 0 finds the keyword, repeat 1 answers nonsense: every cell averages the two
     # (cells run length by length, repeat by repeat, depth by depth)
-    monkeypatch.setattr(results, "generate", fake_generate([" 417.", " 417.", "", ""], []))
+    monkeypatch.setattr(decoding, "generate", fake_generate([" 417.", " 417.", "", ""], []))
     assert run(["--model", tiny_ckpt, "--len", 200, "--depths", 0, 50, "--repeats", 2,
                 "--results", tmp_path]) == 0
-    monkeypatch.setattr(results, "generate", fake_generate([" 417."], []))
+    monkeypatch.setattr(decoding, "generate", fake_generate([" 417."], []))
     assert run(["--model", tiny_ckpt, "--len", 1024, "--depths", 0, 50, "--results", tmp_path]) == 0
     assert (tmp_path / "niah_heatmap_rope-ckpt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "niah_table_rope-ckpt.md").read_text()
@@ -240,7 +240,7 @@ def test_heatmap_and_table_are_made_from_every_cell(tiny_ckpt, tmp_path, monkeyp
 def test_the_rope_base_is_rescaled_per_length_multiplied_by_a_factor_or_kept(
         tiny_ckpt, tmp_path, monkeypatch, capsys):
     calls, forwards = [], []
-    monkeypatch.setattr(results, "generate", fake_generate([" 417."], calls))  # no forwards
+    monkeypatch.setattr(decoding, "generate", fake_generate([" 417."], calls))  # no forwards
     real_forward = LLaDA.forward
     monkeypatch.setattr(LLaDA, "forward", lambda self, x, *a, **kw:
                         forwards.append(x.shape[1]) or real_forward(self, x, *a, **kw))
@@ -540,7 +540,7 @@ def test_a_full_disk_is_one_line_naming_the_result_file_and_leaves_nothing_half_
         if len(writes) > 1:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     writes = []
-    monkeypatch.setattr(results, "generate", fake_generate([" 417."], []))
+    monkeypatch.setattr(decoding, "generate", fake_generate([" 417."], []))
     monkeypatch.setattr(files.os, "fsync", full)  # every atomic write fails at its flush
     assert run(["--model", tiny_ckpt, "--len", 300, "--depths", 50, "--results", tmp_path]) == 2
     one_line(capsys, "error: cannot write ", "No space left on device", "niah_len300_depth050")

@@ -322,7 +322,7 @@ def test_plan_makes_a_cell_per_row_and_run_cell_decodes_the_cut_ids_as_the_autho
     def fake_decode(model, tokenizer, ids, **kwargs):
         seen.append((ids, kwargs))
         return {"answer": "Oslo\nmore", "model_tokens": len(ids), "seconds": 0.0}
-    monkeypatch.setattr(lb.results, "decode_answer", fake_decode)
+    monkeypatch.setattr(lb.decoding, "decode_answer", fake_decode)
     write_jsonl(data / "narrativeqa.jsonl", [row(context="It was cold. " * 300, input="Who?")])
     cfg = config(data, datasets=["hotpotqa", "narrativeqa"], max_len=200, prompt_cache=True)
     cells, work, _ = lb.plan(cfg, tok, None)

@@ -432,9 +432,9 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
     # The ids are cut, not the text (see build_prompt); BOS stays at the head. ids is kept
     # whole for the record of how long the prompt was.
     out = decoding.decode_answer(model, tokenizer, truncate_middle(ids, cfg.max_len),
-                                gen_length=gen_length, block_length=BLOCK_LENGTH,
-                                steps=steps, prompt_cache=cfg.prompt_cache, device=device,
-                                cut_at_eos=False)  # the wrapper decodes every token, no stop words
+                                 gen_length=gen_length, block_length=BLOCK_LENGTH,
+                                 steps=steps, prompt_cache=cfg.prompt_cache, device=device,
+                                 cut_at_eos=False)  # the wrapper decodes every token, no stop words
     return {"dataset": dataset, "index": cell["index"], "id": row.get("_id"),
             "score": longbench_score(dataset, out["answer"], row["answers"],
                                      row.get("all_classes")),

@@ -252,8 +252,8 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
     text = sample["prompt"].replace("{answer}", "")
     ids = tokenizer.encode_prompt(text)  # BOS first, as the wrapper's add_special_tokens=True
     out = decoding.decode_answer(model, tokenizer, ids, cfg.gen_length, cfg.block_length,
-                                cfg.steps, cfg.prompt_cache, device,
-                                cut_at_eos=False)  # the wrapper decodes all 32, no stop words
+                                 cfg.steps, cfg.prompt_cache, device,
+                                 cut_at_eos=False)  # the wrapper decodes all 32, no stop words
     return {"score": needlebench_score(out["answer"], sample["needle"], sample["keyword"]),
             **out, **{k: sample[k] for k in ("keyword", "needle", "question", "insert_at",
                                              "haystack_tokens")}}

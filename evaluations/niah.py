@@ -164,7 +164,7 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     prompt = ids if tokenizer.source == TIKTOKEN_NAME else \
         tokenizer.encode_prompt(counter.decode(ids))
     out = decoding.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
-                                cfg.steps, cfg.prompt_cache, device)
+                                 cfg.steps, cfg.prompt_cache, device)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
             # the user's needle whole: NeedleBench's gold string cuts at a "*"

@@ -648,9 +648,9 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     s = ruler_sample(task, cell["length"], cell["index"], work["files"], seed=work["seed"])
     gen, block, steps = decoding(cfg)
     ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX)  # BOS for LLaDA, as the wrapper
-    out = decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block,
-                                steps=steps, prompt_cache=cfg.prompt_cache, device=device,
-                                cut_at_eos=False)  # the wrapper decodes every token, no stop words
+    out = decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block, steps=steps,
+                        prompt_cache=cfg.prompt_cache, device=device,
+                        cut_at_eos=False)  # the wrapper decodes every token, no stop words
     return {**out, "answers": s["answers"], "score": ruler_score(task, out["answer"], s["answers"]),
             "prompt_cl100k": count_tokens(s["prompt"]), "gen_length": gen,
             "block_length": block, "steps": steps}

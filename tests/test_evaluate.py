@@ -499,7 +499,7 @@ BAD = [  # arguments ({ckpt}, {odd}: the fixtures), and a fragment of the one li
     (["--len", 1_000_000_000, "--task", "ppl"], "GiB available"),
     (["--len", 300, "--repeats", 1_000_000_000], "--repeats: must be above 0 and at most 1000"),
     (["--len", 1024, "--task", "ruler", "--samples", 1_000_000_000], "at most 100000"),
-    # the other tasks' own flags and data files
+    # perplexity's flags and documents
     (["--len", 100, "--task", "ppl"], "must be a whole number of --chunk-size 64 chunks"),
     (["--len", 1024, "--task", "ppl", "--data", "{odd}/hay", "--cache-dir", "{odd}/cache"],
      "has 1024 tokens (the longest has"),
@@ -507,12 +507,11 @@ BAD = [  # arguments ({ckpt}, {odd}: the fixtures), and a fragment of the one li
     (["--len", 128, "--task", "ppl", "--data", "{odd}/hay", "--document", "x.txt"], "x.txt: unreadable"),
     (["--len", 1024, "--task", "ppl", "--data", "{odd}/hay", "--document", "essay.txt"],
      "fewer than --len 1024"),
+    # the other tasks' own flags (their data files: test_needlebench, test_ruler, test_longbench)
     (["--task", "needlebench", "--len", 8192], "required: --haystack, --needles"),
-    (["--task", "ruler", "--len", 4096, "--ruler-tasks", "qa_squad"], "qa_squad needs --squad FILE"),
-    (["--task", "ruler", "--len", 100], "--len 100 is too small for RULER"),
+    (["--task", "ruler", "--len", 1024, "--ruler-tasks", "vt", "--gen-length", 30], "block_length 64"),
     (["--task", "longbench"], "required: --data"),
     (["--task", "longbench", "--len", 4096, "--data", "."], "--len does not apply to longbench"),
-    (["--task", "longbench", "--data", "{odd}"], "narrativeqa.jsonl does not exist"),
 ]
 
 

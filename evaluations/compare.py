@@ -2,162 +2,168 @@
 compare.py: the paper's tables, one row per model, from finished results folders.
 
 Paper map: docs/paper.md section 6. `python evaluate.py --compare ULTRA=results/ultra
-LLADA=results/base ...` reads every benchmark found in each folder and writes, per benchmark,
-one table in the paper's layout with a row per model (and per RoPE label, when a folder holds
-several), the paper's published rows beside them for reference, as markdown and CSV, and a
-figure where a picture reads better than numbers:
+LLADA=results/base ...` reads every benchmark found in each folder and writes its tables in the
+paper's layout, a row per model (and per RoPE label, when a folder holds several) beside the
+paper's published rows, as markdown and CSV, with a figure where a picture reads better:
 
-    needlebench, niah   the mean score per length and overall (two decimals, as OpenCompass);
-                        heatmaps side by side
-    ruler               the task mean per length, and per length each category and the
-                        category mean; curves across lengths
-    longbench           each category, the mean over datasets (the paper's) and over categories
-    ppl                 the perplexity per length; curves across lengths
+    needlebench   the mean score per length and overall (two decimals, as OpenCompass), a table
+                  per grid: LongLLaDA's 2,000 to 32,000 tokens with 32 steps (the LLaDA and
+                  LongLLaDA rows), UltraLLaDA's 8K to 128K with 16 steps, other lengths apart;
+                  heatmaps side by side (niah, our synthetic task, the same without paper rows)
+    ruler         the task mean per length; per length our four categories, their mean and
+                  LongLLaDA's groups (NIAH, AGG = vt, cwe, fwe, QA); curves across lengths
+    longbench     each category, the mean over datasets (the paper's) and over categories
+    ppl           the perplexity per length; curves across lengths
 
-A value that was not evaluated is shown as missing ("-" in markdown, an empty CSV field),
-never as zero.
+Each row says what it covers (lengths, depths, repeats, tasks, samples, datasets, rows, the
+context, the settings that tell the protocols apart) against the paper's: one that covers less
+starts "partial:", and its means are over what it covers. A value that was not evaluated is
+shown as missing ("-" in markdown, an empty CSV field), never as zero.
 """
 import argparse
 import csv
 import io
 import os
-
-import numpy as np
+from collections import Counter
 
 from evaluations import TASKS, longbench, needles, ppl, ruler
 from harness.files import write_text
 from harness.results import figure, markdown_table, read_results, short
 from harness.runtime import fail
 
-NIAH_LENGTHS = [8192 * k for k in range(1, 17)]
-# The published rows (docs/paper.md section 6); only what the paper states, the rest missing.
-PAPER = {
-    "needlebench": {
-        "UltraLLaDA (paper)": {**{L: 100.0 for L in NIAH_LENGTHS}, "overall": 100.0},
-        "LongLLaDA, no scaling (paper)": {"overall": 54.25},
-        **{f"LongLLaDA, lambda {f} (paper)": {"overall": v}
-           for f, v in ((4, 71.33), (14, 82.33), (31, 82.33), (55, 75.43))},
-    },
-    "ruler": {"UltraLLaDA (paper)": {4096: 88.37, 8192: 86.22, 16384: 77.51, 32768: 73.63}},
-    "longbench": {"UltraLLaDA (paper)": {"average": 39.98}, "LLaDA (paper)": {"average": 31.56}},
-    "ppl": {"UltraLLaDA (paper)": {131072: 10.45}, "LLaDA (paper)": {131072: 343.88}},
+NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # UltraLLaDA's NeedleBench grid, 16 steps
+LONGLLADA_LENGTHS = [2000, 4000, 8000, 16000, 24000, 32000]  # LongLLaDA's, 32 steps
+NEEDLES = {"depths": 11, "repeats": 10}  # both grids: depths 0%, 10%, ..., 100%
+# (benchmark, grid) -> the table's title, the paper's protocol (a count below it makes a row
+# partial, a setting unlike it is named) and the published rows (docs/paper.md section 6)
+# measured with it: only what the paper states, the rest missing.
+TABLES = {
+    ("needlebench", "2K-32K"): ("NeedleBench (NIAH) on LongLLaDA's grid, mean per length and "
+                                "overall", {"lengths": 6, **NEEDLES, "steps": "32"},
+                                {"LLaDA (paper)": {"overall": 54.25},  # no scaling
+                                 **{f"LongLLaDA lambda {f} (paper)": {"overall": v} for f, v in
+                                    ((4, 71.33), (14, 82.33), (31, 82.33), (55, 75.43))}}),
+    ("needlebench", "8K-128K"): ("NeedleBench (NIAH) on UltraLLaDA's grid, mean per length and "
+                                 "overall", {"lengths": 16, **NEEDLES, "steps": "16"},
+                                 {"UltraLLaDA (paper)": {**{L: 100.0 for L in NIAH_LENGTHS},
+                                                         "overall": 100.0}}),
+    ("needlebench", "other"): ("NeedleBench (NIAH) at lengths of neither paper grid", {}, {}),
+    ("niah", ""): ("NIAH (ours, synthetic), mean per length and overall", {}, {}),
+    ("ruler", ""): ("RULER, per length the mean over the row's tasks",
+                    {"tasks": 13, "samples": 100, "lengths": 4, "answer turn": "kept",
+                     "wonderwords": ruler.WONDERWORDS},
+                    {"UltraLLaDA (paper)": {4096: 88.37, 8192: 86.22, 16384: 77.51, 32768: 73.63}}),
+    ("longbench", ""): ("LongBench, per category and averaged over the row's datasets",
+                        {"datasets": 21, "max-len": 16000},
+                        {"UltraLLaDA (paper)": {"average": 39.98}, "LLaDA (paper)": {"average": 31.56}}),
+    ("ppl", ""): ("Perplexity per length (lower is better)", {},
+                  {"UltraLLaDA (paper)": {131072: 10.45}, "LLaDA (paper)": {131072: 343.88}}),
 }
 
 
-def find_benchmarks(folder: str) -> dict[str, list[dict]]:
-    """Benchmark -> its cells in `folder`: a task's results folder itself, or a folder of them
-    (results/<model>/<task>/, evaluate.py's default)."""
-    found = {}
-    for b, task in TASKS.items():
-        for path in (folder, os.path.join(folder, b)):
-            if os.path.isdir(path) and (cells := read_results(path, b, task.KEYS)):
-                found[b] = list(cells.values())
-                break
-    return found
+def grid(cell: dict) -> str:
+    """The NeedleBench grid a cell belongs to (its table); "" for the other benchmarks."""
+    if cell["task"] != "needlebench":
+        return ""
+    return "2K-32K" if cell["length"] in LONGLLADA_LENGTHS else \
+        "8K-128K" if cell["length"] in NIAH_LENGTHS else "other"
 
 
-def model_rows(label: str, cells: list[dict]) -> dict[str, list[dict]]:
-    """Row label -> cells: one row per RoPE label the folder holds ("ckpt": as saved)."""
-    ropes = sorted({c["rope"] for c in cells})
-    return {label if len(ropes) == 1 else f"{label} [rope {r}]":
-            [c for c in cells if c["rope"] == r] for r in ropes}
+def setting(cells: list[dict], key: str, show=lambda v: v):
+    """A flag's value as the cells recorded it, '/'-joined when they differ; None if none did."""
+    values = sorted({show(c["settings"][key]) for c in cells if key in c.get("settings", {})},
+                    key=str)
+    return values[0] if len(values) == 1 else "/".join(map(str, values)) or None
+
+
+def covers(want: dict, have: dict) -> str:
+    """What a row holds against the paper's protocol: a count below the paper's reads "tasks
+    3/13" and makes the row partial, a setting unlike the paper's "steps 16 (paper: 32)"."""
+    less = [k for k, v in have.items() if isinstance(v, int) and want.get(k) and v < want[k]]
+    parts = [f"{k} {v}/{want[k]}" if k in less else f"{k} {v}" + (
+             f" (paper: {want[k]})" if want.get(k) not in (None, v) else "")
+             for k, v in have.items() if v is not None]
+    return ("partial: " if less else "") + ", ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
-# Each benchmark's row: column -> value, from one model's cells.
+# Each benchmark's row: column -> value, from one model's cells, and what it covers.
 
-def needle_row(cells: list[dict]) -> dict:
-    depths, lengths, grid = needles.score_grid(cells)
-    return {**{L: needles.nan_mean(col) for L, col in zip(lengths, grid.T)},
-            "overall": needles.nan_mean(grid)}
+def needle_row(cells: list[dict], want: dict) -> dict:
+    depths, lengths, scores = needles.score_grid(cells)
+    repeats = min(Counter((c["length"], c["depth"]) for c in cells).values())
+    return {**{L: needles.nan_mean(col) for L, col in zip(lengths, scores.T)},
+            "overall": needles.nan_mean(scores),
+            "covers": covers(want, {"lengths": len(lengths), "depths": len(depths),
+                                    "repeats": repeats, "steps": setting(cells, "steps", str)})}
 
 
-def ruler_rows(cells: list[dict]) -> dict:
-    """{length: task mean} and {(length, category or "category mean"): value}."""
-    row = {}
+LAYOUT = [*ruler.CATEGORIES, "category mean", *ruler.GROUPS]  # per length, a table apart
+
+
+def ruler_rows(cells: list[dict], want: dict) -> dict:
+    """{length: task mean}, {(length, category, their mean or LongLLaDA's group): value}."""
+    row, samples = {}, Counter((c["length"], c["ruler_task"]) for c in cells)
     for (_, L), scores in ruler.score_table(cells).items():
         row[L] = scores["average"]
-        for name in [*ruler.CATEGORIES, "category mean"]:
-            row[(L, name)] = scores[name]
+        row.update({(L, name): scores[name] for name in LAYOUT})
+    row["covers"] = covers(want, {
+        "tasks": min(Counter(L for L, _ in samples).values()), "samples": min(samples.values()),
+        "lengths": len({L for L, _ in samples}),
+        "answer turn": setting(cells, "answer_turn", lambda on: "kept" if on else "dropped"),
+        "wonderwords": setting(cells, "wonderwords")})
     return row
 
 
-def longbench_row(cells: list[dict]) -> dict:
+def longbench_row(cells: list[dict], want: dict) -> dict:
     (scores,) = longbench.summary(cells).values()
-    return {k: scores[k] for k in [*longbench.CATEGORIES, "average", "category mean"]}
+    rows = {c["dataset"]: c.get("dataset_rows") for c in cells}  # each file's rows, if recorded
+    return {**{k: scores[k] for k in [*longbench.CATEGORIES, "average", "category mean"]},
+            "covers": covers({**want, "rows": None if None in rows.values() else sum(rows.values())},
+                             {"datasets": len(rows), "rows": len(cells),
+                              "max-len": setting(cells, "max_len")})}
 
 
-def ppl_row(cells: list[dict]) -> dict:
-    return {L: float(curve[-1]) for (_, L), (_, curve) in ppl.ppl_curves(cells).items()}
+def ppl_row(cells: list[dict], want: dict) -> dict:
+    curves = ppl.ppl_curves(cells)
+    return {**{L: float(curve[-1]) for (_, L), (_, curve) in curves.items()},
+            "covers": covers(want, {"documents": min(n for n, _ in curves.values())})}
 
 
 ROWS = {"needlebench": needle_row, "niah": needle_row, "ruler": ruler_rows,
         "longbench": longbench_row, "ppl": ppl_row}
-TITLES = {"needlebench": "NeedleBench (NIAH), mean score per length",
-          "niah": "NIAH (ours, synthetic), mean score per length",
-          "ruler": "RULER, mean over the 13 tasks per length",
-          "longbench": "LongBench at 16K, per category and average",
-          "ppl": "Perplexity per length (lower is better)"}
 
 
-def column_name(column) -> str:
-    if isinstance(column, tuple):
-        return f"{short(column[0])} {column[1]}"
-    return short(column) if isinstance(column, int) else str(column)
-
-
-def columns_of(rows: dict[str, dict], wanted=lambda c: True) -> list:
+def table(rows: dict[str, dict], wanted, out: str, stem: str) -> str:
+    """The columns `wanted` picks, after what each row covers, as markdown (returned) and as
+    STEM.csv in `out`; a missing value is '-' there and an empty field here."""
     found = {c for row in rows.values() for c in row if wanted(c)}
-    lengths = sorted(c for c in found if isinstance(c, int))
-    order = [*ruler.CATEGORIES, "category mean"]
-    pairs = sorted((c for c in found if isinstance(c, tuple)), key=lambda c: (c[0], order.index(c[1])))
-    named = [c for c in ["overall", *longbench.CATEGORIES, "average", "category mean"]
-             if c in found]
-    return lengths + pairs + named
-
-
-def tables(rows: dict[str, dict], columns: list, decimals: int) -> tuple[str, str]:
-    """The rows as a markdown table and as CSV; a missing value is '-' and an empty field."""
-    fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) \
-        else f"{v:.{decimals}f}"  # noqa: E731
-    md = markdown_table(["model"] + [column_name(c) for c in columns],
-                        [[name] + [fmt(row.get(c)) for c in columns] for name, row in rows.items()])
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["model"] + [column_name(c) for c in columns])
-    for name, row in rows.items():
-        writer.writerow([name] + ["" if fmt(row.get(c)) == "-" else fmt(row.get(c))
-                                  for c in columns])
-    return md, out.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures.
-
-def plot_heatmaps(path: str, models: dict[str, list[dict]], title: str) -> None:
-    # One grid of depths x lengths for every model, so that the pictures line up; grey: missing
-    all_depths = sorted({c["depth"] for cells in models.values() for c in cells})
-    all_lengths = sorted({c["length"] for cells in models.values() for c in cells})
-    with figure(path, 1, len(models), squeeze=False, figsize=(
-            2 + 1.2 * len(all_lengths) * len(models), 1.6 + 0.4 * len(all_depths))) as (fig, axes):
-        for ax, (name, cells) in zip(axes[0], models.items()):
-            depths, lengths, grid = needles.score_grid(cells)
-            full = np.full((len(all_depths), len(all_lengths)), np.nan)
-            full[np.ix_([all_depths.index(d) for d in depths],
-                        [all_lengths.index(L) for L in lengths])] = grid
-            needles.draw_heatmap(ax, [f"{d}%" for d in all_depths], all_lengths, full, name)
-        fig.suptitle(title)
+    columns = ["covers", *sorted(c for c in found if isinstance(c, int)),
+               *sorted((c for c in found if isinstance(c, tuple)), key=lambda c: (c[0], LAYOUT.index(c[1]))),
+               *[c for c in ["overall", *longbench.CATEGORIES, "average", "category mean"] if c in found]]
+    header = ["model"] + [f"{short(c[0])} {c[1]}" if isinstance(c, tuple) else
+                          short(c) if isinstance(c, int) else c for c in columns]
+    fmt = lambda v: "" if v is None or v != v else v if isinstance(v, str) else f"{v:.2f}"  # noqa
+    lines = [[name] + [fmt(row.get(c)) for c in columns] for name, row in rows.items()
+             if any(c in row for c in columns[1:])]
+    out_csv = io.StringIO()
+    csv.writer(out_csv, lineterminator="\n").writerows([header] + lines)
+    write_text(os.path.join(out, f"{stem}.csv"), out_csv.getvalue())
+    return f"{markdown_table(header, [[v or '-' for v in line] for line in lines])}\n\nCSV: {stem}.csv"
 
 
 def plot_curves(path: str, rows: dict[str, dict], ylabel: str, title: str, log: bool) -> None:
+    """Each row across lengths, ticks 4K, 8K, ...; the paper's rows dashed, with square markers."""
+    lengths = sorted({c for row in rows.values() for c in row if isinstance(c, int)})
     with figure(path, figsize=(7, 4)) as (fig, ax):
         for name, row in rows.items():
             points = sorted((c, v) for c, v in row.items() if isinstance(c, int) and v is not None)
             if points:
-                ax.plot([c for c, _ in points], [v for _, v in points], "o-", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log" if log else "linear")
-        ax.set(xlabel="context length (tokens)", ylabel=ylabel)
+                ax.plot(*zip(*points), "s--" if name.endswith("(paper)") else "o-", label=name)
+        ax.set(xscale="log", yscale="log" if log else "linear", xlabel="context length (tokens)",
+               ylabel=ylabel)
+        ax.set_xticks(lengths, [short(L) for L in lengths])
+        ax.minorticks_off()
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
 
@@ -165,41 +171,42 @@ def plot_curves(path: str, rows: dict[str, dict], ylabel: str, title: str, log: 
 # ---------------------------------------------------------------------------------------------
 
 def compare(folders: dict[str, str], out: str) -> str:
-    """folders: model label -> results folder. Writes compare.md, compare_<benchmark>.csv and
-    the figures into `out`; returns the markdown."""
-    cells = {}  # benchmark -> {row label: cells}
+    """folders: model label -> results folder. Writes compare.md, compare_<benchmark>[_<grid>].csv
+    and the figures into `out`; returns the markdown."""
+    cells = {}  # (benchmark, grid) -> {row label: cells}
     for label, folder in folders.items():
-        for bench, found in find_benchmarks(folder).items():
-            cells.setdefault(bench, {}).update(model_rows(label, found))
+        for bench, task in TASKS.items():  # a task's results folder, or a folder of them
+            found = list((read_results(folder, bench, task.KEYS) or
+                          read_results(os.path.join(folder, bench), bench, task.KEYS)).values())
+            ropes = {c["rope"] for c in found}  # a row per RoPE label ("ckpt": as saved)
+            for c in found:
+                name = label if len(ropes) == 1 else f"{label} [rope {c['rope']}]"
+                cells.setdefault((bench, grid(c)), {}).setdefault(name, []).append(c)
     if not cells:
         raise ValueError(f"no results in {', '.join(folders.values())}; pass the folders "
                          f"evaluate.py wrote (results/<model>/ or results/<model>/<task>/)")
     sections = []
-    for bench in TASKS:
-        if bench not in cells:
+    for (bench, g), (title, want, paper) in TABLES.items():
+        if (bench, g) not in cells:
             continue
-        rows = {name: ROWS[bench](c) for name, c in cells[bench].items()}
-        rows.update(PAPER.get(bench, {}))
-        decimals = 3 if bench == "ppl" else 2
-        columns = columns_of(rows, lambda c: not isinstance(c, tuple))
-        md, text = tables(rows, columns, decimals)
-        write_text(os.path.join(out, f"compare_{bench}.csv"), text)
-        section = f"## {TITLES[bench]}\n\n{md}\n\nCSV: compare_{bench}.csv"
+        rows = {name: ROWS[bench](c, want) for name, c in cells[bench, g].items()}
+        rows.update({name: {**row, "covers": covers(want, want)} for name, row in paper.items()})
+        stem = f"compare_{bench}" + (f"_{g}" if g else "")
+        section = f"## {title}\n\n" + table(rows, lambda c: not isinstance(c, tuple), out, stem)
         if bench == "ruler":  # the categories per length, a table of their own
-            cat_md, cat_text = tables(rows, columns_of(rows, lambda c: isinstance(c, tuple)), 2)
-            write_text(os.path.join(out, "compare_ruler_categories.csv"), cat_text)
-            section += (f"\n\n### RULER per length: the four categories and their mean\n\n"
-                        f"{cat_md}\n\nCSV: compare_ruler_categories.csv")
-        png = os.path.join(out, f"compare_{bench}.png")
+            section += ("\n\n### RULER per length: our four categories and their mean, and "
+                        "LongLLaDA's groups NIAH, AGG (vt, cwe, fwe) and QA\n\n" +
+                        table(rows, lambda c: isinstance(c, tuple), out, f"{stem}_categories"))
+        png = os.path.join(out, f"{stem}.png")
         if bench in ("needlebench", "niah"):
-            plot_heatmaps(png, cells[bench], TITLES[bench])
+            needles.plot_heatmaps(png, needles.needle_panels(cells[bench, g]), title)
         elif bench in ("ruler", "ppl"):
-            plot_curves(png, rows, "perplexity" if bench == "ppl" else "score", TITLES[bench],
+            plot_curves(png, rows, "perplexity" if bench == "ppl" else "score", title,
                         log=bench == "ppl")
-        picture = f"\n\n![{bench}](compare_{bench}.png)" if bench != "longbench" else ""
-        sections.append(section + picture)
+        sections.append(section + (f"\n\n![{bench}]({stem}.png)" if bench != "longbench" else ""))
     text = ("# The paper's tables, side by side\n\nRows marked (paper) are the published "
-            "numbers (docs/paper.md section 6); '-' was not evaluated or not published.\n\n"
+            "numbers (docs/paper.md section 6); '-' was not evaluated or not published; 'covers' "
+            "says what each row holds, 'partial:' less than the paper's row.\n\n"
             + "\n\n".join(sections) + "\n")
     write_text(os.path.join(out, "compare.md"), text)
     return text

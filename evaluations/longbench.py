@@ -413,12 +413,12 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
         if not os.path.exists(path) and os.path.isfile(nested):
             raise ValueError(f"{path} does not exist but {nested} does; pass --data "
                              f"{os.path.join(cfg.data, 'data')}")
-        work[name] = load_rows(path, name)[:cfg.samples]
+        work[name] = load_rows(path, name)  # all of them: a cell records how many there are
         # a file name whatever the rope label holds
         rope = re.sub(r"[^A-Za-z0-9.=+-]+", "_", cfg.rope_label)
         cells += [{"task": "longbench", "dataset": name, "index": i, "length": cfg.max_len,
                    "rope": cfg.rope_label, "name": f"longbench_{name}_{cfg.max_len}_{rope}_{i:04d}.json"}
-                  for i in range(len(work[name]))]
+                  for i in range(len(work[name][:cfg.samples]))]
     source = (f"LongBench, {len(work)} datasets from {cfg.data}, {len(cells)} rows, prompts cut "
               f"in the middle to {cfg.max_len:,} model tokens")
     return cells, work, source
@@ -436,6 +436,7 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
                                  steps=steps, prompt_cache=cfg.prompt_cache, device=device,
                                  cut_at_eos=False)  # the wrapper decodes every token, no stop words
     return {"dataset": dataset, "index": cell["index"], "id": row.get("_id"),
+            "dataset_rows": len(work[dataset]),
             "score": longbench_score(dataset, out["answer"], row["answers"],
                                      row.get("all_classes")),
             "answer": out["answer"], "answers": row["answers"],

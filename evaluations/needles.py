@@ -71,42 +71,57 @@ def needle_score(prediction: str, reference: str, keyword: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # The report: the mean over repeats per (depth, length), as a table and a heatmap.
 
-def score_grid(cells: list[dict]) -> tuple[list, list, np.ndarray]:
-    """Depths, lengths and the mean score over repeats, (depths, lengths); NaN where missing."""
-    depths = sorted({c["depth"] for c in cells})
-    lengths = sorted({c["length"] for c in cells})
+def score_grid(cells: list[dict], depths=None, lengths=None) -> tuple[list, list, np.ndarray]:
+    """Depths, lengths (the cells', unless given) and the mean score over repeats, (depths,
+    lengths); NaN where missing."""
+    depths = depths or sorted({c["depth"] for c in cells})
+    lengths = lengths or sorted({c["length"] for c in cells})
     grid = np.full((len(depths), len(lengths)), np.nan)
     for i, d in enumerate(depths):
         for j, L in enumerate(lengths):
-            scores = [c["score"] for c in cells if c["depth"] == d and c["length"] == L]
-            if scores:
-                grid[i, j] = sum(scores) / len(scores)
+            grid[i, j] = nan_mean([c["score"] for c in cells if c["depth"] == d and c["length"] == L])
     return depths, lengths, grid
 
 
 def nan_mean(values) -> float | None:
-    """The mean of the values that exist (not NaN), None if there are none."""
+    """The mean of the values that exist (not None or NaN), None if there are none."""
     values = np.asarray(values, dtype=float)
     return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
 
-def draw_heatmap(ax, rows: list[str], lengths, grid, title: str, ylabel: str = "needle depth"):
-    """A heatmap of scores, rows x lengths, on matplotlib axes `ax` (NIAH's depths, RULER's
-    tasks); returns the image (for a colour bar)."""
+def plot_heatmaps(path: str, panels: dict[str, tuple], title: str, ylabel: str = "needle depth"):
+    """Heatmaps side by side, {panel title: (row labels, lengths, scores (rows, lengths))}: NIAH's
+    depths, RULER's tasks. Red 0, yellow 50, green 100 as the original NIAH pictures (gkamradt),
+    grey where nothing was evaluated, each cell's value with two decimals, a colour bar each."""
     from matplotlib.colors import LinearSegmentedColormap
-
-    # The colours of the original NIAH pictures (gkamradt): red 0, yellow 50, green 100.
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
-        .with_extremes(bad="#dddddd")  # grey: cells not evaluated
-    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set(xlabel="context length (cl100k tokens)", ylabel=ylabel)
-    ax.set_title(title, fontsize=10)
-    return im
+        .with_extremes(bad="#dddddd")
+    width = max(len(lengths) for _, lengths, _ in panels.values())
+    height = max(len(rows) for rows, _, _ in panels.values())
+    with results.figure(path, 1, len(panels), squeeze=False,
+                        figsize=((3 + 0.8 * width) * len(panels), 1.8 + 0.4 * height)) as (fig, axes):
+        for ax, (name, (rows, lengths, grid)) in zip(axes[0], panels.items()):
+            im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+            for (i, j), v in np.ndenumerate(grid):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [results.short(L) for L in lengths])
+            ax.set_yticks(range(len(rows)), rows)
+            ax.set(xlabel="context length (cl100k tokens)", ylabel=ylabel)
+            ax.set_title(name, fontsize=10)
+            fig.colorbar(im, ax=ax, label="score")
+        fig.suptitle(title)
+
+
+def needle_panels(models: dict[str, list[dict]]) -> dict[str, tuple]:
+    """plot_heatmaps' panels of each model's cells on one grid of all their depths and lengths,
+    so that the pictures line up, titled with the Overall Score: the mean of the heatmap's
+    cells, as OpenCompass's summarizer titles LongLLaDA's and UltraLLaDA's heatmaps."""
+    depths = sorted({c["depth"] for cells in models.values() for c in cells})
+    lengths = sorted({c["length"] for cells in models.values() for c in cells})
+    grids = {name: score_grid(cells, depths, lengths)[2] for name, cells in models.items()}
+    return {f"{name}\nOverall Score: {nan_mean(grid):.2f}": ([f"{d}%" for d in depths], lengths, grid)
+            for name, grid in grids.items()}
 
 
 def heatmap_report(cells: list[dict], folder: str, name: str, title: str) -> str:
@@ -116,18 +131,15 @@ def heatmap_report(cells: list[dict], folder: str, name: str, title: str) -> str
     depth) datasets. Returns the summary to print."""
     lines = []
     for rope in sorted({c["rope"] for c in cells}):
-        depths, lengths, grid = score_grid([c for c in cells if c["rope"] == rope])
-        fmt = lambda v: "-" if v is None or np.isnan(v) else f"{v:.2f}"  # noqa: E731
-        rows = [[f"{d}%"] + [fmt(v) for v in row] for d, row in zip(depths, grid)]
-        rows.append(["**average**"] + [f"**{fmt(nan_mean(col))}**" for col in grid.T])
-        table = results.markdown_table(["depth \\ length"] + [results.short(L) for L in lengths],
-                                       rows)
-        heading = f"{title}, rope {rope}: average {fmt(nan_mean(grid))}"
+        mine = [c for c in cells if c["rope"] == rope]
+        depths, lengths, grid = score_grid(mine)
+        table = results.markdown_table(
+            ["depth \\ length"] + [results.short(L) for L in lengths],
+            [[f"{d}%", *row] for d, row in zip(depths, grid)]
+            + [["**average**", *(f"**{nan_mean(col):.2f}**" for col in grid.T)]])
+        heading = f"{title}, rope {rope}: average {nan_mean(grid):.2f}"
         png = os.path.join(folder, f"{name}_heatmap_rope-{rope}.png")
-        with results.figure(png, figsize=(2.5 + 0.9 * len(lengths), 1.6 + 0.4 * len(depths))) \
-                as (fig, ax):
-            fig.colorbar(draw_heatmap(ax, [f"{d}%" for d in depths], lengths, grid, heading),
-                         ax=ax, label="score")
+        plot_heatmaps(png, needle_panels({f"rope {rope}": mine}), title)
         write_text(os.path.join(folder, f"{name}_table_rope-{rope}.md"), f"# {heading}\n\n{table}\n")
         lines += [f"{heading} ({png})", table, ""]
     return "\n".join(lines)

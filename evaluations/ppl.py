@@ -154,7 +154,7 @@ def ppl_curves(cells: list[dict]) -> dict[tuple[str, int], tuple[int, np.ndarray
 def report(cells: list[dict], cfg, folder: str) -> str:
     curves = ppl_curves(cells)
     table = ["| length | rope | documents | perplexity |", "|---:|---|---:|---:|"]
-    table += [f"| {L:,} | {rope} | {n} | {ppl[-1]:.3f} |" for (rope, L), (n, ppl) in curves.items()]
+    table += [f"| {L:,} | {rope} | {n} | {ppl[-1]:.2f} |" for (rope, L), (n, ppl) in curves.items()]
     table = "\n".join(table)
     title = f"perplexity, {os.path.basename(os.path.abspath(cfg.model))}"
     with figure(os.path.join(folder, "ppl_vs_position.png"), figsize=(7, 4)) as (fig, ax):

@@ -11,11 +11,12 @@ Relaxed-System-Lab/UltraLLaDA, with configs/datasets/ruler/ and datasets/ruler/)
   answer (plus a per-task reserve, tokens_to_generate) would pass the length; every sample then
   uses that size, one step smaller for a sample that still does not fit.
 - The model reads the prompt followed by "\n\n" (OpenCompass's HUMAN/BOT round with an empty
-  answer and no meta template), with BOS, and decodes 64 tokens in one 64-token block with 64
-  steps at temperature 0, for every task.
+  answer and no meta template; LongLLaDA removed the BOT turn: --no-answer-turn), with BOS, and
+  decodes 64 tokens in one 64-token block with 64 steps at temperature 0, for every task.
 - A sample scores the percentage of its reference strings found in the answer, ignoring case
   (string_match_all); QA scores 100 if any reference is found (string_match_part). A task's
-  score is the mean over samples; a length's score the unweighted mean over the 13 tasks.
+  score is the mean over samples; a length's score the unweighted mean over the 13 tasks
+  (LongLLaDA's Avg; its Table 2 groups them as NIAH, AGG = vt, cwe, fwe, and QA).
 Random draws replay OpenCompass's: one stream per (task, length) seeded 42 (+ --seed), used
 first by the haystack-size search, then by sample 0, 1, 2, ... So sample `index` equals row
 `index` of the dataset OpenCompass builds, and depends on nothing but (task, length, index).
@@ -31,6 +32,7 @@ import string
 import uuid
 import warnings
 from collections import Counter
+from importlib import metadata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -38,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from evaluations.decoding import decode_answer, decoding_flags
-from evaluations.needles import draw_heatmap  # NIAH's picture: RULER's tasks by length
+from evaluations.needles import nan_mean, plot_heatmaps  # NIAH's mean and picture (tasks by length)
 from harness import files, results
 from harness.flags import count0, flag, number
 from harness.tokenizer import cl100k
@@ -88,6 +90,8 @@ TASKS = {name: replace(t, name=name) for name, t in {
 }.items()}
 CATEGORIES = {c: [n for n, t in TASKS.items() if t.category == c]
               for c in ("retrieval", "multi-hop tracing", "aggregation", "question answering")}
+GROUPS = {"NIAH": CATEGORIES["retrieval"], "AGG": ["vt", "cwe", "fwe"],  # LongLLaDA's Table 2
+          "QA": CATEGORIES["question answering"]}
 
 
 KEYS = ("ruler_task", "length", "index", "rope", "score")  # what the report reads
@@ -109,6 +113,12 @@ class Options(decoding_flags(64, 64, 64, "the authors' RULER config, every task"
                               "(qa_hotpotqa)")
     seed: int = flag(0, "added to OpenCompass's random_seed 42 (0: the authors' samples)",
                      type=count0)
+    answer_turn: bool = flag(True, "end the prompt with the empty answer turn (\"\\n\\n\"), as "
+                             "UltraLLaDA's configs ran RULER; --no-answer-turn ends it where the "
+                             "prompt ends, as LongLLaDA ran it")
+    wonderwords: str = flag(WONDERWORDS, "the wonderwords release the word needles and cwe's "
+                            "words must come from (another one draws other words); the authors' "
+                            "evaluation could only install 2.2.0")
 
 
 def ruler_score(task: str, prediction: str, answers: list[str]) -> float:
@@ -237,11 +247,7 @@ def wonderwords_lists() -> tuple[list[str], list[str], list[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", ResourceWarning)
-        try:
-            from wonderwords import random_word
-        except ImportError:
-            raise ValueError("RULER's word needles and cwe need the wonderwords package: "
-                             f"pip install wonderwords=={WONDERWORDS}") from None
+        from wonderwords import random_word  # plan() has checked the release
         read = random_word._get_words_from_text_file
         return read("nounlist.txt"), read("adjectivelist.txt"), read("verblist.txt")
 
@@ -611,6 +617,14 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     checked where it is opened, and every haystack sized now, so a length too small for a
     task fails before the model loads. The default list skips the tasks whose file was not
     passed, and `source` says so; a task asked for by name without its file is an error."""
+    try:  # the word lists are data: another release draws other needles and cwe words
+        installed = metadata.version("wonderwords")
+    except metadata.PackageNotFoundError:
+        installed = "none"
+    if installed != cfg.wonderwords:
+        raise ValueError(f"RULER's word lists need wonderwords {cfg.wonderwords}, {installed} is "
+                         f"installed: pip install wonderwords=={WONDERWORDS} (or pass --wonderwords "
+                         f"VERSION to run with another release)")
     if min(cfg.len) < MIN_LENGTH:
         raise ValueError(f"--len {min(cfg.len)} is too small for RULER; pass --len {MIN_LENGTH} "
                          f"or more")
@@ -647,7 +661,8 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     task = cell["ruler_task"]
     s = ruler_sample(task, cell["length"], cell["index"], work["files"], seed=work["seed"])
     gen, block, steps = decoding(cfg)
-    ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX)  # BOS for LLaDA, as the wrapper
+    # BOS for LLaDA, as the wrapper; the empty answer turn unless LongLLaDA's prompt is asked for
+    ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX * cfg.answer_turn)
     out = decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block, steps=steps,
                         prompt_cache=cfg.prompt_cache, device=device,
                         cut_at_eos=False)  # the wrapper decodes every token, no stop words
@@ -662,62 +677,51 @@ def cell_flops(c, cfg, cell: dict) -> float:
 
 
 def score_table(cells: list[dict]) -> dict:
-    """(rope, length) -> {task: mean score, category: mean of its tasks, "average": mean of the
-    tasks, "category mean": mean of the categories}. The paper does not say which of the two
-    averages its RULER numbers are, so both are reported."""
+    """(rope, length) -> {task: mean score, category or LongLLaDA's group: mean of its tasks,
+    "average": mean of the tasks, "category mean": mean of the categories}. The paper does not
+    say which of the two averages its RULER numbers are, so both are reported."""
     scores = {}
     for c in cells:
         scores.setdefault((c["rope"], c["length"]), {}).setdefault(c["ruler_task"], []).append(c["score"])
     table = {}
     for key, by_task in scores.items():
-        row = {t: sum(v) / len(v) for t, v in by_task.items()}
-        for cat, members in CATEGORIES.items():
-            got = [row[t] for t in members if t in row]
-            row[cat] = sum(got) / len(got) if got else None
-        row["average"] = sum(row[t] for t in by_task) / len(by_task)
-        present = [row[cat] for cat in CATEGORIES if row[cat] is not None]
-        row["category mean"] = sum(present) / len(present)
+        row = {t: nan_mean(v) for t, v in by_task.items()}
+        row.update({name: nan_mean([row.get(t) for t in members])
+                    for name, members in {**CATEGORIES, **GROUPS}.items()})
+        row["average"] = nan_mean([row[t] for t in by_task])
+        row["category mean"] = nan_mean([row[cat] for cat in CATEGORIES])
         table[key] = row
     return table
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:
-    """table_ruler.md (task x length, category and overall averages) and ruler_scores.png."""
+    """table_ruler.md (task x length, our categories, LongLLaDA's groups, both averages) and
+    ruler_scores.png."""
     table = score_table(cells)
-    ropes = sorted({r for r, _ in table})
     tasks = [t for t in TASKS if any(t in row for row in table.values())]
     # samples behind each number: one task at one length and rope
-    counts = Counter((c["rope"], c["length"], c["ruler_task"]) for c in cells)
-    fmt = lambda v: None if v is None else f"{v:.2f}"  # OpenCompass rounds to 2 decimals
-    sections, fig_rows = [], []
-    for rope in ropes:
+    counts = Counter((c["rope"], c["length"], c["ruler_task"]) for c in cells).values()
+    rows = [(t, TASKS[t].category) for t in tasks] + \
+        [(f"**{cat}**", "mean of its tasks") for cat in CATEGORIES] + \
+        [(f"**{g}**", "LongLLaDA's group: " + (", ".join(m) if g == "AGG" else TASKS[m[0]].category))
+         for g, m in GROUPS.items()] + \
+        [("**average**", f"{len(tasks)} tasks (LongLLaDA's Avg)"),
+         ("**category mean**", "mean of the categories")]
+    sections, panels = [], {}
+    for rope in sorted({r for r, _ in table}):
         lengths = sorted(L for r, L in table if r == rope)
-        header = ["task", "category"] + [results.short(L) for L in lengths]
-        rows = [[t, TASKS[t].category] + [fmt(table[rope, L].get(t)) for L in lengths] for t in tasks]
-        rows += [[f"**{cat}**", "mean of its tasks"] + [fmt(table[rope, L][cat]) for L in lengths]
-                 for cat in CATEGORIES if any(t in tasks for t in CATEGORIES[cat])]
-        rows.append(["**average**", f"{len(tasks)} tasks"] +
-                    [fmt(table[rope, L]["average"]) for L in lengths])
-        rows.append(["**category mean**", "mean of the categories"] +
-                    [fmt(table[rope, L]["category mean"]) for L in lengths])
-        sections.append(f"## rope {rope}\n\n{results.markdown_table(header, rows)}")
-        fig_rows.append((rope, lengths, np.array([[table[rope, L].get(t, np.nan) for L in lengths]
-                                                   for t in tasks], dtype=float)))
+        values = [[table[rope, L].get(name.strip("*")) for L in lengths] for name, _ in rows]
+        sections.append(f"## rope {rope}\n\n" + results.markdown_table(
+            ["task", "category"] + [results.short(L) for L in lengths],
+            [[*row, *v] for row, v in zip(rows, values)]))
+        panels[f"rope {rope}"] = (tasks, lengths, np.array(values[:len(tasks)], dtype=float))
     title = f"RULER, {os.path.basename(os.path.abspath(getattr(cfg, 'model', '') or '.'))}"
-    note = (f"Scores 0..100 per task (mean over {min(counts.values())}.."
-            f"{max(counts.values())} samples per task and length), string_match_all except QA "
-            f"(string_match_part); "
-            f"average = unweighted mean over the tasks, as OpenCompass's ruler_<len> group; "
-            f"category mean = the mean of the category rows (the paper does not say which it "
-            f"reports).")
-    text = f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n"
-    files.write_text(os.path.join(folder, "table_ruler.md"), text)
-
+    note = (f"Scores 0..100 per task (mean over {min(counts)}..{max(counts)} samples per task and "
+            f"length), string_match_all except QA (string_match_part); average = unweighted mean "
+            f"over the tasks, as OpenCompass's ruler_<len> group and LongLLaDA's Avg; category "
+            f"mean = the mean of the category rows (the paper does not say which it reports).")
+    files.write_text(os.path.join(folder, "table_ruler.md"),
+                     f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n")
     path = os.path.join(folder, "ruler_scores.png")
-    with results.figure(path, 1, len(fig_rows), squeeze=False, figsize=(
-            2.5 + 1.2 * max(len(r[1]) for r in fig_rows) * len(fig_rows), 1 + 0.45 * len(tasks))) \
-            as (fig, axes):
-        for ax, (rope, lengths, grid) in zip(axes[0], fig_rows):
-            draw_heatmap(ax, tasks, lengths, grid, f"rope {rope}", ylabel="task")
-        fig.suptitle(title)
+    plot_heatmaps(path, panels, title, ylabel="task")
     return f"{title} ({folder}/table_ruler.md, {path})\n" + "\n\n".join(sections)

@@ -87,9 +87,9 @@ def figure(path: str, *grid, **options):
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats with one decimal, None as '-'."""
+    """A markdown table; floats with two decimals (as OpenCompass rounds), None and NaN as '-'."""
     def cell(v):
-        return "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)
+        return "-" if v is None or v != v else f"{v:.2f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 

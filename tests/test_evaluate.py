@@ -400,7 +400,7 @@ def test_ppl_of_a_model_with_a_known_distribution_is_exact(tmp_path, tok):
     assert cell["cumulative_perplexity"][1] == pytest.approx(math.exp(sum(exact[1:3]) / 2), rel=1e-4)
     assert len(set(np.round(exact, 3))) == 4  # q is far from uniform: a wrong chunk would show
     assert (out / "ppl_vs_position.png").read_bytes()[:4] == b"\x89PNG"
-    assert f"| 256 | ckpt | 1 | {cell['perplexity']:.3f} |" in (out / "table_ppl.md").read_text()
+    assert f"| 256 | ckpt | 1 | {cell['perplexity']:.2f} |" in (out / "table_ppl.md").read_text()
 
 
 def test_ppl_puts_the_tokenizers_bos_first_and_scores_the_chosen_document(tmp_path):

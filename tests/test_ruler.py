@@ -10,7 +10,8 @@ import pytest
 
 import evaluate
 from evaluations import ruler
-from harness.tokenizer import cl100k
+from harness.flags import settings_of
+from harness.tokenizer import cl100k, tiktoken_tokenizer
 
 L = 2048  # small enough for CPU tests, big enough for one 500-word step of essay haystack
 
@@ -290,10 +291,40 @@ def test_the_default_list_skips_tasks_without_files_and_says_so(data):
     assert work["seed"] == 42 and "skipped" not in source
 
 
+def test_another_wonderwords_is_one_line_before_any_model_work(data, tiny_ckpt, tmp_path,
+                                                               monkeypatch, capsys):
+    monkeypatch.setattr(ruler.metadata, "version", lambda name: "3.0.1")
+    monkeypatch.setattr(evaluate, "from_pretrained", lambda *a, **kw: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--task", "ruler", "--model", tiny_ckpt, "--len", str(L), "--results",
+                       str(tmp_path / "res"), "--essays", data["essays"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "res").exists()
+    assert "3.0.1 is installed: pip install wonderwords==2.2.0" in err
+    cfg = config(data, wonderwords="3.0.1", ruler_tasks=["vt"], samples=1)  # accepted by name:
+    assert ruler.plan(cfg, None, None)[0] and settings_of(ruler.Options, cfg)["wonderwords"] == "3.0.1"
+    monkeypatch.setattr(ruler.metadata, "version", lambda name: (_ for _ in ()).throw(
+        ruler.metadata.PackageNotFoundError(name)))
+    one_line_error(config(data), "none is installed: pip install wonderwords==2.2.0")
+
+
+def test_no_answer_turn_ends_the_prompt_where_longllada_did_and_changes_nothing_else(
+        data, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ruler, "decode_answer", lambda model, tok, ids, **kw: seen.append(ids)
+                        or {"answer": "VAR X", "model_tokens": len(ids), "seconds": 0.0})
+    tok, cell = tiktoken_tokenizer(), dict(ruler_task="vt", length=L, index=0)
+    on, off = (ruler.run_cell(None, tok, config(data, answer_turn=turn), cell,
+                              {"seed": 42, "files": data}, None) for turn in (True, False))
+    prompt = sample("vt", 0, data)["prompt"]
+    assert seen == [tok.encode_prompt(prompt + "\n\n"), tok.encode_prompt(prompt)]
+    assert {**on, "model_tokens": 0} == {**off, "model_tokens": 0}
+    assert settings_of(ruler.Options, config(data, answer_turn=False))["answer_turn"] is False
+
+
 def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path):
     import torch
 
-    from harness.tokenizer import tiktoken_tokenizer
     from tiny import tiny_model
 
     # the authors' 64 answer tokens in one block of 64 with 64 steps; the wrapper caps the steps
@@ -319,6 +350,7 @@ def test_run_cell_with_tiny_model_and_report_writes_table_and_png(data, tmp_path
     assert "| niah_single_1 | retrieval |" in table and "**average**" in table
     assert "| 2K | 4K |" in table and "50.00" in table and "**category mean**" in table
     assert "**question answering**" in table and "2K" in summary
+    assert "| **AGG** | LongLLaDA's group: vt, cwe, fwe |" in table and "**NIAH**" in table
     assert "mean over 1..1 samples per task and length" in table  # each (task, length, rope) once
     assert (tmp_path / "ruler_scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -330,6 +362,7 @@ def test_score_table_averages_categories_and_tasks():
     row = ruler.score_table(cells)["r", L]
     assert row["niah_single_1"] == 75.0 and row["retrieval"] == 50.0
     assert row["multi-hop tracing"] == 40.0 and row["aggregation"] is None
+    assert row["NIAH"] == 50.0 and row["AGG"] == 40.0 and row["QA"] == 0.0  # LongLLaDA's groups
     assert row["average"] == pytest.approx((75 + 25 + 40 + 0) / 4)
     # retrieval 50, tracing 40, QA 0; aggregation has no task here and does not count
     assert row["category mean"] == pytest.approx((50 + 40 + 0) / 3)

@@ -36,13 +36,11 @@ CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.i
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 
 # Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
+# Not auto_map: a checkpoint names modeling code only when --init brought some (record_remote_code).
 OFFICIAL_CONFIG = {
     "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
     "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
     "attention_layer_norm_with_affine": True,
-    "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                 "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
-                 "AutoModel": "modeling_llada.LLaDAModelLM"},
     "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
     "embedding_dropout": 0.0, "flash_attention": False, "include_qkv_bias": False,
     "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
@@ -97,8 +95,6 @@ def config_problem(c: LLaDAConfig) -> str | None:
             return f"{name} is {json.dumps(v)[:40]}, it must be {must}"
     if c.rope_scaling is not None and not isinstance(c.rope_scaling, dict):
         return f"rope_scaling is {json.dumps(c.rope_scaling)[:40]}, it must be an object or null"
-    if not isinstance(c.extra.get("auto_map", {}), dict):  # every save reads it
-        return f"auto_map is {json.dumps(c.extra['auto_map'])[:40]}, it must be an object"
     if c.d_model % c.n_heads:
         return f"n_heads {c.n_heads} does not divide d_model {c.d_model}"
     if c.head_dim % 2:  # RoPE rotates pairs of dimensions
@@ -219,14 +215,8 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
                                                               for k in s}})
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, os.path.join(path, name))
-    d = config_to_dict(config)
-    # transformers fails on an auto_map module missing from the folder; without the entry it
-    # says that the model needs trust_remote_code files instead.
-    auto_map = {k: v for k, v in d.pop("auto_map", {}).items()
-                if all(os.path.isfile(os.path.join(path, f)) for f in auto_map_files(v))}
     dtype = str(next(iter(state_dict.values())).dtype).removeprefix("torch.")
-    write_json(os.path.join(path, CONFIG), {**d, **({"auto_map": auto_map} if auto_map else {}),
-                                            "torch_dtype": dtype})
+    write_json(os.path.join(path, CONFIG), {**config_to_dict(config), "torch_dtype": dtype})
 
 
 def publish(tmp: str, path: str) -> None:
@@ -254,18 +244,10 @@ def recover(path: str) -> None:
     shutil.rmtree(old)
 
 
-def auto_map_files(ref) -> list[str]:
-    """The local files an auto_map entry names: "modeling_llada.LLaDAModelLM" needs
-    modeling_llada.py; a tokenizer entry is a list (slow, fast; None for none); "org/repo--x.C"
-    lives in another repository, and "../x.C" would be another folder's."""
-    refs = ref if isinstance(ref, list) else [ref]
-    files = [r.rsplit(".", 1)[0] + ".py" for r in refs if isinstance(r, str) and "--" not in r]
-    return [f for f in files if f == os.path.basename(f)]
-
-
 def record_remote_code(init: str) -> dict:
     """The official modeling code of `init`, to copy into every checkpoint: its Python files and
-    generation_config.json, which transformers reads with trust_remote_code. A preset has none."""
+    generation_config.json, which transformers reads with trust_remote_code, so that the
+    auto_map its config.json carries names files the checkpoint holds. A preset has none."""
     names = sorted(os.listdir(init)) if os.path.isdir(init) else []
     return {n: os.path.join(init, n) for n in names if os.path.isfile(os.path.join(init, n))
             and (n.endswith(".py") or n == "generation_config.json")}

@@ -13,8 +13,7 @@ from test_model import ids, reference_logits, small_config
 
 import train
 from harness.checkpoint import (CheckpointError, from_pretrained, load_optimizer_state, publish,
-                                read_config, record_remote_code, save_pretrained,
-                                save_training_checkpoint)
+                                read_config, save_pretrained, save_training_checkpoint)
 from harness.files import FileError
 from model import LLaDA
 from rope import METHODS, scale_rope
@@ -176,32 +175,6 @@ def test_saved_rope_gives_the_official_code_the_same_logits_except_for_pi(tmp_pa
         assert torch.allclose(ours, official, atol=1e-5)
 
 
-def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
-    """transformers fails on an auto_map module that is not in the folder: a checkpoint keeps
-    only the entries whose files it holds (the default LLaDA map included), and entries that
-    live in another repository."""
-    save_pretrained(str(tmp_path / "plain"), net.config, net.state_dict())
-    assert "auto_map" not in json.loads((tmp_path / "plain" / "config.json").read_text())
-
-    init = tmp_path / "init"
-    init.mkdir()
-    (init / "configuration_x.py").write_text('"""A configuration module of ours."""\n')
-    (init / "modeling_x.py").write_text('"""A modeling module of ours."""\n'
-                                        'from .configuration_x import XConfig\n')
-    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel",
-                "AutoModelForCausalLM": "causal_x.XCausal",  # no causal_x.py anywhere
-                "AutoTokenizer": ["tokenization_x.XTokenizer", None],
-                "AutoModelForMaskedLM": "someone/elsewhere--masked_x.XMasked"}
-    (init / "config.json").write_text(json.dumps({"auto_map": auto_map}))
-    files = record_remote_code(str(init))
-    assert files == {n: str(init / n) for n in ("configuration_x.py", "modeling_x.py")}
-    net.config.extra["auto_map"] = auto_map
-    save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict(), extra_files=files)
-    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["auto_map"]
-    assert saved == {k: auto_map[k] for k in ("AutoConfig", "AutoModel", "AutoModelForMaskedLM")}
-    assert record_remote_code("tiny") == {}  # a preset
-
-
 @pytest.mark.parametrize("edit, says", [
     ({"n_heads": 3, "n_kv_heads": 3}, "n_heads 3 does not divide d_model 64"),
     ({"n_heads": 0}, "n_heads is 0, it must be a whole number"),
@@ -220,7 +193,6 @@ def test_auto_map_names_only_the_modules_a_checkpoint_holds(tmp_path, net):
     ({"mask_token_id": "299"}, 'mask_token_id is "299", it must be a whole number'),
     ({"mask_token_id": 320}, "mask_token_id 320 has no embedding (embedding_size 320)"),
     ({"include_bias": 0}, "include_bias is 0, it must be true or false"),
-    ({"auto_map": ["modeling_x.X"]}, 'auto_map is ["modeling_x.X"], it must be an object'),
 ])
 def test_config_values_are_checked_where_they_are_read(tmp_path, net, edit, says):
     save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict())
@@ -304,7 +276,7 @@ def test_publish_keeps_what_a_user_put_in_the_old_folder_and_a_kill_loses_nothin
     assert (ckpt / "model.safetensors").read_text() == "newest"
 
 
-def test_names_in_an_index_or_auto_map_never_reach_outside_the_folder(tmp_path, net):
+def test_names_in_an_index_never_reach_outside_the_folder(tmp_path, net):
     save_pretrained(str(tmp_path / "ckpt"), net.config, net.state_dict(), max_shard_bytes=200_000)
     index = tmp_path / "ckpt" / "model.safetensors.index.json"
     for shard in ("../ckpt/model-00001-of-00002.safetensors", 7):
@@ -313,10 +285,3 @@ def test_names_in_an_index_or_auto_map_never_reach_outside_the_folder(tmp_path, 
         index.write_text(json.dumps(data))
         with pytest.raises(CheckpointError, match="names shards that are not files of"):
             from_pretrained(str(tmp_path / "ckpt"))
-    # --init's remote code: a module path with a folder in it would be copied from, and into,
-    # another folder than the checkpoint's
-    init = tmp_path / "init"
-    init.mkdir()
-    (tmp_path / "outside.py").write_text('"""Not the checkpoint\'s."""\n')
-    (init / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "../outside.X"}}))
-    assert record_remote_code(str(init)) == {}

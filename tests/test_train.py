@@ -18,7 +18,7 @@ import train
 from harness.checkpoint import from_pretrained, save_pretrained
 from harness.files import lock_folder
 from harness.prepare import filler_text
-from harness.runtime import exit_after
+from harness.runtime import exit_after, memory_plan_text
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
@@ -103,37 +103,27 @@ def test_every_strategy_and_rope_method_trains(tmp_path, books, cache, mask, rop
     assert state["step"] == 3 and state["config"]["mask"] == mask
 
 
-# Remote code of our own, in the shape of the official files: configuration and modeling
-# modules named by auto_map, a module the modeling one imports relatively, and notes.
-REMOTE_CODE = {
-    "configuration_toy.py": '"""A toy configuration module."""\n\n\nclass ToyConfig(dict):\n    model_type = "llada"\n',
-    "modeling_toy.py": '"""A toy modeling module."""\nfrom .configuration_toy import ToyConfig\n'
-                       'from .layers_toy import ToyLayer\n\n\nclass ToyModel(ToyLayer):\n    config_class = ToyConfig\n',
-    "layers_toy.py": '"""Imported by modeling_toy only."""\n\n\nclass ToyLayer:\n    pass\n',
-    "generation_config.json": '{"bos_token_id": 7, "eos_token_id": 8}\n',
-    "notes_toy.py": '"""Named by nothing."""\n',
-}
-TOY_AUTO_MAP = {"AutoConfig": "configuration_toy.ToyConfig", "AutoModel": "modeling_toy.ToyModel",
-                "AutoModelForCausalLM": "modeling_toy.ToyModel"}
-
-
 def test_a_checkpoint_carries_the_remote_code_of_its_init_folder(tmp_path, books, cache):
-    code = tmp_path / "code"
-    code.mkdir()
-    for name, text in REMOTE_CODE.items():
-        (code / name).write_text(text)
-    init = tmp_path / "init"
+    """As the official directory: modeling code named by config.json's auto_map (and a module
+    it imports) plus generation_config.json, carried from --init into every checkpoint, from
+    the first run and from a resumed one."""
+    code = {"modeling_toy.py": '"""A toy."""\nfrom .layers_toy import ToyLayer\n',
+            "layers_toy.py": '"""Imported by modeling_toy."""\n',
+            "generation_config.json": '{"bos_token_id": 7, "eos_token_id": 8}\n'}
+    auto_map = {"AutoModel": "modeling_toy.ToyModel"}
+    for name, text in code.items():
+        (tmp_path / name).write_text(text)
     config = preset("tiny", n_layers=1)
-    config.extra.update(tokenizer="cl100k_base", auto_map=TOY_AUTO_MAP)
-    save_pretrained(str(init), config, LLaDA(config).state_dict(),
-                    extra_files={name: str(code / name) for name in REMOTE_CODE})
+    config.extra.update(tokenizer="cl100k_base", auto_map=auto_map)
+    save_pretrained(str(tmp_path / "init"), config, LLaDA(config).state_dict(),
+                    extra_files={name: str(tmp_path / name) for name in code})
     out = tmp_path / "out"
-    train.main(flags(books, cache, out, "--init", str(init), "--max-steps", "1"))
-    train.main(flags(books, cache, out, "--init", str(init), "--max-steps", "2", "--resume"))
+    train.main(flags(books, cache, out, "--init", str(tmp_path / "init"), "--max-steps", "1"))
+    train.main(flags(books, cache, out, "--init", str(tmp_path / "init"), "--max-steps", "2",
+                     "--resume"))
     ckpt = out / "checkpoint"
-    for name, text in REMOTE_CODE.items():  # carried from --init, then from the resumed checkpoint
-        assert (ckpt / name).read_text() == text, name
-    assert json.loads((ckpt / "config.json").read_text())["auto_map"] == TOY_AUTO_MAP
+    assert {name: (ckpt / name).read_text() for name in code} == code
+    assert json.loads((ckpt / "config.json").read_text())["auto_map"] == auto_map
 
 
 def wait_for_log_lines(p, log, n, seconds=300):
@@ -216,15 +206,9 @@ def test_stop_request_saves_resumes_and_a_second_one_exits_at_once(tmp_path, boo
 
 
 def test_memory_plan_for_llada_8b(capsys):
+    """The plan's numbers are tested in test_gpu.py; here: the flag prints it for --init."""
     train.main(["--init", "llada-8b", "--seq-len", "65536", "--memory-plan"])
-    out = capsys.readouterr().out
-    assert "8.02B parameters" in out
-    rows = {int(line.split("|")[1]): line for line in out.splitlines()
-            if line.startswith("| ") and line.split("|")[1].strip().isdigit()}
-    # 16 bytes per parameter (bf16 weights and grads, fp32 master, Adam m and v) unsharded is
-    # 119.4 GiB: one 80 GB GPU cannot hold it, 8 can
-    assert f"| {8_015_581_184 * 16 / 2**30:.1f} |" in rows[1] and rows[1].rstrip().endswith("no |")
-    assert rows[8].rstrip().endswith("yes |")
+    assert capsys.readouterr().out == memory_plan_text(preset("llada-8b"), 65536) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

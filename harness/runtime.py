@@ -20,19 +20,14 @@ from model import num_params
 
 def tune_cpu_memory(reuse_freed: bool = False) -> dict:
     """Allocator settings that make large CPU tensors cheap; call before the first large tensor.
-
     Every fresh page of a tensor is a page fault in which the kernel zeroes it, and training
-    makes several tensors of hundreds of MB a step (a chunk of logits over a 100K vocabulary).
-    - Huge pages: PyTorch's THP_MEM_ALLOC_ENABLE puts CPU tensors of 2 MB and more on
-      transparent huge pages, 512 times fewer faults. Read at PyTorch's first large allocation;
-      a user's explicit THP_MEM_ALLOC_ENABLE=0 wins.
-    - reuse_freed (training): glibc serves blocks above 32 MB with their own mmap and unmaps
-      them on free, so the next step faults them in again; these settings serve them from the
-      heap and keep up to 2 GB of freed memory, which is then reused. Memory stays with the
-      process at its peak, so the evaluation and bench scripts, which report peak memory, leave
-      it off. No effect on GPU memory. docs/benchmarks.md has the measured gains.
-    Returns what was applied.
-    """
+    makes tensors of hundreds of MB every step (a chunk of logits over a 100K vocabulary):
+    - huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, unless the user set it to 0): CPU tensors of
+      2 MB and more on transparent huge pages, 512 times fewer faults;
+    - reuse_freed (training): glibc serves and keeps blocks above 32 MB from its heap instead of
+      mapping and unmapping each one, so the next step reuses them. Memory then stays at its
+      peak, so the evaluation and bench scripts, which report peaks, leave it off.
+    docs/benchmarks.md has the measured gains. Returns what was applied."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     applied = {"huge_pages": os.environ["THP_MEM_ALLOC_ENABLE"] == "1", "reuse_freed": False}
     if reuse_freed:
@@ -123,23 +118,17 @@ def process_env() -> tuple[int, int, int]:
     """(rank, world size, local rank: this process's GPU on its machine) from torchrun's
     environment, checked: a variable left over from a scheduler or a shell would otherwise fail
     deep inside, or wait for processes that never come."""
-    values = {}
-    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
-        text = os.environ.get(name, default)
-        if not text.isdigit():
-            fail(f"{name}={text!r} in the environment is not a process count; unset it, or start "
-                 f"several processes with torchrun")
-        values[name] = int(text)
-    rank, world = values["RANK"], values["WORLD_SIZE"]
-    if world < 1 or rank >= world:
-        fail(f"RANK={rank} with WORLD_SIZE={os.environ.get('WORLD_SIZE', 'unset')} in the "
-             f"environment names no process of this run (left over from another job?); unset "
-             f"them, or start several processes with torchrun")
-    local = os.environ.get("LOCAL_RANK", "0") if world > 1 else "0"  # one process: GPU 0
-    if not local.isdigit() or int(local) > rank:  # torchrun numbers a machine's ranks from 0
-        fail(f"LOCAL_RANK={local!r} with RANK={rank} in the environment names no process of "
-             f"this machine; unset them, or start several processes with torchrun")
-    return rank, world, int(local)
+    env = {name: os.environ.get(name, default) for name, default in
+           (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
+    if int(env["WORLD_SIZE"] if env["WORLD_SIZE"].isdigit() else 0) <= 1:
+        env["LOCAL_RANK"] = "0"  # one process: GPU 0, whatever a stale variable says
+    rank, world, local = (int(v) if v.isdigit() else -1 for v in env.values())
+    # torchrun numbers the processes 0..WORLD_SIZE-1, and a machine's from 0
+    if not 0 <= local <= rank < world:
+        fail(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r} and LOCAL_RANK="
+             f"{env['LOCAL_RANK']!r} in the environment name no process of this run (left over "
+             f"from another job?); unset them, or start several processes with torchrun")
+    return rank, world, local
 
 
 def say_waiting(world: int, what: str, backend: str) -> None:

@@ -101,10 +101,8 @@ class TrainConfig:
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)", type=positive0)
     dtype: str | None = flag(None, "compute dtype: bfloat16 autocast (mixed precision under "
                              "--fsdp), weights stay float32 (default: bfloat16 on CUDA, float32 "
-                             "on CPU). float16 is refused: without loss scaling its small "
-                             "gradients underflow to 0, while bfloat16 has float32's range; the "
-                             "authors' float16 is their evaluation's (evaluate.py --dtype "
-                             "float16)", choices=("float32", "bfloat16", "float16"))
+                             "on CPU); not float16, whose small gradients underflow without loss "
+                             "scaling", choices=("float32", "bfloat16", "float16"))
     compile: bool = flag(False, "torch.compile every transformer block", setting=False)
     activation_checkpointing: bool = flag(False, "recompute each block in backward instead of "
                                           "storing its activations (needed at 64K tokens for "
@@ -115,11 +113,9 @@ class TrainConfig:
     out: str = flag("out", "output folder, train.py's own: checkpoint/ and log.jsonl; a new "
                     "or empty folder, or one of an earlier run; one run at a time may use it",
                     type=utf8_path, setting=False)
-    resume: bool = flag(False, "continue from OUT/checkpoint (the latest complete save) with the "
-                        "same flags; only --max-steps, --save-every, --log-every and how it runs "
-                        "(--compile, --fsdp, --activation-checkpointing) may differ; any number "
-                        "of processes resumes any other's",
-                        setting=False)
+    resume: bool = flag(False, "continue OUT/checkpoint with the same flags, on any number of "
+                        "processes; only --max-steps, --save-every, --log-every and how it runs "
+                        "(--compile, --fsdp, --activation-checkpointing) may differ", setting=False)
     allow_changes: bool = flag(False, "with --resume: accept other values of the run's defining "
                                "flags (--lr, --seq-len, ...) than the saved ones, e.g. to lower "
                                "the rate", setting=False)
@@ -202,10 +198,6 @@ def parallelize(model: LLaDA, cfg: TrainConfig, world: int, device: torch.device
 
 # ---------------------------------------------------------------------------------------------
 # The model at the start of training, and its RoPE base for the target length.
-
-def init_config(cfg: TrainConfig):
-    return preset(cfg.init) if cfg.init in PRESETS else read_config(cfg.init)
-
 
 def initial_model(cfg: TrainConfig, source: str) -> LLaDA:
     """A checkpoint's weights (float32 master weights), or a preset initialised from --seed,
@@ -296,7 +288,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     if cfg.memory_plan:
         try:
-            print(memory_plan_text(init_config(cfg), cfg.seq_len))
+            print(memory_plan_text(preset(cfg.init) if cfg.init in PRESETS else
+                                   read_config(cfg.init), cfg.seq_len))
         except ValueError as e:  # an --init whose config.json is missing or impossible
             fail(str(e))
         return
@@ -329,10 +322,9 @@ def main(argv=None):
     say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
         f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "
         f"sequences of {cfg.seq_len:,}")
-    say(f"rope: {rope.get('method')}, base {rope.get('original_rope_theta', 0):,.0f} -> "
-        f"{model.config.rope_theta:,.0f} (lambda {rope.get('lambda', 1):.3f}, T_train "
-        f"{rope.get('train_len', 0):,} -> T_target {rope.get('target_len', 0):,}); mask: "
-        f"{cfg.mask}; {world} process(es) on {device.type}, {cfg.dtype}, "
+    say(f"rope: {rope.get('method')}, base {model.config.rope_theta:,.0f} (lambda "
+        f"{rope.get('lambda', 1):.3f} for {rope.get('target_len', 0):,} tokens); mask: {cfg.mask};"
+        f" {world} process(es) on {device.type}, {cfg.dtype}, "
         f"{'FSDP' if cfg.fsdp else 'DDP' if world > 1 else 'single'}; lr {peak_lr:g}")
     if rope.get("method") == "pi" and rank == 0:
         print("warning: --rope pi also scales positions, which only this repository's model.py "

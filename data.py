@@ -25,20 +25,15 @@ import torch
 
 from harness.flags import add_flags, count, flag, from_args, number
 from harness.prepare import CACHE_DIR, SPLITS, Corpus, SyntheticConfig, load_corpus, printable
-from harness.runtime import fail
+from harness.runtime import exit_after, fail
 from harness.tokenizer import TIKTOKEN_NAME, load_tokenizer
 from masks import STRATEGIES, num_packed_sequences, pack_sequence
 
 # ---------------------------------------------------------------------------------------------
-# Packing and batches. Packed sequence n is tokens [n*L, (n+1)*L) of the document stream
-# (masks.pack_sequence); the stream's last partial sequence is dropped. Each epoch visits the
-# sequences in a seeded permutation; global slot g of an epoch belongs to step g // G, where
-# G = world_size * grad_accum * batch_size. The n_sequences % G sequences left over at the
-# end of a permutation are skipped that epoch (different ones every epoch).
-
-def num_sequences(corpus: Corpus, seq_len: int, strategy: str) -> int:
-    return num_packed_sequences(corpus.offsets, seq_len, strategy)
-
+# Packing and batches (the stream's last partial sequence is dropped). Global slot g of an
+# epoch's permutation belongs to step g // G, where G = world_size * grad_accum * batch_size;
+# the n_sequences % G sequences left over at its end are skipped that epoch (different ones
+# every epoch).
 
 def packed_sequence(corpus: Corpus, index: int, seq_len: int,
                     strategy: str) -> tuple[np.ndarray, list[int]]:
@@ -62,7 +57,7 @@ class Schedule:
 
     def __post_init__(self):
         assert min(self.seq_len, self.batch_size, self.grad_accum, self.world_size) >= 1
-        self.n_sequences = num_sequences(self.corpus, self.seq_len, self.strategy)
+        self.n_sequences = num_packed_sequences(self.corpus.offsets, self.seq_len, self.strategy)
         self.per_step = self.world_size * self.grad_accum * self.batch_size
         self.steps_per_epoch = self.n_sequences // self.per_step
         if self.steps_per_epoch == 0:  # a property of the data, so an error, not an assert
@@ -114,7 +109,7 @@ def long_documents(corpus: Corpus, min_tokens: int, limit: int | None = None) ->
 
 def describe(corpus: Corpus, seq_len: int, strategy: str) -> str:
     lengths = corpus.doc_lengths()
-    n_seq = num_sequences(corpus, seq_len, strategy)
+    n_seq = num_packed_sequences(corpus.offsets, seq_len, strategy)
     stream = corpus.n_tokens + (corpus.n_docs if strategy == "eod" else 0)
     p = np.percentile(lengths, [10, 50, 90]).astype(int)
     lines = [
@@ -150,7 +145,9 @@ class DataConfig:
     cache_dir: str = flag(CACHE_DIR, "where token caches live")
     workers: int | None = flag(None, "processes that tokenize (default: every core)", type=count)
     synthetic_seed: int = flag(0, "seed of the synthetic corpus", type=int)
-    synthetic_docs: int = flag(SyntheticConfig.n_docs, "synthetic corpus size", type=count)
+    synthetic_docs: int = flag(SyntheticConfig.n_docs, "synthetic corpus size, at most a million "
+                               "documents (800M tokens, a 3 GB cache)",
+                               type=number(int, 0, inclusive=False, highest=10**6))
 
 
 def main(argv=None):
@@ -165,11 +162,9 @@ def main(argv=None):
                              cfg.cache_dir, cfg.workers)
     except ValueError as e:
         fail(str(e))
-    except KeyboardInterrupt:  # the cache's temporary folder is already removed
-        fail("interrupted; no token cache was written", 130)
     print(f"tokenizer: {tokenizer.name} (EOS {tokenizer.eos_id}, [MASK] {tokenizer.mask_id})")
     print(describe(corpus, cfg.seq_len, cfg.strategy))
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)  # Ctrl-C: one line (the cache's temporary folder is already removed)

@@ -17,7 +17,6 @@ that are not UTF-8, unreadable or not regular files, and documents over 256 MB.
 
 Run `python data.py --help` to build a cache and print its statistics.
 """
-import contextlib
 import functools
 import hashlib
 import json
@@ -37,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from harness.files import (FileError, open_if_regular, parse_json_line, physical_memory, read_json,
-                           wait_for_lock, write_json)
+from harness.files import (FileError, open_if_regular, parse_json_line, read_json, wait_for_lock,
+                           write_json)
 from harness.tokenizer import Tokenizer, load_tokenizer
 
 CACHE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cache")
@@ -129,12 +128,12 @@ def filler_text(n_tokens: int, tokenizer: Tokenizer, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading documents, in worker processes, one task each: a .txt file (one document), about
-# JSONL_CHUNK_BYTES of a .jsonl file (one document a line: the lines that start in the range),
-# or a range of synthetic documents. Every file is opened by open_if_regular, which refuses a
-# named pipe or a device instead of blocking on it: like an unreadable file, it is skipped.
+# Reading documents, in worker processes, one task each: a file (a .txt is one document, a
+# .jsonl one document a line) or a range of synthetic documents. A worker writes each
+# document's tokens to its task's part file as it goes, so it holds one document at a time,
+# however large the file. Every file is opened by open_if_regular, which refuses a named pipe
+# or a device instead of blocking on it: like an unreadable file, it is skipped.
 
-JSONL_CHUNK_BYTES = 8 << 20
 # A worker holds about 8 bytes per byte of a document while tokenizing it (the ids as Python
 # ints): longer documents are skipped, and a .txt that big is a corpus in one file, not a book.
 MAX_DOCUMENT_BYTES = 256 << 20
@@ -144,9 +143,9 @@ MAX_SKIPPED_KEPT = 1000  # skipped documents named in the manifest; a wrong fiel
 @dataclass
 class Task:
     name: str  # the file relative to the corpus folder, for reports
-    path: str = ""  # "" for synthetic documents
-    start: int = 0  # the task is bytes, or synthetic documents, start .. start + size - 1
-    size: int = 0  # (also the progress bar's unit)
+    path: str  # "" for synthetic documents
+    size: int  # the file's bytes, or the number of synthetic documents (the progress bar's unit)
+    start: int = 0  # the first synthetic document
     synthetic: SyntheticConfig | None = None
 
 
@@ -165,35 +164,22 @@ def read_book(path: str) -> tuple[str | None, str | None]:
     return (text, None) if text.strip() else (None, "empty")
 
 
-def skip_line(f, end: int) -> None:
-    """Read on past the next newline, or to byte `end`, in bounded pieces: a line is never held
-    whole, and a range inside one long line costs no more than its own bytes."""
-    while f.tell() < end and (piece := f.readline(1 << 20)) and not piece.endswith(b"\n"):
-        pass
-
-
-def read_jsonl(task: Task):
-    """((file, line within the range), text, None) for each line that starts in the task's
-    byte range, or (where, None, why it is skipped); a blank line is no document but still a
-    line: (where, None, None). The range's first line number is only known once the ranges
-    before it are read, so the builder numbers the lines in the file."""
+def read_jsonl(path: str, name: str):
+    """("NAME line N", text, None) for each line of a .jsonl file, or (where, None, why it is
+    skipped); a blank line is no document: (where, None, None). A line over the size limit is
+    read on past in bounded pieces, never held whole."""
     try:
-        with open_if_regular(task.path) as f:
-            i, end = 0, task.start + task.size
-            f.seek(max(task.start - 1, 0))
-            if task.start:  # the line holding the byte before the range is the previous range's
-                skip_line(f, end)
+        with open_if_regular(path) as f:
             # the limit and its newline: a line of the limit's size fits whole
-            while f.tell() < end and (line := f.readline(MAX_DOCUMENT_BYTES + 1)):
-                where, i = (task.name, i), i + 1
+            for i, line in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 1), b""), 1):
                 if len(line) > MAX_DOCUMENT_BYTES and not line.endswith(b"\n"):
-                    skip_line(f, end)
-                    yield where, None, f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
+                    while (piece := f.readline(1 << 20)) and not piece.endswith(b"\n"):
+                        pass
+                    yield f"{name} line {i}", None, f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
                 else:
-                    yield where, *jsonl_text(line)
+                    yield f"{name} line {i}", *jsonl_text(line)
     except OSError as e:
-        if task.start == 0:  # said once for the file, not once a range
-            yield task.name, None, f"unreadable: {e.strerror or e}"
+        yield name, None, f"unreadable: {e.strerror or e}"
 
 
 def jsonl_text(line: bytes) -> tuple[str | None, str | None]:
@@ -220,35 +206,34 @@ _worker_tokenizer = None  # each worker process builds its tokenizer once, in in
 def init_worker(source: str) -> None:
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(source)
+    # A worker starts with Ctrl-C ignored (build_cache), so none prints a traceback while it
+    # starts; from here on Ctrl-C ends it at once and silently: the parent says the one line.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def tokenize_task(task: Task, heldout: float | None, want_heldout: bool,
+def tokenize_task(task: Task, part: str, heldout: float | None, want_heldout: bool,
                   tokenizer: Tokenizer | None = None):
-    """Read, select (heldout=None keeps every document) and tokenize the documents of a task:
-    (their tokens back to back, uint32; their lengths; their names; [name, why] of each one
-    skipped; the lines read, of a .jsonl)."""
+    """Read, select (heldout=None keeps every document) and tokenize the documents of a task,
+    their tokens written back to back (uint32) to the file `part`: (their lengths; their
+    names; [name, why] of the first skipped ones; how many were skipped)."""
     if task.synthetic:
         docs = ((f"synthetic document {i}", synthetic_document(task.synthetic, i), None)
                 for i in range(task.start, task.start + task.size))
     else:
         docs = [(task.name, *read_book(task.path))] if task.path.endswith(".txt") \
-            else read_jsonl(task)
-    pieces, names, skipped, lines = [], [], [], 0
-    for name, text, why in docs:
-        lines = name[1] + 1 if isinstance(name, tuple) else lines
-        if why:
-            skipped.append([name, why])
-        elif text is not None and (heldout is None or is_heldout(text, heldout) == want_heldout):
-            pieces.append(np.asarray((tokenizer or _worker_tokenizer).encode(text), np.uint32))
-            names.append(name)
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.uint32)
-    return tokens, [len(p) for p in pieces], names, skipped, lines
-
-
-def document_name(doc, line_base: int) -> str:
-    """A document's name for reports: .jsonl lines come numbered within their byte range, so
-    they are numbered in the file here."""
-    return f"{doc[0]} line {line_base + doc[1] + 1}" if isinstance(doc, tuple) else doc
+            else read_jsonl(task.path, task.name)
+    lengths, names, skipped, n_skipped = [], [], [], 0
+    with open(part, "wb") as out:
+        for name, text, why in docs:
+            if why:
+                skipped += [[name, why]] if len(skipped) < MAX_SKIPPED_KEPT else []
+                n_skipped += 1
+            elif text is not None and (heldout is None or is_heldout(text, heldout) == want_heldout):
+                tokens = np.asarray((tokenizer or _worker_tokenizer).encode(text), np.uint32)
+                tokens.tofile(out)
+                lengths.append(len(tokens))
+                names.append(name)
+    return lengths, names, skipped, n_skipped
 
 
 def printable(path: str) -> str:
@@ -261,29 +246,25 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
     """(corpus name, cache key, cache folder label, tasks, held-out fraction or None).
 
     With train/ validation/ test/ subfolders (PG19's layout) the split is a folder. Without
-    them every file is in the corpus and validation is a hashed fraction of its documents.
+    them (and in the synthetic corpus) every document is in the corpus and validation is a
+    hashed fraction of them.
     """
-    assert split in SPLITS and 0 <= heldout < 1 and synthetic.n_docs > 0, (split, heldout)
+    assert split in SPLITS and 0 <= heldout < 1, (split, heldout)
+    if data is not None and not os.path.exists(data):
+        raise ValueError(f"--data {data} does not exist; pass a folder of .txt or .jsonl files, "
+                         f"or leave --data out for the synthetic corpus")
+    present = [s for s in SPLITS if data is not None and os.path.isdir(os.path.join(data, s))]
+    have = present or ["train", "validation"][:1 + (heldout > 0)]
+    if split not in have:
+        raise ValueError(f"{data or 'the synthetic corpus'} has no {split} split: it has "
+                         f"{', '.join(have)}" + ("" if present else f" (validation is the "
+                                                 f"held-out fraction of its documents, {heldout:g})"))
     if data is None:
-        if split == "test":
-            raise ValueError("the synthetic corpus has train and validation splits only")
-        n, step = synthetic.n_docs, max(100, -(-synthetic.n_docs // 10_000))  # <= 10,000 tasks
-        tasks = [Task("synthetic", "", i, min(step, n - i), synthetic) for i in range(0, n, step)]
+        tasks = [Task("synthetic", "", min(100, synthetic.n_docs - i), i, synthetic)
+                 for i in range(0, synthetic.n_docs, 100)]
         key = {"synthetic": asdict(synthetic), "generator": SYNTHETIC_VERSION}
         return (f"synthetic (built-in, seed {synthetic.seed}, {split})", key,
                 f"synthetic-seed{synthetic.seed}", tasks, heldout)
-    if not os.path.exists(data):
-        raise ValueError(f"--data {data} does not exist; pass a folder of .txt or .jsonl files, "
-                         f"or leave --data out for the synthetic corpus")
-    present = [s for s in SPLITS if os.path.isdir(os.path.join(data, s))]
-    if present and split not in present:
-        raise ValueError(f"{data} has no {split}/ folder (it has {', '.join(present)})")
-    if not present and split == "test":
-        raise ValueError(f"{data} has no test/ folder; without split folders only train and "
-                         f"validation (held-out documents) exist")
-    if not present and split == "validation" and heldout == 0:
-        raise ValueError(f"{data} has no validation/ folder and the held-out fraction is 0: "
-                         f"no documents are held out for validation")
     if os.path.isdir(data):
         folder, files = os.path.join(data, split) if present else data, []
         for root, dirs, names in os.walk(folder):
@@ -297,11 +278,8 @@ def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: Synthe
             stat = os.stat(path)
         except OSError:  # gone or unreadable: reported as skipped when the cache is built
             stat = os.stat_result((0,) * 10)
-        rel = os.path.relpath(path, folder)
-        signatures.append([rel, stat.st_size, stat.st_mtime_ns])
-        step = JSONL_CHUNK_BYTES if path.endswith(".jsonl") else max(stat.st_size, 1)
-        tasks += [Task(rel, path, a, min(step, stat.st_size - a))
-                  for a in range(0, max(stat.st_size, 1), step)]
+        tasks.append(Task(os.path.relpath(path, folder), path, stat.st_size))
+        signatures.append([tasks[-1].name, stat.st_size, stat.st_mtime_ns])
     if present:
         name = f"{printable(os.path.join(data, split))} ({split} folder)"
     else:
@@ -365,13 +343,8 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
     path = os.path.join(cache_dir, dirname)
     reused = os.path.isdir(path)
     if not reused:
-        new = not os.path.isdir(cache_dir)
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            if data is None and (refusal := synthetic_too_big(synthetic.n_docs, cache_dir)):
-                if new:  # refused before any work: nothing left behind either
-                    os.rmdir(cache_dir)
-                raise ValueError(refusal)
             # one builder at a time: the others wait, and then find the cache built
             with wait_for_lock(path + ".lock", f"building the token cache {path}"):
                 reused = os.path.isdir(path)
@@ -396,76 +369,47 @@ def load_corpus(tokenizer: Tokenizer, data: str | None = None, split: str = "tra
                   read_json(os.path.join(path, "names.json")))
 
 
-# What a synthetic cache costs, measured on the generator: about 800 tokens a document (4 bytes
-# each in tokens.bin, plus its name in names.json), and about 200 bytes of the builder's memory
-# (its length and name in Python lists).
-SYNTHETIC_DISK_PER_DOC = 3300
-SYNTHETIC_MEMORY_PER_DOC = 200
-
-
-def synthetic_too_big(n_docs: int, cache_dir: str) -> str | None:
-    """Why a synthetic corpus is refused before any work, if its cache cannot fit on the disk
-    or its build in memory (a typo of a few zeros would otherwise run for hours); else None."""
-    for need, have, what in ((SYNTHETIC_DISK_PER_DOC, shutil.disk_usage(cache_dir).free,
-                              f"of token cache (800 tokens a document), and {cache_dir} has"),
-                             (SYNTHETIC_MEMORY_PER_DOC, 0.8 * physical_memory(),
-                              "of memory to build, and this machine has")):
-        if n_docs * need > have:
-            return (f"a synthetic corpus of {n_docs:,} documents needs about "
-                    f"{n_docs * need / 1e9:,.1f} GB {what} {have / 1e9:,.1f} GB free; ask for "
-                    f"fewer documents")
-    return None
-
-
-@contextlib.contextmanager
-def ctrl_c_ignored():
-    """Ctrl-C (SIGINT) ignored inside, and in the processes started inside, which inherit it:
-    the parent alone handles a Ctrl-C (stops the pool, removes the temporary folder, says one
-    line), and no worker prints a traceback."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: Tokenizer,
                 heldout: float | None, want_heldout: bool, workers: int | None,
                 progress: bool | None) -> None:
-    """Tokenize the tasks into PATH.tmp, write the manifest last and rename the folder into
-    place. The caller holds the cache's lock: a PATH.tmp already there is a killed build's."""
+    """Tokenize the tasks into PATH.tmp (each into a part file, appended to tokens.bin in task
+    order, so the cache is the same for any number of workers), write the manifest last and
+    rename the folder into place. The caller holds the cache's lock: a PATH.tmp already there
+    is a killed build's. A Ctrl-C is a KeyboardInterrupt here, which removes PATH.tmp."""
     tmp, started = path + ".tmp", time.time()
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    parts = [os.path.join(tmp, f"part{i}.bin") for i in range(len(tasks))]
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     bar = tqdm(total=sum(t.size for t in tasks), unit_scale=True, desc=f"tokenizing {name}",
                unit="doc" if tasks and tasks[0].synthetic else "B",
                disable=None if progress is None else not progress)
     run = functools.partial(tokenize_task, heldout=heldout, want_heldout=want_heldout)
-    pool, results = None, (run(t, tokenizer=tokenizer) for t in tasks)
-    lengths, names, skipped, n_skipped, line_base = [], [], [], 0, 0
+    pool, results = None, (run(t, p, tokenizer=tokenizer) for t, p in zip(tasks, parts))
+    lengths, names, skipped, n_skipped = [], [], [], 0
     try:
         if workers > 1:
-            with ctrl_c_ignored():  # map starts the worker processes
-                # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
-                # thread pools, tqdm's monitor) and can hang, e.g. when training is started
-                # from a process that already ran the model. An executor, not
-                # multiprocessing.Pool: if a worker dies (out of memory), Pool waits forever,
-                # an executor raises.
+            # spawn, not fork: a forked child inherits the parent's locks mid-use (torch's
+            # thread pools, tqdm's monitor) and can hang, e.g. when training is started from a
+            # process that already ran the model. An executor, not multiprocessing.Pool: if a
+            # worker dies (out of memory), Pool waits forever, an executor raises.
+            interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers inherit it
+            try:
                 pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"),
                                            init_worker, (tokenizer.source,))
-                # map keeps the task order, so the cache is the same for any number of workers
-                results = pool.map(run, tasks)
+                results = pool.map(run, tasks, parts)  # starts the workers
+            finally:
+                signal.signal(signal.SIGINT, interrupt)
         with open(os.path.join(tmp, "tokens.bin"), "wb") as out:
-            for task, (tokens, task_lengths, task_names, task_skipped, lines) in zip(tasks, results):
-                tokens.tofile(out)
+            for task, part, (task_lengths, task_names, task_skipped, task_n_skipped) in zip(
+                    tasks, parts, results):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+                os.remove(part)
                 lengths += task_lengths
-                line_base = line_base if task.start else 0
-                names += [document_name(doc, line_base) for doc in task_names]
-                n_skipped += len(task_skipped)
-                skipped += [[document_name(doc, line_base), why]
-                            for doc, why in task_skipped[:MAX_SKIPPED_KEPT - len(skipped)]]
-                line_base += lines
+                names += task_names
+                skipped += task_skipped[:MAX_SKIPPED_KEPT - len(skipped)]
+                n_skipped += task_n_skipped
                 bar.update(task.size)
         if not lengths:
             shown = "; ".join(f"{n} ({r})" for n, r in skipped[:5])
@@ -485,11 +429,10 @@ def build_cache(path: str, name: str, key: dict, tasks: list[Task], tokenizer: T
         raise ValueError(f"a process tokenizing {name} died (out of memory?); free memory, or "
                          f"use fewer worker processes") from None
     finally:
-        with ctrl_c_ignored():  # a second Ctrl-C cutting this short hangs the exit, in the executor
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
-            bar.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 CACHE_FILES = ("tokens.bin", "offsets.bin", "names.json")  # listed in manifest.json

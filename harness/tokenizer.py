@@ -40,12 +40,7 @@ class Tokenizer:
     decode: Callable[[list[int]], str] = field(repr=False, compare=False)  # skips unknown ids
     # a prompt, with the tokenizer's own special tokens (BOS for LLaDA; tiktoken has none)
     encode_prompt: Callable[[str], list[int]] = field(repr=False, compare=False)
-
-    @property
-    def bos_id(self) -> int | None:
-        """The id encode_prompt puts before a text (LLaDA's BOS), or None (tiktoken)."""
-        plain, prompt = self.encode("a"), self.encode_prompt("a")
-        return prompt[0] if prompt[:1] != plain[:1] else None
+    bos_id: int | None = None  # the id encode_prompt puts before a text (LLaDA's BOS)
 
 
 @functools.cache
@@ -72,15 +67,25 @@ def tiktoken_tokenizer() -> Tokenizer:
         decode=lambda ids: enc.decode([int(i) for i in ids if int(i) in known]))
 
 
-def json_tokenizer(path: str, config: dict) -> Tokenizer:
-    """A checkpoint directory's tokenizer.json (the `tokenizers` library, no `transformers`),
-    with the special ids of its config.json (LLaDA's without one)."""
-    from tokenizers import Tokenizer as HFTokenizer
-
-    file, config_file = os.path.join(path, "tokenizer.json"), os.path.join(path, "config.json")
+def load_tokenizer(source: str) -> Tokenizer:
+    """"cl100k_base", or a checkpoint directory: cl100k when its config.json says "tokenizer":
+    "cl100k_base" (our small presets), else its tokenizer.json (LLaDA and what we derive from
+    it; the `tokenizers` library, no `transformers`) with the special ids of its config.json
+    (LLaDA's without one)."""
+    if source == TIKTOKEN_NAME:
+        return tiktoken_tokenizer()
+    if not os.path.isdir(source):
+        raise ValueError(f"{source!r} is neither {TIKTOKEN_NAME} nor a checkpoint directory")
+    file, config_file = os.path.join(source, "tokenizer.json"), os.path.join(source, "config.json")
+    config = read_json(config_file, missing_ok=True)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    if config.get("tokenizer") == TIKTOKEN_NAME:
+        return tiktoken_tokenizer()
     if not os.path.lexists(file):
-        raise ValueError(f"{path} has no tokenizer.json; copy LLaDA's tokenizer.json into it "
-                         f"(a model trained from a preset names its tokenizer in config.json instead)")
+        raise ValueError(f"{source} has no tokenizer.json; copy LLaDA's into it (a small preset's "
+                         f"model has \"tokenizer\": \"{TIKTOKEN_NAME}\" in its config.json)")
+    from tokenizers import Tokenizer as HFTokenizer
     with open_regular(file) as f:
         raw = f.read()
     try:
@@ -94,14 +99,15 @@ def json_tokenizer(path: str, config: dict) -> Tokenizer:
         if not fits(value, int) or value < 0:  # "126336" would compare unequal to 126336 later
             raise ValueError(f"{config_file}: {name} is {value!r}, not a whole number; restore "
                              f"the file from a copy")
-    bos = prompt_bos(path, hf, config)
+    bos = prompt_bos(source, hf, config)
 
     def encode_prompt(text: str) -> list[int]:
         ids = hf.encode(text, add_special_tokens=True).ids
         return [bos] + ids if bos is not None and ids[:1] != [bos] else ids  # one BOS, not two
 
+    first, plain = encode_prompt("a")[:1], hf.encode("a", add_special_tokens=False).ids[:1]
     return Tokenizer(
-        name=f"tokenizer.json of {path}", source=os.path.abspath(path),
+        name=f"tokenizer.json of {source}", source=os.path.abspath(source),
         fingerprint=f"json-{hashlib.sha256(raw).hexdigest()[:16]}",
         # the embedding covers EOS and [MASK] (a model's config.json is checked when it is read)
         eos_id=eos, mask_id=mask, vocab_size=max(vocab, eos + 1, mask + 1),
@@ -109,7 +115,7 @@ def json_tokenizer(path: str, config: dict) -> Tokenizer:
         # tokenizers silently drops ids it does not know; skipping special tokens (EOS, [MASK])
         # is what LLaDA's generate.py does with batch_decode
         decode=lambda ids: hf.decode([int(i) for i in ids], skip_special_tokens=True),
-        encode_prompt=encode_prompt)
+        encode_prompt=encode_prompt, bos_id=first[0] if first != plain else None)
 
 
 def prompt_bos(path: str, hf, config: dict) -> int | None:
@@ -126,25 +132,3 @@ def prompt_bos(path: str, hf, config: dict) -> int | None:
     token = token.get("content") if isinstance(token, dict) else token
     bos = hf.token_to_id(token) if isinstance(token, str) else None
     return bos if bos is not None else config.get("bos_token_id")
-
-
-def uses_tiktoken(config: dict) -> bool:
-    """A config.json of ours that was trained with tiktoken: it says so, or its special ids are
-    the reserved ones after cl100k (checkpoints saved before the marker existed)."""
-    return config.get("tokenizer") == TIKTOKEN_NAME or \
-        (config.get("eos_token_id"), config.get("mask_token_id")) == (TIKTOKEN_VOCAB, TIKTOKEN_VOCAB + 1)
-
-
-def load_tokenizer(source: str) -> Tokenizer:
-    """"cl100k_base", or a checkpoint directory: its tokenizer.json (LLaDA and what we derive
-    from it), or cl100k when its config.json says "tokenizer": "cl100k_base" (our small presets)."""
-    if source == TIKTOKEN_NAME:
-        return tiktoken_tokenizer()
-    if not os.path.isdir(source):
-        raise ValueError(f"{source!r} is neither {TIKTOKEN_NAME} nor a checkpoint directory")
-    config = read_json(os.path.join(source, "config.json"), missing_ok=True)
-    if not isinstance(config, dict):
-        raise ValueError(f"{os.path.join(source, 'config.json')} is not a JSON object")
-    if not os.path.lexists(os.path.join(source, "tokenizer.json")) and uses_tiktoken(config):
-        return tiktoken_tokenizer()
-    return json_tokenizer(source, config)  # raises when there is no tokenizer.json

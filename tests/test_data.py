@@ -57,55 +57,6 @@ def folders(cache) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Packing and batches
 
-@pytest.mark.parametrize("strategy", ["concat", "eod", "adaptive"])
-def test_packing_covers_every_token_once(strategy):
-    c = make_corpus(LENGTHS)
-    n_seq = data.num_sequences(c, L, strategy)
-    stream = c.n_tokens + (c.n_docs if strategy == "eod" else 0)
-    assert n_seq == stream // L and stream - n_seq * L < L  # only the last partial sequence is dropped
-    seqs = [data.packed_sequence(c, i, L, strategy) for i in range(n_seq)]
-    flat = np.concatenate([t for t, _ in seqs])
-    text = flat[flat != EOS]
-    # In order, every token once, nothing from outside the corpus
-    assert np.array_equal(text, np.arange(len(text)))
-    if strategy == "eod":  # a separator right after the last token of every whole document
-        ends = np.flatnonzero(flat == EOS)
-        assert np.array_equal(flat[ends - 1][ends > 0], c.offsets[1:len(ends) + 1][ends > 0] - 1)
-    else:
-        assert not (flat == EOS).any()
-
-
-@pytest.mark.parametrize("strategy", ["concat", "eod", "adaptive"])
-def test_doc_lens_match_source_documents_and_long_ones_are_chunked(strategy):
-    c = make_corpus(LENGTHS)
-    sep = strategy == "eod"
-    doc_of = np.repeat(np.arange(c.n_docs), LENGTHS)  # the document of token t
-    pieces, last = {}, None  # document -> lengths of its pieces, in order; the last seen
-    whole_sequences = 0
-    for i in range(data.num_sequences(c, L, strategy)):
-        tokens, lens = data.packed_sequence(c, i, L, strategy)
-        assert sum(lens) == L and all(n > 0 for n in lens)
-        whole_sequences += lens == [L]
-        for piece in np.split(tokens, np.cumsum(lens)[:-1]):
-            text = piece[piece != EOS]
-            docs = set(doc_of[text].tolist())
-            if not docs:  # under eod a piece can be just the separator of the previous document
-                assert sep and len(piece) == 1
-                pieces[last].append(1)
-                continue
-            assert len(docs) == 1  # a piece never mixes documents
-            last = docs.pop()
-            pieces.setdefault(last, []).append(len(piece))
-            if sep and piece[-1] == EOS:  # the separator ends its own document
-                assert text[-1] == c.offsets[last + 1] - 1
-    for j, lens in pieces.items():
-        if j < max(pieces):  # every document before the dropped tail is complete
-            assert sum(lens) == LENGTHS[j] + sep
-        assert max(lens) <= L
-    assert len(pieces[8]) >= 300 // L  # the 300-token document is cut into chunks
-    assert whole_sequences >= 300 // L - 1  # ... and fills whole sequences by itself
-
-
 def all_indices(s: Schedule, step: int) -> list[list[int]]:
     return [data.sequence_indices(s, step, m, r) for m in range(s.grad_accum) for r in range(s.world_size)]
 
@@ -129,6 +80,12 @@ def test_epoch_visits_each_sequence_once_and_ranks_never_overlap():
     tokens = torch.cat([data.batch_for_step(s, step, 0, r)[0].flatten()
                         for step in range(5) for r in range(3)])
     assert len(torch.unique(tokens)) == len(tokens) == 30 * L
+    # Too few sequences for one step is a one-line error with the numbers
+    with pytest.raises(ValueError, match=r"packs into 33 sequences of 32 tokens .* needs 40 \(4 processes x 2 "
+                                         r"accumulation x 5 batch\): shorter sequences, a smaller"):
+        Schedule(c, L, batch_size=5, grad_accum=2, world_size=4)
+    with pytest.raises(ValueError, match=r"packs into 0 sequences of 4096 tokens \(1075 tokens\)"):
+        Schedule(c, 4096)
 
 
 def test_batches_are_a_pure_function_of_step_and_rank():
@@ -145,26 +102,15 @@ def test_batches_are_a_pure_function_of_step_and_rank():
                 assert torch.equal(ids, run[st, m, r][0]) and lens == run[st, m, r][1]
     ids, lens = run[0, 0, 0]
     assert ids.dtype == torch.int64 and ids.shape == (2, L) and all(sum(x) == L for x in lens)
+    assert any((ids == EOS).any() for ids, _ in run.values())  # eod separates by the corpus's EOS
     other_seed = Schedule(c, L, "eod", batch_size=2, grad_accum=2, world_size=2, seed=2)
     assert [all_indices(other_seed, st) for st in range(4)] != [all_indices(a, st) for st in range(4)]
-
-
-def test_ranks_and_accumulation_split_a_step_the_same_way():
-    c = make_corpus(LENGTHS)
+    # 2 ranks x 1 micro step and 1 rank x 2 micro steps train on the same sequences
     two_ranks = Schedule(c, L, batch_size=3, world_size=2, seed=7)
     two_micro = Schedule(c, L, batch_size=3, grad_accum=2, seed=7)
     for step in range(4):
         assert [data.sequence_indices(two_ranks, step, 0, r) for r in range(2)] == \
                [data.sequence_indices(two_micro, step, m, 0) for m in range(2)]
-
-
-def test_too_few_sequences_is_a_one_line_error_with_numbers():
-    c = make_corpus(LENGTHS)
-    with pytest.raises(ValueError, match=r"packs into 33 sequences of 32 tokens .* needs 40 \(4 processes x 2 "
-                                         r"accumulation x 5 batch\): shorter sequences, a smaller"):
-        Schedule(c, L, batch_size=5, grad_accum=2, world_size=4)
-    with pytest.raises(ValueError, match=r"packs into 0 sequences of 4096 tokens \(1075 tokens\)"):
-        Schedule(c, 4096)
 
 
 def test_long_documents_are_the_longest_first():
@@ -213,6 +159,26 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
     assert all(torch.equal(data.batch_for_step(s1, st)[0], data.batch_for_step(s2, st)[0]) for st in range(4))
     monkeypatch.undo()
 
+    # A build that fails midway (here at its second file) leaves nothing, not even the
+    # temporary folder a build killed outright (kill -9) left before it; the next build works
+    shutil.rmtree(c.path)
+    write(c.path + ".tmp/tokens.bin", "partial")
+    real, calls = prepare.tokenize_task, []
+
+    def fail_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(prepare, "tokenize_task", fail_on_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    assert folders(cache) == []
+    monkeypatch.undo()
+    rebuilt = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
+    assert not rebuilt.reused and np.array_equal(rebuilt.tokens, c.tokens)
+
     # Settings that change the tokens give a new cache: the held-out fraction, a file's content,
     # the tokenizer
     other = load_corpus(tok, str(tmp_path / "books"), heldout=0.5, cache_dir=cache, workers=1)
@@ -225,44 +191,6 @@ def test_txt_folder_is_tokenized_in_order_and_the_cache_reused(tmp_path, tok, mo
     by_json = load_corpus(word_level, str(tmp_path / "books"), heldout=0, cache_dir=cache, workers=1)
     assert not by_json.reused and by_json.path != edited.path
     assert folders(cache) == sorted(os.path.basename(x.path) for x in (c, other, edited, by_json))
-
-
-def test_an_interrupted_or_killed_build_leaves_no_cache_and_the_next_one_works(tmp_path, tok,
-                                                                             monkeypatch):
-    make_books(tmp_path / "books")
-    cache = tmp_path / "cache"
-    real, calls = prepare.tokenize_task, []
-
-    def fail_on_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("interrupted")
-        return real(*a, **k)
-
-    monkeypatch.setattr(prepare, "tokenize_task", fail_on_second)
-    with pytest.raises(RuntimeError, match="interrupted"):
-        load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
-    assert folders(cache) == []  # neither a finished-looking cache nor a temporary folder
-    monkeypatch.undo()
-    c = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
-    assert not c.reused and c.n_docs == 3
-    # A build killed outright (kill -9) leaves its temporary folder: the next one starts afresh
-    shutil.rmtree(c.path)
-    write(c.path + ".tmp/tokens.bin", "partial")
-    again = load_corpus(tok, str(tmp_path / "books"), heldout=0, cache_dir=str(cache), workers=1)
-    assert not again.reused and np.array_equal(again.tokens, c.tokens)
-    assert folders(cache) == [os.path.basename(c.path)]
-
-
-def test_parallel_build_equals_serial_build(tmp_path, tok):
-    cfg = SyntheticConfig(seed=1, n_docs=250)  # 3 tasks of 100, 100, 50 documents
-    serial = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
-    parallel = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
-    assert serial.n_docs > 200 and not parallel.reused
-    assert np.array_equal(serial.offsets, parallel.offsets)
-    assert np.array_equal(serial.tokens, parallel.tokens)
-    assert serial.names == parallel.names and serial.names[:2] == ["synthetic document 0",
-                                                                    "synthetic document 1"]
 
 
 def test_files_that_cannot_be_read_are_skipped_and_named(tmp_path, tok, capsys):
@@ -319,10 +247,7 @@ JSONL = [
 ]
 
 
-@pytest.mark.parametrize("chunk_bytes", [8 << 20, 20])  # one range, or one a line or two
-def test_jsonl_lines_are_documents_and_skipped_lines_are_named_by_number(tmp_path, tok, monkeypatch,
-                                                                         chunk_bytes):
-    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", chunk_bytes)
+def test_jsonl_lines_are_documents_and_skipped_lines_are_named_by_number(tmp_path, tok):
     write(tmp_path / "d" / "x.jsonl", b"\n".join(JSONL) + b"\n", "wb")
     # no newline after the last line
     write(tmp_path / "d" / "y.jsonl", b'{"text": "Fourth."}\n[1, 2]\n{"text": "Fifth."}', "wb")
@@ -343,7 +268,6 @@ def test_documents_over_the_size_limit_are_skipped_and_never_read_whole(tmp_path
     """A line of exactly MAX_DOCUMENT_BYTES (plus its newline) is a document; one byte more is
     skipped, read in bounded pieces, and the line after it is still read."""
     monkeypatch.setattr(prepare, "MAX_DOCUMENT_BYTES", 20)
-    monkeypatch.setattr(prepare, "JSONL_CHUNK_BYTES", 16)  # long lines span several ranges
     folder = tmp_path / "d"
     write(folder / "big.txt", "word " * 5)  # 25 bytes: one document, over the limit
     write(folder / "small.txt", "A short book.")
@@ -385,7 +309,7 @@ def test_split_folders_and_held_out_documents(tmp_path, tok):
     assert train.document(0).tolist() == tok.encode("A training book.")
     assert val.document(0).tolist() == tok.encode("A validation book, quite different.")
     assert train.n_docs == val.n_docs == 1 and "validation folder" in val.name
-    with pytest.raises(ValueError, match=r"has no test/ folder \(it has train, validation\)"):
+    with pytest.raises(ValueError, match=r"pg19 has no test split: it has train, validation$"):
         load_corpus(tok, str(pg), "test", cache_dir=cache)
 
     # Without split folders, validation is a hashed fraction of the documents
@@ -398,10 +322,16 @@ def test_split_folders_and_held_out_documents(tmp_path, tok):
     assert sorted(parts["train"] + parts["validation"]) == sorted(texts)  # disjoint, nothing lost
     assert 8 <= len(parts["validation"]) <= 30
     assert parts["validation"] == [t for t in texts if prepare.is_heldout(t, 0.3)]
-    with pytest.raises(ValueError, match="the held-out fraction is 0"):
-        load_corpus(tok, str(tmp_path / "flat"), "validation", heldout=0, cache_dir=cache)
-    with pytest.raises(ValueError, match="only train and validation"):
-        load_corpus(tok, str(tmp_path / "flat"), "test", cache_dir=cache)
+    # One rule for every split asked for that is not there; nothing is built for it
+    before = folders(cache)
+    for folder, split, heldout, says in [
+            (tmp_path / "flat", "validation", 0, "flat has no validation split: it has train (validation "
+                                                 "is the held-out fraction of its documents, 0)"),
+            (tmp_path / "flat", "test", 0.02, "flat has no test split: it has train, validation ("),
+            (None, "test", 0.02, "the synthetic corpus has no test split: it has train, validation (")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            load_corpus(tok, folder and str(folder), split, heldout, cache_dir=cache)
+    assert folders(cache) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,15 +416,19 @@ def test_synthetic_corpus_is_deterministic_long_and_asks_back_facts(tok):
     assert far >= 5  # some facts are asked for more than a 2048-token window later
 
 
-def test_synthetic_corpus_is_labelled_and_split(tmp_path, tok):
-    cfg = SyntheticConfig(seed=2, n_docs=120)
-    train = prepare.load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path), workers=1)
-    val = prepare.load_corpus(tok, split="validation", heldout=0.1, synthetic=cfg, cache_dir=str(tmp_path),
-                           workers=1)
+def test_synthetic_corpus_is_labelled_split_and_the_same_built_by_any_number_of_workers(tmp_path, tok):
+    cfg = SyntheticConfig(seed=2, n_docs=250)  # 3 tasks of 100, 100, 50 documents
+    train = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "a"), workers=1)
+    val = load_corpus(tok, split="validation", heldout=0.1, synthetic=cfg, cache_dir=str(tmp_path / "a"),
+                      workers=1)
     assert train.name == "synthetic (built-in, seed 2, train)"
-    assert val.name.startswith("synthetic (built-in, seed 2")
-    assert 0 < val.n_docs < 30
-    assert train.n_docs == 120 - sum(prepare.is_heldout(t, 0.02) for t in prepare.synthetic_texts(cfg))
+    assert val.name.startswith("synthetic (built-in, seed 2") and 0 < val.n_docs < 60
+    assert train.n_docs == 250 - sum(prepare.is_heldout(t, 0.02) for t in prepare.synthetic_texts(cfg))
+    assert train.names[:2] == ["synthetic document 0", "synthetic document 1"]
+    parallel = load_corpus(tok, synthetic=cfg, cache_dir=str(tmp_path / "b"), workers=2)
+    assert not parallel.reused and parallel.names == train.names
+    assert np.array_equal(train.offsets, parallel.offsets)
+    assert np.array_equal(train.tokens, parallel.tokens)
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 100, 1000, 4096])
@@ -513,6 +447,11 @@ def test_data_cli_prints_how_a_corpus_packs_and_answers_bad_input_in_one_line(tm
     assert r.returncode == 0, r.stderr[-2000:]
     assert "corpus: synthetic (built-in, seed 0, train)" in r.stdout
     assert "packed sequences of 256 (adaptive): " in r.stdout
+    # A path that is not UTF-8 is printed with \xff escapes (a strict stdout refuses it as it is)
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad\xffname"))
+    write(os.path.join(folder, "book.txt"), "A book in a folder whose name is not UTF-8.")
+    r = script("data.py", "--data", folder, "--cache-dir", tmp_path, "--workers", 1)
+    assert r.returncode == 0 and f"corpus: {tmp_path}/bad\\xffname (train" in r.stdout, r.stderr
     for args, says in [
             (["--synthetic-docs", "0"], "argument --synthetic-docs: must be above 0"),
             (["--workers", "0"], "argument --workers: must be above 0, got 0"),
@@ -525,7 +464,7 @@ def test_data_cli_prints_how_a_corpus_packs_and_answers_bad_input_in_one_line(tm
              "cannot write the token cache in /proc/ultrallada-cache"),
             # refused before any work: a typo of a few zeros would run for hours
             (["--synthetic-docs", 10**12, "--cache-dir", tmp_path / "new"],
-             "a synthetic corpus of 1,000,000,000,000 documents needs about 3,300,000.0 GB")]:
+             "argument --synthetic-docs: must be above 0 and at most 1e+06, got 1000000000000")]:
         r = script("data.py", *args)
         one_line_error(r, says)
         assert "usage:" not in r.stderr and r.stdout == ""
@@ -554,17 +493,6 @@ def test_ctrl_c_while_building_is_one_line_and_leaves_nothing(tmp_path):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130, (out[-1000:], err[-2000:])
-    assert err == "error: interrupted; no token cache was written\n"  # no worker's traceback
+    # no worker's traceback
+    assert err == "error: interrupted; nothing half-written was left: run the same command again to go on\n"
     assert folders(cache) == []
-
-
-def test_a_path_that_is_not_utf8_is_printed(tmp_path):
-    folder = os.path.join(os.fsencode(tmp_path), b"bad\xffname")
-    os.makedirs(folder)
-    write(os.path.join(folder, b"book.txt"), "A book in a folder whose name is not UTF-8.")
-    r = subprocess.run([sys.executable, b"data.py", b"--data", folder, b"--cache-dir",
-                        os.path.join(os.fsencode(tmp_path), b"cache"), b"--workers", b"1"],
-                       cwd=ROOT, env={**ENV, "PYTHONIOENCODING": "utf-8:strict"},
-                       capture_output=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert b"corpus: " + os.fsencode(tmp_path) + b"/bad\\xffname (train" in r.stdout

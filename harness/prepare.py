@@ -137,7 +137,7 @@ def filler_text(n_tokens: int, tokenizer: Tokenizer, seed: int = 0) -> str:
 # A worker holds about 8 bytes per byte of a document while tokenizing it (the ids as Python
 # ints): longer documents are skipped, and a .txt that big is a corpus in one file, not a book.
 MAX_DOCUMENT_BYTES = 256 << 20
-MAX_SKIPPED_KEPT = 1000  # skipped documents named in the manifest; a wrong field name skips millions
+MAX_SKIPPED_KEPT = 1000  # skipped documents named in the manifest
 
 
 @dataclass
@@ -165,32 +165,26 @@ def read_book(path: str) -> tuple[str | None, str | None]:
 
 
 def read_jsonl(path: str, name: str):
-    """("NAME line N", text, None) for each line of a .jsonl file, or (where, None, why it is
-    skipped); a blank line is no document: (where, None, None). A line over the size limit is
-    read on past in bounded pieces, never held whole."""
+    """("NAME line N", its "text", None) for each line of a .jsonl file, or (where, None, why
+    it is skipped); a blank line is no document: (where, None, None). A line over the size
+    limit is read on past in bounded pieces, never held whole."""
     try:
         with open_if_regular(path) as f:
             # the limit and its newline: a line of the limit's size fits whole
             for i, line in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 1), b""), 1):
+                text, why = None, None
                 if len(line) > MAX_DOCUMENT_BYTES and not line.endswith(b"\n"):
                     while (piece := f.readline(1 << 20)) and not piece.endswith(b"\n"):
                         pass
-                    yield f"{name} line {i}", None, f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
-                else:
-                    yield f"{name} line {i}", *jsonl_text(line)
+                    why = f"longer than {MAX_DOCUMENT_BYTES >> 20} MB"
+                elif line.strip():  # a bad line is skipped, and said
+                    obj, why = parse_json_line(line.rstrip(b"\r\n"))
+                    text = None if why else obj.get("text")
+                    if why is None and not (isinstance(text, str) and text.strip()):
+                        why = "empty" if isinstance(text, str) else 'no "text" field'
+                yield f"{name} line {i}", None if why else text, why
     except OSError as e:
         yield name, None, f"unreadable: {e.strerror or e}"
-
-
-def jsonl_text(line: bytes) -> tuple[str | None, str | None]:
-    """A .jsonl line's "text": (text, None), or (None, why it is skipped); (None, None) if blank."""
-    if not line.strip():
-        return None, None
-    obj, wrong = parse_json_line(line.rstrip(b"\r\n"))  # a corpus skips a bad line, and says so
-    text = None if wrong else obj.get("text")
-    if not isinstance(text, str):
-        return None, wrong or 'no "text" field'
-    return (text, None) if text.strip() else (None, "empty")
 
 
 def is_heldout(text: str, fraction: float) -> bool:
@@ -225,7 +219,7 @@ def tokenize_task(task: Task, part: str, heldout: float | None, want_heldout: bo
     lengths, names, skipped, n_skipped = [], [], [], 0
     with open(part, "wb") as out:
         for name, text, why in docs:
-            if why:
+            if why:  # the first ones named: a wrong field name in a big .jsonl skips millions
                 skipped += [[name, why]] if len(skipped) < MAX_SKIPPED_KEPT else []
                 n_skipped += 1
             elif text is not None and (heldout is None or is_heldout(text, heldout) == want_heldout):
@@ -243,12 +237,8 @@ def printable(path: str) -> str:
 
 
 def corpus_tasks(data: str | None, split: str, heldout: float, synthetic: SyntheticConfig):
-    """(corpus name, cache key, cache folder label, tasks, held-out fraction or None).
-
-    With train/ validation/ test/ subfolders (PG19's layout) the split is a folder. Without
-    them (and in the synthetic corpus) every document is in the corpus and validation is a
-    hashed fraction of them.
-    """
+    """(corpus name, cache key, cache folder label, tasks, held-out fraction or None: a split
+    folder is taken whole)."""
     assert split in SPLITS and 0 <= heldout < 1, (split, heldout)
     if data is not None and not os.path.exists(data):
         raise ValueError(f"--data {data} does not exist; pass a folder of .txt or .jsonl files, "
@@ -457,8 +447,7 @@ def read_manifest(path: str, key: dict) -> dict:
     it, never a crash mid-training."""
     why = "manifest.json is missing or was changed"
     try:
-        with open_if_regular(os.path.join(path, "manifest.json")) as f:
-            manifest = json.loads(f.read())
+        manifest = read_json(os.path.join(path, "manifest.json"))
         if isinstance(manifest, dict) and manifest.pop("checksum", None) == digest(manifest) \
                 and digest(manifest["key"]) == digest(key):
             for name in CACHE_FILES:
@@ -467,6 +456,6 @@ def read_manifest(path: str, key: dict) -> dict:
                     break
             else:
                 return manifest
-    except (OSError, ValueError, RecursionError):  # missing, a named pipe, not JSON
+    except (OSError, ValueError):  # missing, a named pipe, not JSON (read_json's FileError)
         pass
     raise ValueError(f"cache {path} is damaged ({why}); delete it and run again")

@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from data import Schedule, batch_for_step
 from diffusion import diffusion_loss
-from harness.checkpoint import (check_tokenizer_fits, from_pretrained, load_optimizer_state,
-                                model_tokenizer, open_run, read_config, record_remote_code,
+from harness.checkpoint import (carried_files, check_tokenizer_fits, from_pretrained,
+                                load_optimizer_state, model_tokenizer, open_run, read_config,
                                 record_tokenizer, save_training_checkpoint, truncate_log,
                                 what_is_kept)
 from harness.files import append_line, lock_folder
@@ -316,8 +316,8 @@ def main(argv=None):
         lock = lock_folder(cfg.out) if rank == 0 else None  # one run at a time, until it exits
     except ValueError as e:  # FileError and CheckpointError are ValueErrors
         fail(str(e))
-    # Copied into every checkpoint: the tokenizer, and the official modeling code of --init
-    extra_files = {**record_tokenizer(tokenizer, model.config), **record_remote_code(source)}
+    record_tokenizer(tokenizer, model.config)
+    extra_files = carried_files(source)  # the tokenizer and the official modeling code
     peak_lr = cfg.lr or (1e-3 if cfg.init in PRESETS else 2e-5)
     say(f"model: {cfg.init}, {num_params(model.config):,} parameters; corpus: {corpus.name}, "
         f"{corpus.n_docs:,} documents, {corpus.n_tokens:,} tokens -> {schedule.n_sequences:,} "

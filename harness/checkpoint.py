@@ -244,13 +244,16 @@ def recover(path: str) -> None:
     shutil.rmtree(old)
 
 
-def record_remote_code(init: str) -> dict:
-    """The official modeling code of `init`, to copy into every checkpoint: its Python files and
-    generation_config.json, which transformers reads with trust_remote_code, so that the
-    auto_map its config.json carries names files the checkpoint holds. A preset has none."""
+def carried_files(init: str) -> dict:
+    """What every checkpoint copies from the folder it was trained from: the tokenizer's files
+    and the official modeling code (its Python files and generation_config.json, which
+    transformers reads with trust_remote_code), so that the auto_map its config.json carries
+    names files it holds. A preset has none."""
     names = sorted(os.listdir(init)) if os.path.isdir(init) else []
+    kept = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json")
     return {n: os.path.join(init, n) for n in names if os.path.isfile(os.path.join(init, n))
-            and (n.endswith(".py") or n == "generation_config.json")}
+            and (n.endswith(".py") or n in kept)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,15 +278,11 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: LLaDAConfig, where: str) 
                               f"{config.mask_token_id}, {config.embedding_size} embeddings)")
 
 
-def record_tokenizer(tokenizer: Tokenizer, config: LLaDAConfig) -> dict:
-    """What a checkpoint needs to rebuild its tokenizer: tokenizer.json for LLaDA (the files to
-    copy are returned), a marker in config.json for tiktoken (tokenizer.load_tokenizer)."""
+def record_tokenizer(tokenizer: Tokenizer, config: LLaDAConfig) -> None:
+    """A small preset's tokenizer is tiktoken's: its config.json says so (load_tokenizer reads
+    it); LLaDA's tokenizer.json travels with carried_files."""
     if tokenizer.source == TIKTOKEN_NAME:
         config.extra["tokenizer"] = TIKTOKEN_NAME
-        return {}
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-    return {n: os.path.join(tokenizer.source, n) for n in names
-            if os.path.isfile(os.path.join(tokenizer.source, n))}
 
 
 # ---------------------------------------------------------------------------------------------

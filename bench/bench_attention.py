@@ -11,34 +11,25 @@ each is met.
 
     python -m bench.bench_attention [--lengths 4096 16384 65536 131072] [--doc-len 4096]
 """
-import argparse
-import time
-
-from bench.child import measure, memory_mb, reset_peak, serve
+from bench.child import measure, parser, serve, time_and_peak
 from harness.flags import count
 from harness.runtime import fail
 
 SHORT_DOC = 64  # tokens per document of the many-documents row: 1024 of them in 65536
 
 
-def run_case(what: str, L: str, doc_len: str, repeats: str) -> dict:
+def run_case(what: str, L: int, doc_len: int, repeats: int) -> dict:
     """Runs in the child process: time the case, report time and peak memory above baseline."""
     import torch
 
-    from harness.runtime import tune_cpu_memory
-    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     from masks import attention, attention_plan
     from model import LLaDA, preset
 
     torch.manual_seed(0)
-    L, doc_len, repeats = int(L), int(doc_len), int(repeats)
     kind, layout = what.split(":")  # e.g. "layer:adaptive"
-    doc_lens = None if layout == "full" else [[doc_len] * (L // doc_len)]
-    if layout == "separate":  # the documents one by one, each as its own batch of one
-        doc_lens, pieces = None, L // doc_len
-        L = doc_len
-    else:
-        pieces = 1
+    pieces = L // doc_len if layout == "separate" else 1  # the documents one by one, if separate
+    L = doc_len if layout == "separate" else L
+    doc_lens = [[doc_len] * (L // doc_len)] if layout == "adaptive" else None
     net = LLaDA(preset("tiny"))
 
     def make_step(L, doc_lens):
@@ -51,22 +42,17 @@ def run_case(what: str, L: str, doc_len: str, repeats: str) -> dict:
     torch.set_grad_enabled(False)
     make_step(256, None)()  # warm-up: thread pool, allocator, kernel selection
     step = make_step(L, doc_lens)
-    base = memory_mb("VmRSS")
-    reset_peak()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+
+    def run():
         for _ in range(pieces):
             step()
-        times.append(time.perf_counter() - t)
-    return {"time": min(times), "peak_mb": memory_mb("VmHWM") - base}
+    return time_and_peak(run, repeats)
 
 
 def main(argv=None):
     if serve(run_case):
         return
-    p = argparse.ArgumentParser(description="Full vs adaptive attention on the CPU: time and peak memory.")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--lengths", type=count, nargs="+", default=[4096, 16384, 65536, 131072],
                    help="sequence lengths to measure, multiples of --doc-len")
     p.add_argument("--doc-len", type=count, default=4096, help="document length of the adaptive rows")

@@ -14,16 +14,15 @@ small vocabulary, so absolute tokens/s may differ from PG19; the ratio is what m
     python -m bench.bench_data                # about 1-2 minutes on 2 cores
     python -m bench.bench_data --mb 8         # quicker
 """
-import argparse
 import os
 import platform
 import shutil
 import tempfile
-import time
 
 import numpy as np
 
 import data
+from bench.child import best_time, parser
 from harness import prepare
 from harness.flags import count, positive
 from harness.files import physical_memory
@@ -50,34 +49,18 @@ def write_books(folder: str, megabytes: float, book_bytes: int = 400_000) -> lis
     return books
 
 
-def timed(fn, repeats: int = 1):
-    """(result, best wall time of `repeats` runs): the best run is the least disturbed one."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return out, best
-
-
-def build(tok, folder, workers, cache_dir):
-    """A cold build: a fresh cache directory each time, so nothing is reused."""
-    cache = tempfile.mkdtemp(dir=cache_dir)
-    c = prepare.load_corpus(tok, folder, heldout=0, workers=workers, progress=False, cache_dir=cache)
-    assert not c.reused
-    return c
-
-
 def bench_tokenization(tok, folder, texts, workers_list, cache_dir, repeats):
     n_bytes = sum(len(t.encode()) for t in texts)
-    ids, direct = timed(lambda: [tok.encode(t) for t in texts], repeats)
+    ids, direct = best_time(lambda: [tok.encode(t) for t in texts], repeats)
     n_tokens = sum(len(x) for x in ids)
     rows = [("tokenizer.encode on texts in memory (direct)", 1, n_tokens, direct)]
-    for w in workers_list:
-        c, sec = timed(lambda: build(tok, folder, w, cache_dir), repeats)
-        assert c.n_tokens == n_tokens
+    for w in workers_list:  # cold builds: a fresh cache folder each time, so nothing is reused
+        c, sec = best_time(lambda: prepare.load_corpus(
+            tok, folder, heldout=0, workers=w, progress=False,
+            cache_dir=tempfile.mkdtemp(dir=cache_dir)), repeats)
+        assert not c.reused and c.n_tokens == n_tokens
         rows.append(("pipeline: .txt folder -> cache, built", w, c.n_tokens, sec))
-    c, sec = timed(lambda: prepare.load_corpus(tok, folder, heldout=0, progress=False,
+    c, sec = best_time(lambda: prepare.load_corpus(tok, folder, heldout=0, progress=False,
                                             cache_dir=os.path.dirname(c.path)), repeats)
     assert c.reused
     rows.append(("pipeline: cache reused (second run)", "-", c.n_tokens, sec))
@@ -104,15 +87,14 @@ def bench_packing(corpora, seq_len, max_seqs):
         for strategy in ("concat", "eod", "adaptive"):
             s = data.Schedule(c, seq_len, strategy, batch_size=1, seed=0)
             n = min(max_seqs, s.n_sequences)
-            batches, sec = timed(lambda: [data.batch_for_step(s, step) for step in range(n)], 3)
+            batches, sec = best_time(lambda: [data.batch_for_step(s, step) for step in range(n)], 3)
             per_seq = np.mean([len(doc_lens[0]) for _, doc_lens in batches])
             print(f"| {label} | {per_seq:.1f} | {strategy} | {n} | {sec:.3f} | {n / sec:,.0f} "
                   f"| {n * seq_len / sec:,.0f} |")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark data.py: tokenization pipeline and packing.")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--mb", type=positive, default=32, help="megabytes of books to tokenize (default 32)")
     p.add_argument("--workers", type=count, default=os.cpu_count(),
                    help="most worker processes to try (default: every core)")
@@ -134,21 +116,17 @@ def main(argv=None):
     tok = tiktoken_tokenizer()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, numpy {np.__version__}")
-    work = tempfile.mkdtemp(prefix="bench_data-")
-    try:
-        texts = write_books(os.path.join(work, "books"), args.mb)
-        workers = sorted({1, args.workers})
-        os.makedirs(os.path.join(work, "cache"))
-        books = bench_tokenization(tok, os.path.join(work, "books"), texts, workers,
-                                   os.path.join(work, "cache"), args.repeats)
-        short = prepare.load_corpus(tok, synthetic=prepare.SyntheticConfig(n_docs=args.short_docs),
-                                 progress=False, cache_dir=os.path.join(work, "cache"))
-        bench_packing([("books", books), ("synthetic corpus", short)],
-                      args.seq_len, args.max_seqs)
-    except ValueError as e:
-        fail(str(e))
-    finally:
-        shutil.rmtree(work)
+    with tempfile.TemporaryDirectory(prefix="bench_data-") as work:
+        folder, cache = os.path.join(work, "books"), os.path.join(work, "cache")
+        os.makedirs(cache)
+        try:
+            books = bench_tokenization(tok, folder, write_books(folder, args.mb),
+                                       sorted({1, args.workers}), cache, args.repeats)
+            short = prepare.load_corpus(tok, synthetic=prepare.SyntheticConfig(n_docs=args.short_docs),
+                                        progress=False, cache_dir=cache)
+        except ValueError as e:
+            fail(str(e))
+        bench_packing([("books", books), ("synthetic corpus", short)], args.seq_len, args.max_seqs)
 
 
 if __name__ == "__main__":

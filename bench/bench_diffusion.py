@@ -11,25 +11,17 @@ and without the prompt cache is measured as evaluate.py runs it: bench_eval.py.)
 
     python -m bench.bench_diffusion [--tokens 65536] [--chunk-size 4096]
 """
-import argparse
-import time
-
-from bench.child import measure, memory_mb, reset_peak, serve
+from bench.child import measure, parser, serve, time_and_peak
 from harness.flags import count
-from harness.runtime import fail
 
 
-def loss_case(method: str, tokens: str, vocab: str, d: str, chunk_size: str) -> dict:
+def loss_case(method: str, tokens: int, vocab: int, d: int, chunk_size: int) -> dict:
     """Runs in the child process: one forward+backward of the masked loss through the head."""
     import torch
-
-    from harness.runtime import tune_cpu_memory
-    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
     import torch.nn.functional as F
 
     from diffusion import masked_cross_entropy
 
-    tokens, vocab, d, chunk_size = int(tokens), int(vocab), int(d), int(chunk_size)
     torch.manual_seed(0)
     head = torch.nn.Linear(d, vocab, bias=False)
     hidden = torch.randn(tokens, d, requires_grad=True)  # (N, d): every position masked
@@ -44,48 +36,13 @@ def loss_case(method: str, tokens: str, vocab: str, d: str, chunk_size: str) -> 
         return masked_cross_entropy(head, hidden, targets, weights, chunk_size)
 
     loss_fn = {"naive": naive, "chunked": chunked}[method]
-    base = memory_mb("VmRSS")
-    reset_peak()
-    t = time.perf_counter()
-    loss_fn().backward()
-    return {"time": time.perf_counter() - t, "peak_mb": memory_mb("VmHWM") - base}
-
-
-def measure_loss(method, tokens, args) -> dict:
-    return measure("bench.bench_diffusion", f"the {method} loss at {tokens} tokens", method, tokens,
-                   args.vocab, args.d, args.chunk_size)
-
-
-def bench_loss(args) -> None:
-    T, V, gib = args.tokens, args.vocab, 1024
-    print(f"## Masked loss, forward+backward through the head only: hidden ({T}, {args.d}) float32, "
-          f"head {V} x {args.d}, every position masked, chunk_size {args.chunk_size}\n")
-    print("| loss | tokens | peak memory above inputs (GiB) | time (s) | how |")
-    print("|---|---:|---:|---:|---|")
-    for n in sorted(args.naive_tokens):
-        r = measure_loss("naive", n, args)
-        print(f"| naive (full logits) | {n:,} | {r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |",
-              flush=True)
-    # The peak is the logits, their softmax and gradient: N x V, so it scales with the tokens.
-    print(f"| naive (full logits) | {T:,} | {r['peak_mb'] * T / n / gib:.1f} | - | "
-          f"**extrapolated** from {n:,} tokens (x {T / n:g}), not run |")
-    print(f"| naive, float32 logits alone | {T:,} | {T * V * 4 / 2**30:.1f} | - | "
-          f"**computed**: N x V x 4 bytes ({T * V * 4 / 1e9:.1f} GB) |")
-    for n in args.chunked_tokens:
-        r = measure_loss("chunked", n, args)
-        print(f"| chunked + checkpointed (diffusion.masked_cross_entropy) | {n:,} | "
-              f"{r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |", flush=True)
-    print(f"\nOne chunk of float32 logits is {args.chunk_size} x {V} x 4 bytes = "
-          f"{args.chunk_size * V * 4 / 2**30:.2f} GiB; the chunked peak is a few of those "
-          f"(logits, their softmax, their gradient) whatever the number of tokens.")
+    return time_and_peak(lambda: loss_fn().backward())
 
 
 def main(argv=None):
     if serve(loss_case):
         return
-    p = argparse.ArgumentParser(description="Peak memory of the chunked masked loss and of the "
-                                            "naive one (diffusion.py).")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--tokens", type=count, default=65536, help="masked tokens of the loss case")
     p.add_argument("--vocab", type=count, default=126464, help="vocabulary of the loss case")
     p.add_argument("--d", type=count, default=64, help="hidden size of the loss case")
@@ -94,7 +51,33 @@ def main(argv=None):
                    help="lengths at which the naive loss is measured (the longest is extrapolated)")
     p.add_argument("--chunked-tokens", type=count, nargs="+", default=[8192, 65536],
                    help="lengths at which the chunked loss is measured")
-    bench_loss(p.parse_args(argv))
+    args = p.parse_args(argv)
+
+    def measure_loss(method, tokens) -> dict:
+        return measure("bench.bench_diffusion", f"the {method} loss at {tokens} tokens", method,
+                       tokens, args.vocab, args.d, args.chunk_size)
+
+    T, V, gib = args.tokens, args.vocab, 1024
+    print(f"## Masked loss, forward+backward through the head only: hidden ({T}, {args.d}) float32, "
+          f"head {V} x {args.d}, every position masked, chunk_size {args.chunk_size}\n")
+    print("| loss | tokens | peak memory above inputs (GiB) | time (s) | how |")
+    print("|---|---:|---:|---:|---|")
+    for n in sorted(args.naive_tokens):
+        r = measure_loss("naive", n)
+        print(f"| naive (full logits) | {n:,} | {r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |",
+              flush=True)
+    # The peak is the logits, their softmax and gradient: N x V, so it scales with the tokens.
+    print(f"| naive (full logits) | {T:,} | {r['peak_mb'] * T / n / gib:.1f} | - | "
+          f"**extrapolated** from {n:,} tokens (x {T / n:g}), not run |")
+    print(f"| naive, float32 logits alone | {T:,} | {T * V * 4 / 2**30:.1f} | - | "
+          f"**computed**: N x V x 4 bytes ({T * V * 4 / 1e9:.1f} GB) |")
+    for n in args.chunked_tokens:
+        r = measure_loss("chunked", n)
+        print(f"| chunked + checkpointed (diffusion.masked_cross_entropy) | {n:,} | "
+              f"{r['peak_mb'] / gib:.2f} | {r['time']:.1f} | measured |", flush=True)
+    print(f"\nOne chunk of float32 logits is {args.chunk_size} x {V} x 4 bytes = "
+          f"{args.chunk_size * V * 4 / 2**30:.2f} GiB; the chunked peak is a few of those "
+          f"(logits, their softmax, their gradient) whatever the number of tokens.")
 
 
 if __name__ == "__main__":

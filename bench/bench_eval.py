@@ -17,37 +17,32 @@ process shared the CPU and the times are inflated.
 
     python -m bench.bench_eval [--lengths 8192 32768 131072] [--exact-131072] [--model DIR]
 """
-import argparse
 import os
 import time
 
-from bench.child import measure, memory_mb, reset_peak, serve
+import torch
+
+import evaluate
+from bench.child import measure, memory_mb, parser, reset_peak, serve
+from evaluations import niah
+from harness.checkpoint import from_pretrained, read_config
 from harness.flags import count
+from harness.results import generation_flops
 from harness.runtime import fail
+from harness.tokenizer import tiktoken_tokenizer
+from model import LLaDA, preset
 
 
-def run_case(length: str, mode: str, model_dir: str) -> dict:
+def run_case(length: int, mode: str, model_dir: str) -> dict:
     """Runs in the child process: one NIAH cell, timed, with its peak memory."""
-    import torch
-
-    from harness.runtime import tune_cpu_memory
-    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
-    import evaluate
-    from evaluations import niah
-    from harness.checkpoint import from_pretrained
-    from harness.tokenizer import tiktoken_tokenizer
-    from model import LLaDA, preset
-
     torch.manual_seed(0)
-    length = int(length)
     model = (from_pretrained(model_dir, dtype=torch.float32) if model_dir else LLaDA(preset("tiny"))).eval()
     counter = tiktoken_tokenizer()
     counter.decode([0])  # builds decode's table of known ids once, outside the measurement
     cfg = evaluate.task_config("niah")(len=[length], depths=[50], prompt_cache=mode == "prefix")
     with torch.no_grad():
         model(torch.zeros(1, 64, dtype=torch.long))  # warm-up: threads, allocator
-    base = memory_mb("VmRSS")
-    reset_peak()
+    base = reset_peak()
     load, t = os.getloadavg()[0], time.perf_counter()
     cells, work, _ = niah.plan(cfg, counter, counter)
     cell = niah.run_cell(model, counter, cfg, cells[0], work, torch.device("cpu"))
@@ -59,27 +54,13 @@ def run_case(length: str, mode: str, model_dir: str) -> dict:
 def main(argv=None):
     if serve(run_case):
         return
-    p = argparse.ArgumentParser(description="Time and peak memory of one NIAH cell (evaluate.py), "
-                                            "exact and with the prompt cache, on the CPU.")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--lengths", type=count, nargs="+", default=[8192, 32768, 131072],
                    help="context lengths in cl100k tokens (default 8192 32768 131072)")
     p.add_argument("--exact-131072", action="store_true",
                    help="also run the exact cell at lengths >= 131072 (about half an hour on 2 cores)")
     p.add_argument("--model", default=None, help="a checkpoint directory instead of random tiny weights")
     args = p.parse_args(argv)
-
-    import torch
-
-    import evaluate
-    from evaluations import niah
-    from harness.checkpoint import read_config
-    from harness.results import generation_flops
-    from harness.runtime import tune_cpu_memory
-    from harness.tokenizer import tiktoken_tokenizer
-    from model import preset
-    tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
-
     try:  # what evaluate.py checks before its first cell: the checkpoint, the needle fits
         config = read_config(args.model) if args.model else preset("tiny")
         niah.plan(evaluate.task_config("niah")(len=[min(args.lengths)], depths=[50]),

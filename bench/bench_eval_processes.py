@@ -10,18 +10,15 @@ the cells per second of one. Prints a markdown table.
 
     python -m bench.bench_eval_processes [--processes 2] [--len 1024] [--depths 21] [--repeats 2]
 """
-import argparse
 import os
 import re
-import sys
 import tempfile
 
 import torch
 
-from bench.child import run_child
+from bench.child import parser, run_script
 from harness.checkpoint import save_pretrained
 from harness.flags import count, number
-from harness.runtime import fail
 from harness.tokenizer import TIKTOKEN_NAME
 from model import LLaDA, preset
 
@@ -36,21 +33,16 @@ def tiny_checkpoint(path: str) -> str:
 
 def cells_per_second(processes: int, ckpt: str, args, results: str) -> tuple[float, int]:
     """(cells per second, cells) of one evaluate.py run into a fresh results folder."""
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(processes)] if processes > 1 else [sys.executable])
     depths = [str(round(100 * i / (args.depths - 1))) for i in range(args.depths)]
-    cmd += ["evaluate.py", "--model", ckpt, "--len", str(args.len), "--depths", *depths,
-            "--repeats", str(args.repeats), "--results", results]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = run_child(cmd, f"evaluate.py on {processes} process(es)", env=env)
+    out = run_script(processes, 1, ["evaluate.py", "--model", ckpt, "--len", str(args.len),
+                                    "--depths", *depths, "--repeats", str(args.repeats),
+                                    "--results", results], f"evaluate.py on {processes} process(es)")
     found = re.search(r"ran (\d+) cells in .*?\(([\d.e+-]+) cells/s", out)
     return float(found.group(2)), int(found.group(1))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="NIAH cells per second with one evaluate.py process "
-                                            "and with several sharing the cells (CPU).")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--processes", type=count, default=2, help="processes of the second run "
                    "(default 2; one core each, so no more than the cores)")
     p.add_argument("--len", type=count, default=1024, help="context length of every cell "

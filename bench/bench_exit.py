@@ -10,56 +10,46 @@ tiny preset for 4 steps of 128 tokens on 2 processes (gloo, CPU), saving at the 
 evaluates that checkpoint (NIAH, 512 tokens, one depth) on 2 processes. Prints how many runs of
 each exited 0, and each failure's exit code and last line.
 
-    python -m bench.bench_exit [--runs 40]
+    python -m bench.bench_exit [--runs 40] [--data DIR] [--cache-dir DIR]
 """
-import argparse
 import os
 import sys
 import tempfile
 
-from bench.child import ROOT, last_line
-from bench.gloo_abort_repro import ABORT, busy_loops, run_under_load
+from bench.child import ROOT, TORCHRUN, last_line, parser
+from bench.gloo_abort_repro import ABORT, busy_cores, run_under_load
 from harness.flags import count
-from harness.runtime import fail
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Exit codes of 2-process torchrun train.py and "
-                                            "evaluate.py runs under load (gloo, CPU).")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--runs", type=count, default=40, help="rounds of one train.py and one "
                    "evaluate.py run (default 40)")
+    p.add_argument("--data", help="train.py's corpus (default: its built-in synthetic one)")
+    p.add_argument("--cache-dir", help="train.py's token cache (default: a temporary folder)")
     args = p.parse_args(argv)
-    exits, failures = {"train.py": [], "evaluate.py": []}, []
-    loops = busy_loops()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-exit-") as tmp:
-            for i in range(args.runs):
-                out = os.path.join(tmp, f"run{i}")
-                for script, flags in (
-                        ("train.py", ["--out", out, "--cache-dir", os.path.join(tmp, "cache"),
-                                      "--seq-len", "128", "--max-steps", "4", "--warmup", "2"]),
-                        ("evaluate.py", ["--model", os.path.join(out, "checkpoint"), "--len", "512",
-                                         "--depths", "50", "--results", out + "-results"])):
-                    code, err = run_under_load(TORCHRUN + [script, *flags], cwd=ROOT)
-                    exits[script].append(code)
-                    if code:
-                        failures.append((script, f"- {script}, run {i + 1}: exit {code}: "
-                                                 f"{ABORT if ABORT in err else last_line(err)}"))
-                print(f"round {i + 1}/{args.runs}: exit codes {exits['train.py'][-1]}, "
-                      f"{exits['evaluate.py'][-1]}", file=sys.stderr, flush=True)
-    finally:
-        for loop in loops:
-            loop.kill()
+    data = ["--data", args.data] if args.data else []
+    runs = {"train.py": [], "evaluate.py": []}  # each run's exit code and what it said last
+    with busy_cores(), tempfile.TemporaryDirectory(prefix="bench-exit-") as tmp:
+        for i in range(args.runs):
+            out = os.path.join(tmp, f"run{i}")
+            for script, flags in (
+                    ("train.py", ["--out", out, *data, "--cache-dir", args.cache_dir or
+                                  os.path.join(tmp, "cache"), "--seq-len", "128", "--max-steps",
+                                  "4", "--warmup", "2"]),
+                    ("evaluate.py", ["--model", os.path.join(out, "checkpoint"), "--len", "512",
+                                     "--depths", "50", "--results", out + "-results"])):
+                code, err = run_under_load([*TORCHRUN, "2", script, *flags], cwd=ROOT)
+                runs[script].append((code, ABORT if ABORT in err else last_line(err)))
+            print(f"round {i + 1}/{args.runs}: exit codes {runs['train.py'][-1][0]}, "
+                  f"{runs['evaluate.py'][-1][0]}", file=sys.stderr, flush=True)
     print(f"2-process torchrun (gloo) on {os.cpu_count()} cores, gloo threads at nice +19, two "
           f"busy loops\n\n| script | runs | exited 0 | aborted at exit |\n|---|---:|---:|---:|")
-    for script, codes in exits.items():
-        aborted = sum(s == script and ABORT in line for s, line in failures)
-        print(f"| torchrun {script} | {len(codes)} | {codes.count(0)} | {aborted} |")
-    print("".join(f"\n{line}" for _, line in failures))
-
+    for script, ends in runs.items():
+        print(f"| torchrun {script} | {len(ends)} | {sum(code == 0 for code, _ in ends)} | "
+              f"{sum(code != 0 and said == ABORT for code, said in ends)} |")
+    print("".join(f"\n- {script}, run {i + 1}: exit {code}: {said}" for script, ends in runs.items()
+                  for i, (code, said) in enumerate(ends) if code))
 
 if __name__ == "__main__":
     main()

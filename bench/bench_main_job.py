@@ -11,21 +11,12 @@ meanwhile: on 2 cores a second job doubles every time.
 
     python -m bench.bench_main_job
 """
-import argparse
 import os
 import re
 import sys
 import tempfile
-import time
 
-from bench.child import run_child
-from harness.runtime import fail
-
-def timed(cmd: list[str], what: str) -> tuple[float, str]:
-    """(seconds, what it printed) of one command run from the repository's root."""
-    start = time.perf_counter()
-    out = run_child(cmd, what)
-    return time.perf_counter() - start, out
+from bench.child import best_time, parser, run_child
 
 
 def minutes(seconds: float) -> str:
@@ -34,27 +25,23 @@ def minutes(seconds: float) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Wall time of the README's main commands: train.py "
-                                            "on the defaults (token cache built), evaluate.py "
-                                            "--task niah --len 2048 on its checkpoint and the "
-                                            "diffusion.py demo. Run nothing else meanwhile.")
-    p.error = fail  # one line, not the usage block
-    p.parse_args(argv)
+    parser(__doc__).parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-main-") as tmp:
         out, cache = os.path.join(tmp, "out"), os.path.join(tmp, "cache")
-        seconds, printed = timed([sys.executable, "train.py", "--out", out, "--cache-dir", cache],
-                                 "train.py")
+        printed, seconds = best_time(lambda: run_child(
+            [sys.executable, "train.py", "--out", out, "--cache-dir", cache], "train.py"))
         losses = re.findall(r"step +(\d+) \| loss ([\d.]+)", printed)
         rows.append(("`python train.py` (token cache built)", seconds,
                      f"loss {losses[-1][1]} at step {losses[-1][0]}" if losses else "-"))
-        seconds, printed = timed([sys.executable, "evaluate.py", "--model",
-                                  os.path.join(out, "checkpoint"), "--len", "2048",
-                                  "--results", os.path.join(tmp, "results")], "evaluate.py")
+        printed, seconds = best_time(lambda: run_child(
+            [sys.executable, "evaluate.py", "--model", os.path.join(out, "checkpoint"), "--len",
+             "2048", "--results", os.path.join(tmp, "results")], "evaluate.py"))
         average = re.search(r"rope \S+: average ([\d.]+)", printed)
         rows.append(("`python evaluate.py --task niah --len 2048`", seconds,
                      f"average {average.group(1)}" if average else "-"))
-    seconds, printed = timed([sys.executable, "diffusion.py"], "the diffusion.py demo")
+    printed, seconds = best_time(lambda: run_child([sys.executable, "diffusion.py"],
+                                                   "the diffusion.py demo"))
     answer = re.findall(r"(?m)^.*->.*$", printed)
     rows.append(("`python diffusion.py` (the sampler's demo)", seconds,
                  answer[-1].strip() if answer else "-"))

@@ -15,11 +15,11 @@ a slow spell of a shared machine then slows every measurement alike.
 
     python -m bench.bench_model [--preset small] [--lengths 256 1024 2048] [--rounds 8]
 """
-import argparse
 import time
 
 import torch
 
+from bench.child import parser
 from harness.flags import count
 from harness.files import physical_memory
 from harness.results import forward_flops
@@ -64,9 +64,7 @@ def matmul_peak(cfg, tokens, dtype, rounds) -> float:
 
 def main(argv=None):
     tune_cpu_memory()  # huge pages for large tensors, as train.py and evaluate.py run
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="model preset (default small)")
     p.add_argument("--lengths", type=count, nargs="+", default=[256, 1024, 2048],
                    help="sequence lengths, batch 1 (default 256 1024 2048)")

@@ -9,16 +9,14 @@ torch.mm peak of this machine's cores, measured in the same run. Prints a markdo
 
     python -m bench.bench_train [--lengths 256 1024] [--steps 8] [--preset small]
 """
-import argparse
 import json
 import os
-import sys
 import tempfile
 
 import torch
 
 from bench.bench_model import matmul_peak
-from bench.child import run_child
+from bench.child import parser, run_script
 from harness.flags import count, count0
 from harness.results import forward_flops
 from harness.runtime import fail
@@ -26,22 +24,17 @@ from model import PRESETS, preset
 
 def run(nproc: int, seq_len: int, args, out: str) -> float:
     """Mean tokens/s of the steps after the warm-up ones."""
-    flags = ["train.py", "--init", args.preset, "--seq-len", str(seq_len), "--batch-size", "1",
-             "--max-steps", str(args.steps), "--save-every", "100000", "--log-every", "100000",
-             "--out", out, "--seed", "0"]
-    threads = max(1, torch.get_num_threads() // nproc)
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc)] if nproc > 1 else [sys.executable]) + flags
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    run_child(cmd, f"train.py at {seq_len} tokens on {nproc} process(es)", env=env)
+    run_script(nproc, max(1, torch.get_num_threads() // nproc),
+               ["train.py", "--init", args.preset, "--seq-len", str(seq_len), "--batch-size", "1",
+                "--max-steps", str(args.steps), "--save-every", "100000", "--log-every", "100000",
+                "--out", out, "--seed", "0"], f"train.py at {seq_len} tokens on {nproc} process(es)")
     with open(os.path.join(out, "log.jsonl")) as f:
         rates = [json.loads(line)["tokens_per_s"] for line in f][args.warmup_steps:]
     return sum(rates) / len(rates)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Training tokens/s and model FLOP utilisation on the CPU.")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--preset", default="small", choices=list(PRESETS), help="model preset (default small)")
     p.add_argument("--lengths", type=count, nargs="+", default=[256, 1024],
                    help="sequence lengths, each run with 1 and 2 processes (default 256 1024)")

@@ -1,14 +1,26 @@
-"""child.py: a bench measurement in a fresh process, so that its peak memory is its own, and one
-line for the user when it fails, with its whole output kept in a log file."""
+"""child.py: what the bench scripts share. Their flags (a mistake is one line), the commands they
+run (one line for the user when one fails, its whole output kept in a log file), and a
+measurement in a fresh process, so that its peak memory is its own."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 
-from harness.runtime import fail
+from harness.runtime import fail, tune_cpu_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The flags of a bench script whose docstring is `doc` (its --help); a bad one is one
+    "error:" line and exit 2, not the usage block."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = fail
+    return p
 
 
 def last_line(text: str) -> str:
@@ -32,18 +44,26 @@ def run_child(cmd: list[str], what: str, env: dict | None = None) -> str:
     fail(f"{what} failed (exit {out.returncode}): {said}; its output is in {log.name}")
 
 
+def run_script(nproc: int, threads: int, args: list[str], what: str) -> str:
+    """run_child of `python ARGS`, or of `torchrun ARGS` with nproc > 1 processes; each process
+    `threads` threads."""
+    cmd = [*TORCHRUN, str(nproc)] if nproc > 1 else [sys.executable]
+    return run_child(cmd + args, what, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
 def measure(module: str, what: str, *args) -> dict:
-    """`python -m module --child ARGS` (see serve): the dict its case returned."""
-    out = run_child([sys.executable, "-m", module, "--child", *map(str, args)], what)
+    """`python -m module --child JSON` (see serve): the dict its case returned for `args`."""
+    out = run_child([sys.executable, "-m", module, "--child", json.dumps(args)], what)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def serve(run_case) -> bool:
-    """In a process started by measure: print run_case(*ARGS) as JSON and return True; in any
-    other process return False."""
+    """In a process started by measure: print run_case(*args) as JSON, run with huge pages for
+    large tensors as train.py and evaluate.py run, and return True; elsewhere return False."""
     if sys.argv[1:2] != ["--child"]:
         return False
-    print(json.dumps(run_case(*sys.argv[2:])))
+    tune_cpu_memory()
+    print(json.dumps(run_case(*json.loads(sys.argv[2]))))
     return True
 
 
@@ -54,7 +74,25 @@ def memory_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def reset_peak() -> None:
-    """Start a new peak: writing "5" to clear_refs resets VmHWM to the current RSS."""
+def reset_peak() -> float:
+    """Start a new peak (writing "5" to clear_refs resets VmHWM to the current RSS); returns
+    the current RSS in MiB, the baseline of what a case adds."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    return memory_mb("VmRSS")
+
+
+def best_time(fn, repeats: int = 1) -> tuple:
+    """(fn()'s result, the best wall time of `repeats` calls): the least disturbed run."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def time_and_peak(fn, repeats: int = 1) -> dict:
+    """The best time of fn (best_time) and the most memory it added to this process (MiB)."""
+    base = reset_peak()
+    return {"time": best_time(fn, repeats)[1], "peak_mb": memory_mb("VmHWM") - base}

@@ -10,14 +10,12 @@ prints a measured MFU). The README's wall times come from this script.
 
     python -m bench.estimate_paper [--peak-tflops 790] [--mfu 0.4]
 """
-import argparse
-
+from bench.child import parser
 from evaluations import ppl
 from evaluations.compare import NIAH_LENGTHS  # the authors' NeedleBench config: 8K..128K
 from evaluations.longbench import DATASETS, answer_tokens
 from harness.flags import number, positive
 from harness.results import generation_flops
-from harness.runtime import fail
 from model import preset
 
 RULER_LENGTHS = [4096, 8192, 16384, 32768]  # the paper's RULER table
@@ -27,15 +25,8 @@ LONGBENCH_ROWS = {name: 500 if name in ("lcc", "repobench-p") else 150
                   if name == "multifieldqa_en" else 200 for name in DATASETS}
 
 
-def ppl_flops(c, length: int) -> float:
-    """ppl.cell_flops of the paper's protocol: 64-token chunks, 8 draws."""
-    return ppl.cell_flops(c, ppl.Options(chunk_size=64, draws=8), {"length": length})
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Estimated one-GPU wall time of the paper's "
-                                            "evaluations for LLaDA-8B (FLOPs / throughput).")
-    p.error = fail  # one line, not the usage block
+    p = parser(__doc__)
     p.add_argument("--peak-tflops", type=positive, default=790.0,
                    help="the GPU's dense bf16 peak in TFLOP/s (H200: about 790)")
     p.add_argument("--mfu", type=number(float, 0, False, 1), default=0.4,
@@ -62,8 +53,9 @@ def main(argv=None):
     rows.append(("LongBench, 21 datasets at 16K", sum(LONGBENCH_ROWS.values()),
                  f"{lb['hotpotqa'] / speed:.0f} s (64 tokens) to {lb['gov_report'] / speed:.0f} s "
                  f"(512 tokens)", hours(sum(LONGBENCH_ROWS[d] * f for d, f in lb.items()))))
+    paper = ppl.Options(chunk_size=64, draws=8)  # the paper's protocol: 64-token chunks, 8 draws
     rows.append(("Perplexity, one 128K-token document", 1, "",
-                 hours(ppl_flops(c, 131072))))
+                 hours(ppl.cell_flops(c, paper, {"length": 131072}))))
     print(f"LLaDA-8B on one GPU at {args.mfu:.0%} of {args.peak_tflops:.0f} TFLOP/s "
           f"(estimated from FLOPs, exact decoding)\n")
     print("| evaluation | cells | one cell | total (GPU hours) |")

@@ -20,6 +20,7 @@ unwinding runs through a noexcept destructor: std::terminate. Once a replicate/D
 run a forward, the threads outlive destroy_process_group(), `del model` and gc.collect().
 """
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,9 +69,15 @@ def run_under_load(cmd: list[str], **popen) -> tuple[int, str]:
         return p.returncode, err.read()
 
 
-def busy_loops(n: int = 2) -> list[subprocess.Popen]:
-    """Processes that keep n cores busy until killed."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+@contextlib.contextmanager
+def busy_cores(n: int = 2):
+    """n processes that keep n cores busy while the block runs."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
 
 
 def main() -> None:
@@ -83,12 +90,8 @@ def main() -> None:
         return worker(args.exit)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.abspath(__file__), "--worker"] + ["--exit"] * args.exit
-    loops = busy_loops()
-    try:
+    with busy_cores():
         runs = [run_under_load(cmd) for _ in range(args.runs)]
-    finally:
-        for loop in loops:
-            loop.kill()
     aborted = sum(ABORT in err for _, err in runs)
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, --exit {args.exit}: "
           f"{sum(code == 0 for code, _ in runs)} of {args.runs} runs exited 0; {aborted} "

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from bench.child import run_child
-from scripts import one_line_error, script
+from scripts import script
 
 CASES = [  # (script, flags, what the one line says): each script's own checks, and its parser
     ("estimate_paper", ["--mfu", "2"], "--mfu: must be above 0 and at most 1, got 2"),
@@ -44,25 +44,25 @@ def test_bad_flags_are_one_line_before_any_work(tmp_path, monkeypatch, capsys, n
     assert "|" not in captured.out  # no table was started
 
 
-def test_as_a_user_runs_it():
-    assert one_line_error(script("-mbench.bench_model", "--rounds", "0"), "--rounds: must be above 0")
-
-
-def test_a_failed_measurement_is_one_line_with_its_log(capsys):
-    child = "import sys; print('Traceback (most recent call last):\\nboom', file=sys.stderr); sys.exit(3)"
+@pytest.mark.parametrize("child, said, kept", [
+    ("print('Traceback (most recent call last):\\nboom', file=sys.stderr); sys.exit(3)",
+     "(exit 3): boom", "Traceback (most recent call last):\nboom"),
+    ("print('error: --len 5 is short', file=sys.stderr); print('x'); sys.exit(2)",
+     "(exit 2): --len 5 is short", "x\nerror: --len 5 is short")], ids=["crash", "error line"])
+def test_a_failed_measurement_is_one_line_with_its_log(capsys, child, said, kept):
+    assert run_child([sys.executable, "-c", "print('fine')"], "ok") == "fine\n"
     with pytest.raises(SystemExit) as e:
-        run_child([sys.executable, "-c", child], "the test case")
+        run_child([sys.executable, "-c", "import sys; " + child], "the case")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith("error: the test case failed (exit 3): boom; its output is in ")
-    log = err.rstrip().rsplit(" ", 1)[-1]
-    with open(log) as f:
-        assert "Traceback (most recent call last):\nboom" in f.read()  # the whole story is kept
-    os.remove(log)
-    said = "import sys; print('error: --len 5 is too short', file=sys.stderr); print('x'); sys.exit(2)"
-    with pytest.raises(SystemExit):
-        run_child([sys.executable, "-c", said], "evaluate.py")
-    err = capsys.readouterr().err
-    assert err.startswith("error: evaluate.py failed (exit 2): --len 5 is too short; its output")
-    os.remove(err.rstrip().rsplit(" ", 1)[-1])
-    assert run_child([sys.executable, "-c", "print('fine')"], "ok") == "fine\n"
+    assert err.startswith(f"error: the case failed {said}; its output is in "), err
+    with open(err.rstrip().rsplit(" ", 1)[-1]) as f:
+        assert kept in f.read()  # the whole story is kept
+    os.remove(f.name)
+
+
+def test_two_process_runs_exit_0_under_load_as_a_user_runs_it(books, cache):
+    """Issue 30: one round of bench_exit, torchrun train.py then evaluate.py under its load."""
+    r = script("-mbench.bench_exit", "--runs", "1", "--data", books, "--cache-dir", cache)
+    assert "train.py | 1 | 1 | 0 |" in r.stdout and "evaluate.py | 1 | 1 | 0 |" in r.stdout, \
+        r.stdout + r.stderr[-2000:]

@@ -107,34 +107,26 @@ def train(out: str, *args: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def pretrained_lm() -> tuple[str, float]:
-    """The language model before any fine-tuning: masked-diffusion pre-training at a 512-token
-    window on the built-in synthetic corpus. Returns its checkpoint and the seconds it took."""
-    out = os.path.join(RUNS, "base")
-    init = initial_checkpoint(os.path.join(RUNS, "init"))
-    seconds = train(
-        out, "--init", init, "--seq-len", str(WINDOW), "--rope", "none",
-        "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup", "50",
-        "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
-        "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"),
-    )[-1]["elapsed_s"]
-    return os.path.join(out, "checkpoint"), seconds
-
-
 def base_model() -> tuple[str, dict]:
     """The base model every experiment starts from: pre-trained with the masked-diffusion loss
-    at a 512-token window on the built-in synthetic corpus, then fine-tuned to answer questions
-    about a fact inside that window (retrieval_finetune). Returns its checkpoint and a dict of
-    how it was made (for the results files)."""
-    lm, pretrain_seconds = pretrained_lm()
-    sft = os.path.join(RUNS, "retrieval")
+    at a 512-token window on the built-in synthetic corpus (the language model, "lm"), then
+    fine-tuned to answer questions about a fact inside that window (retrieval_finetune).
+    Returns its checkpoint and {"lm": the language model's checkpoint, "text": how they were
+    made, for the results files}."""
+    out = os.path.join(RUNS, "base")
+    pretrain_seconds = train(
+        out, "--init", initial_checkpoint(os.path.join(RUNS, "init")), "--seq-len", str(WINDOW),
+        "--rope", "none", "--mask", "adaptive", "--batch-size", "8", "--lr", "2e-3", "--warmup",
+        "50", "--schedule", "cosine", "--max-steps", str(BASE_STEPS), "--save-every", "250",
+        "--log-every", "100", "--seed", str(SEED), "--cache-dir", os.path.join(RUNS, "cache"),
+    )[-1]["elapsed_s"]
+    lm, sft = os.path.join(out, "checkpoint"), os.path.join(RUNS, "retrieval")
     sft_seconds, accuracy = retrieval_finetune(lm, sft)
-    info = {"pretrain_s": pretrain_seconds, "sft_s": sft_seconds, "accuracy": accuracy, "lm": lm}
     # what the fine-tuning does to language modelling: perplexity inside the window, both models
     ppl = {name: evaluate(path, os.path.join(RUNS, f"window-ppl-{name}"), *PPL_FLAGS,
                           "--len", str(WINDOW))[0][0]["perplexity"]
            for name, path in (("lm", lm), ("sft", sft))}
-    info["text"] = (
+    text = (
         f"Base model: tiny LLaDA (2 layers, d_model 128, word-level vocabulary), seed {SEED}. "
         f"Pre-trained with the masked-diffusion loss for {BASE_STEPS} steps x 8 sequences of "
         f"{WINDOW} tokens on the built-in synthetic corpus ({minutes(pretrain_seconds)}), then "
@@ -149,17 +141,17 @@ def base_model() -> tuple[str, dict]:
         f"than one of 64. The fine-tuning trains answers only and costs language modelling "
         f"(perplexity at {WINDOW} tokens: {ppl['lm']:.2f} before it, {ppl['sft']:.3g} after), so "
         f"perplexity is measured on the pre-trained model and NIAH on the fine-tuned one.")
-    return sft, info
+    return sft, {"lm": lm, "text": text}
 
 
-def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, codes: tuple = CODES,
-                    longest: int = WINDOW - 48) -> torch.Tensor:
+def retrieval_batch(tok, rng: random.Random, batch: int, gen: int, longest: int = WINDOW - 48
+                    ) -> torch.Tensor:
     """Needle-in-a-haystack prompts inside the window: filler, a fact at a random sentence
     boundary, more filler, the question; the answer (code, ".", EOS padding) is `gen` tokens."""
     n = rng.randint(16, longest)  # haystack tokens: one length per batch, rows stay equal
     rows = []
     for _ in range(batch):
-        name, code = rng.choice(NAMES), rng.randint(*codes)
+        name, code = rng.choice(NAMES), rng.randint(*CODES)
         hay, ends = [], []
         while len(hay) < n:
             hay += tok.encode(filler_sentence(rng))
@@ -225,6 +217,11 @@ def retrieval_finetune(src: str, dst: str, steps: int = SFT_STEPS, batch: int = 
     write_json(done, {"seconds": seconds, "accuracy": accuracy, "steps": steps, "lr": lr,
                    "batch": batch, "codes": CODES, "seed": seed, "objective": "diffusion.sft_loss"})
     return seconds, accuracy
+
+
+def mean_by_length(cells: list[dict], key: str, lengths: list[int]) -> dict[int, float]:
+    """The mean of each length's cells' `key` (a NIAH score, a perplexity)."""
+    return {L: float(np.mean([c[key] for c in cells if c["length"] == L])) for L in lengths}
 
 
 def evaluate(model: str, results: str, *args: str) -> tuple[list[dict], float]:

@@ -13,10 +13,8 @@ Writes experiments/results/dcrit.md.
 import os
 import time
 
-import numpy as np
-
 from experiments.common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model,
-                                evaluate, log, minutes, write_section)
+                                evaluate, log, mean_by_length, minutes, write_section)
 from rope import critical_dim, rope_lambda
 
 LENGTHS = [4 * WINDOW, 8 * WINDOW]  # perplexity (the longest held-out documents are ~8K)
@@ -38,8 +36,8 @@ def main():
                           "--len", *map(str, LENGTHS), *rope)
         row = [f"{d}{' (computed)' if d == computed else ''}"]
         row += [f"{rope_lambda('diffusion', L, WINDOW, HEAD_DIM, BASE, d):.1f}" for L in NIAH_LENGTHS]
-        row += [f"{np.mean([c['score'] for c in niah if c['length'] == L]):.0f}" for L in NIAH_LENGTHS]
-        row += [f"{np.mean([c['perplexity'] for c in ppl if c['length'] == L]):.2f}" for L in LENGTHS]
+        row += [f"{s:.0f}" for s in mean_by_length(niah, "score", NIAH_LENGTHS).values()]
+        row += [f"{p:.2f}" for p in mean_by_length(ppl, "perplexity", LENGTHS).values()]
         rows.append("| " + " | ".join(row) + " |")
         log(rows[-1])
     L1, L2 = LENGTHS

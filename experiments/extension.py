@@ -15,46 +15,30 @@ Writes experiments/results/extension.{md,png}.
 import os
 import time
 
-import numpy as np
-
 from experiments.common import (NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RESULTS, RUNS, WINDOW, base_model,
-                                evaluate, log, minutes, write_section)
+                                evaluate, log, mean_by_length, minutes, write_section)
+from harness.results import figure
 from rope import METHODS
 
 LENGTHS = [WINDOW, 2 * WINDOW, 4 * WINDOW, 8 * WINDOW]  # perplexity: the longest documents are ~8K
 NIAH_LENGTHS = LENGTHS + [16 * WINDOW]
 
 
-def niah_scores(cells) -> dict[int, float]:
-    return {L: float(np.mean([c["score"] for c in cells if c["length"] == L])) for L in NIAH_LENGTHS}
-
-
-def ppl_by_length(cells) -> dict[int, float]:
-    return {L: float(np.mean([c["perplexity"] for c in cells if c["length"] == L])) for L in LENGTHS}
-
-
 def plot(path: str, niah: dict, ppl: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in METHODS:
-        a.plot(NIAH_LENGTHS, [niah[method][L] for L in NIAH_LENGTHS], marker="o", label=method)
-        b.plot(LENGTHS, [ppl[method][L] for L in LENGTHS], marker="o", label=method)
-    for ax, title, lengths in ((a, "needle in a haystack (score, 100 = found)", NIAH_LENGTHS),
-                               (b, "perplexity (lower is better)", LENGTHS)):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{L}\n({L // WINDOW}x)" for L in lengths])
-        ax.axvline(WINDOW, color="grey", ls=":", lw=1)
-        ax.set_xlabel("context length (tokens; window = 512)")
-        ax.set_title(title)
-    b.set_yscale("log")
-    a.legend(title="RoPE scaling")
-    fig.suptitle("Training-free extension of a tiny LLaDA pre-trained at 512 tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(11, 4)) as (fig, (a, b)):
+        for method in METHODS:
+            a.plot(NIAH_LENGTHS, [niah[method][L] for L in NIAH_LENGTHS], marker="o", label=method)
+            b.plot(LENGTHS, [ppl[method][L] for L in LENGTHS], marker="o", label=method)
+        for ax, title, lengths in ((a, "needle in a haystack (score, 100 = found)", NIAH_LENGTHS),
+                                   (b, "perplexity (lower is better)", LENGTHS)):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(lengths, [f"{L}\n({L // WINDOW}x)" for L in lengths])
+            ax.axvline(WINDOW, color="grey", ls=":", lw=1)
+            ax.set_xlabel("context length (tokens; window = 512)")
+            ax.set_title(title)
+        b.set_yscale("log")
+        a.legend(title="RoPE scaling")
+        fig.suptitle("Training-free extension of a tiny LLaDA pre-trained at 512 tokens")
 
 
 def main():
@@ -71,15 +55,15 @@ def main():
         rope = ["--rope", method, "--train-len", str(WINDOW)]
         cells, s1 = evaluate(base, os.path.join(RUNS, "extension", f"niah-{method}"), *NIAH_FLAGS,
                              "--len", *map(str, NIAH_LENGTHS[1:]), *rope)
-        niah[method] = niah_scores(cells + inside_niah)
+        niah[method] = mean_by_length(cells + inside_niah, "score", NIAH_LENGTHS)
         cells, s2 = evaluate(info["lm"], os.path.join(RUNS, "extension", f"ppl-{method}"), *PPL_FLAGS,
                              "--len", *map(str, LENGTHS[1:]), *rope)
-        ppl[method] = ppl_by_length(cells + inside_ppl)
+        ppl[method] = mean_by_length(cells + inside_ppl, "perplexity", LENGTHS)
         eval_seconds += s1 + s2
         log(f"{method}: NIAH {niah[method]}, PPL {ppl[method]}")
 
-    os.makedirs(RESULTS, exist_ok=True)
     plot(os.path.join(RESULTS, "extension.png"), niah, ppl)
+
     def header(lengths):
         return ["| RoPE | " + " | ".join(f"{L} ({L // WINDOW}x)" for L in lengths) + " |",
                 "|---|" + "---:|" * len(lengths)]

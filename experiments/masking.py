@@ -39,7 +39,7 @@ import torch
 
 from diffusion import generate
 from experiments.common import (CODES, NIAH_FLAGS, PPL_FLAGS, PROTOCOL, RUNS, WINDOW, base_model,
-                                evaluate, log, mean_sd, minutes, paired_interval,
+                                evaluate, log, mean_by_length, mean_sd, minutes, paired_interval,
                                 retrieval_finetune, train, write_section)
 from harness.checkpoint import from_pretrained
 from harness.files import publish_dir, write_json
@@ -141,11 +141,26 @@ def one_run(base: str, strategy: str, seed: int) -> tuple[dict, float, float]:
         mix = {**mixing(sft, strategy), "seconds": time.perf_counter() - t}
         write_json(mix_file, mix)
     row = {"loss": float(np.mean([r["loss"] for r in records[-30:]])), "refresh": 100 * accuracy,
-           **{f"niah{L}": float(np.mean([c["score"] for c in niah if c["length"] == L])) for L in EVAL_LENGTHS},
-           **{f"ppl{L}": float(np.mean([c["perplexity"] for c in ppl if c["length"] == L])) for L in EVAL_LENGTHS},
+           **{f"niah{L}": s for L, s in mean_by_length(niah, "score", EVAL_LENGTHS).items()},
+           **{f"ppl{L}": p for L, p in mean_by_length(ppl, "perplexity", EVAL_LENGTHS).items()},
            **{k: mix[k] for k in ("alone", "with_other", "took_other")}}
     log(f"{strategy} seed {seed}: {row}")
     return row, train_seconds, s1 + s2 + mix["seconds"]
+
+
+PAIRS = [("eod", "adaptive"), ("concat", "adaptive"), ("concat", "eod")]
+
+
+def paired(runs: dict, key: str, a: str, b: str, digits: int = 1) -> tuple[str, float, float]:
+    """The per-seed difference a - b of one metric (the seeds pair the runs): its mean and 95%
+    t-interval as the tables show them, and the interval's (low, high); perplexity as the ratio
+    a / b, its interval that of log a - log b."""
+    va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
+    if not key.startswith("ppl"):
+        mean, low, high = paired_interval(va, vb)
+        return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]", low, high
+    mean, low, high = paired_interval(np.log(va), np.log(vb))  # the ratio is what matters
+    return f"x{np.exp(mean):.3f} [{np.exp(low):.3f}, {np.exp(high):.3f}]", low, high
 
 
 def claim_rows(runs: dict) -> tuple[list[str], str]:
@@ -153,21 +168,13 @@ def claim_rows(runs: dict) -> tuple[list[str], str]:
     the verdict on the paper's claim (eod better at the shorter lengths, adaptive at the
     longest), which holds only where every such interval says so."""
     rows, verdicts = [], {}
-    for metric, name, better in (("ppl", "perplexity", "lower"), ("niah", "NIAH", "higher")):
+    for metric, name in (("ppl", "perplexity"), ("niah", "NIAH")):
         for L in EVAL_LENGTHS:
-            key = f"{metric}{L}"
-            eod = [r[key] for r in runs["eod"]]
-            ada = [r[key] for r in runs["adaptive"]]
-            if metric == "ppl":  # compare log perplexities: the ratio is what matters
-                eod, ada = np.log(eod), np.log(ada)
-            mean, low, high = paired_interval(eod, ada)
-            eod_better = high < 0 if better == "lower" else low > 0
-            ada_better = low > 0 if better == "lower" else high < 0
+            shown, low, high = paired(runs, f"{metric}{L}", "eod", "adaptive")
+            lower_is_better = metric == "ppl"
+            eod_better = high < 0 if lower_is_better else low > 0
+            ada_better = low > 0 if lower_is_better else high < 0
             verdict = "eod better" if eod_better else "adaptive better" if ada_better else "no difference shown"
-            if metric == "ppl":
-                shown = f"x{np.exp(mean):.3f} [{np.exp(low):.3f}, {np.exp(high):.3f}]"
-            else:
-                shown = f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
             rows.append(f"| {name} | {L} | {shown} | {verdict} |")
             verdicts[name, L] = verdict
     *shorter, longest = EVAL_LENGTHS
@@ -180,26 +187,15 @@ def claim_rows(runs: dict) -> tuple[list[str], str]:
     return rows, "Verdict on the paper's claim at this scale: " + "; ".join(findings) + "."
 
 
-PAIRS = [("eod", "adaptive"), ("concat", "adaptive"), ("concat", "eod")]
-
-
 def pairwise_rows(runs: dict, columns: list) -> list[str]:
-    """Every metric, every pair of strategies: the per-seed difference a - b, its mean and 95%
-    t-interval; perplexity as the ratio a / b. A star marks an interval that excludes 0 (1)."""
+    """Every metric, every pair of strategies (paired). A star marks an interval that excludes
+    no difference (0, a ratio of 1)."""
     rows = ["| metric | " + " | ".join(f"{a} - {b}" for a, b in PAIRS) + " |",
             "|---|" + "---|" * len(PAIRS)]
     for key, title, digits in columns:
-        cells = []
-        for a, b in PAIRS:
-            va, vb = [r[key] for r in runs[a]], [r[key] for r in runs[b]]
-            if key.startswith("ppl"):
-                mean, low, high = np.exp(paired_interval(np.log(va), np.log(vb)))
-                cells.append(f"x{mean:.3f} [{low:.3f}, {high:.3f}]{'*' if low > 1 or high < 1 else ''}")
-            else:
-                mean, low, high = paired_interval(va, vb)
-                d = max(digits, 1)
-                cells.append(f"{mean:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}]{'*' if low > 0 or high < 0 else ''}")
-        rows.append(f"| {title} | " + " | ".join(cells) + " |")
+        cells = [paired(runs, key, a, b, max(digits, 1)) for a, b in PAIRS]
+        rows.append(f"| {title} | " + " | ".join(
+            f"{shown}{'*' if low > 0 or high < 0 else ''}" for shown, low, high in cells) + " |")
     return rows
 
 

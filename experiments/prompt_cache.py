@@ -49,12 +49,10 @@ def main():
     exact, s1 = evaluate(model, os.path.join(folder, "exact"), *flags)
     cached, s2 = evaluate(model, os.path.join(folder, "cached"), *flags, "--prompt-cache")
     key = lambda c: (c["length"], c["depth"], c["repeat"])  # noqa: E731
-    pairs = {key(c): [c] for c in exact}
-    for c in cached:
-        pairs[key(c)].append(c)
+    twin = {key(c): c for c in cached}  # the same prompt, decoded with the cache
     rows = []
     for L in LENGTHS:
-        mine = [p for k, p in pairs.items() if k[0] == L]
+        mine = [(e, twin[key(e)]) for e in exact if e["length"] == L]
         agree = [np.mean(np.equal(answer_ids(tok, e["answer"]), answer_ids(tok, c["answer"])))
                  for e, c in mine]
         same = [e["answer"] == c["answer"] for e, c in mine]

@@ -1,16 +1,15 @@
 """The GPU paths of the project, as tests that skip without CUDA: adaptive attention's three
 paths against float32, one FSDP training step of LLaDA-8B's blocks against runtime.memory_plan,
 torchrun train.py --fsdp resumed, a NIAH cell at twice the training length, and evaluate.py
-with one process per GPU. On a GPU machine:
+with one process per GPU. On a GPU machine (a few minutes on one H100; -s shows the numbers):
 
-    python -m pytest tests/test_gpu.py -s         # a few minutes on one H100; -s shows numbers
+    python -m pytest tests/test_gpu.py -s
 
-Sizes come from the environment: GPU_TEST_SEQ_LEN, tokens of the training step and of each
-attention sequence (default 32768; NIAH runs at twice this), and GPU_TEST_LAYERS, blocks of the
-cut-down model (default 2). The paper's sizes, 64K training and 128K NIAH, fit one 80 GB GPU:
-GPU_TEST_SEQ_LEN=65536 GPU_TEST_LAYERS=4. Without CUDA the attention and training tests run at
-small CPU shapes (gloo), so that a GPU's minutes are not spent finding a typo here, and so do
-the FLOP count and the memory plan's numbers.
+GPU_TEST_SEQ_LEN sets the tokens of the training step and of each attention sequence (default
+32768; NIAH runs at twice this), GPU_TEST_LAYERS the cut-down model's blocks (default 2). The
+paper's sizes, 64K training and 128K NIAH, fit one 80 GB GPU: GPU_TEST_SEQ_LEN=65536
+GPU_TEST_LAYERS=4. Without CUDA, attention, the training step, the FLOP count and the memory
+plan run at small CPU shapes (gloo), so that a GPU's minutes are not spent finding a typo here.
 """
 import importlib.util
 import json
@@ -264,11 +263,10 @@ def test_a_niah_cell_at_twice_the_training_length(tmp_path):
     """Random weights (time and memory do not depend on them) saved in bf16, then evaluate.py
     as a user calls it, in this process so that its CUDA memory statistics cover it."""
     c, path = cut_down({}, LAYERS), str(tmp_path / "model")
-    torch.manual_seed(0)
-    with torch.device(DEVICE):
-        model = LLaDA(c)
-    save_pretrained(path, c, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
-    del model
+    with torch.device(DEVICE):  # built where it runs: no 8B-shaped pass through the CPU
+        weights = LLaDA(c).to(torch.bfloat16).state_dict()
+    save_pretrained(path, c, weights)
+    del weights  # the peaks below are evaluate.py's alone
     torch.cuda.empty_cache()
     for mode, extra in (("exact", []), ("prompt-cache", ["--prompt-cache"])):
         torch.cuda.reset_peak_memory_stats()

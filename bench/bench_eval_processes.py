@@ -2,7 +2,7 @@
 bench_eval_processes.py: evaluation throughput, one process against several sharing the cells.
 
 evaluate.py spreads a run's cells over every process it is started with (torchrun, or
-independent jobs on one results folder: harness/results.py, claim_cells). This times the same
+independent jobs on one results folder: harness/results.py, claim). This times the same
 NIAH grid on a random tiny checkpoint with one process and with N under torchrun, each process
 pinned to one thread (OMP_NUM_THREADS=1), and reads the cells per second that evaluate.py
 prints (from its first cell until every process's cells are in). Goal: two processes >= 1.8x
@@ -21,6 +21,7 @@ from harness.checkpoint import save_pretrained
 from harness.flags import count, number
 from harness.tokenizer import TIKTOKEN_NAME
 from model import LLaDA, preset
+
 
 def tiny_checkpoint(path: str) -> str:
     """A random tiny-preset model on the cl100k tokenizer: the processes are measured, not it."""

@@ -2,13 +2,12 @@
 bench_exit.py: do 2-process torchrun runs of train.py and evaluate.py exit 0 once they finish?
 
 A finished run could die at interpreter exit with "terminate called without an active exception"
-(torchrun then returns 1): a gloo worker thread freeing a tensor met Python's finalization
-(bench/gloo_abort_repro.py shows it with torch alone; harness/runtime.exit_after leaves before
-finalization). The race is rare on an idle machine, so every run is loaded as in the repro: its
-processes' gloo threads reniced to +19 while two busy loops fill two cores. A round trains the
-tiny preset for 4 steps of 128 tokens on 2 processes (gloo, CPU), saving at the end, then
-evaluates that checkpoint (NIAH, 512 tokens, one depth) on 2 processes. Prints how many runs of
-each exited 0, and each failure's exit code and last line.
+(torchrun then returns 1); bench/gloo_abort_repro.py shows why with torch alone, and
+harness/runtime.exit_after leaves before finalization. Every run is under the repro's load (its
+gloo threads reniced, two cores busy). A round trains the tiny preset for 4 steps of 128 tokens
+on 2 processes (gloo, CPU), saving at the end, then evaluates that checkpoint (NIAH, 512
+tokens, one depth) on 2 processes. Prints how many runs of each exited 0, and each failure's
+exit code and last line.
 
     python -m bench.bench_exit [--runs 40] [--data DIR] [--cache-dir DIR]
 """

@@ -22,6 +22,7 @@ from harness.results import forward_flops
 from harness.runtime import fail
 from model import PRESETS, preset
 
+
 def run(nproc: int, seq_len: int, args, out: str) -> float:
     """Mean tokens/s of the steps after the warm-up ones."""
     run_script(nproc, max(1, torch.get_num_threads() // nproc),

@@ -59,10 +59,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def word_tokenizer(path: str) -> tuple[int, int, int]:
-    """Write a word-level tokenizer.json covering the synthetic corpus; returns (size, eos, mask)."""
+def initial_checkpoint(path: str) -> str:
+    """A randomly initialised tiny LLaDA with a word-level tokenizer.json covering the synthetic
+    corpus, as a checkpoint directory."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
     split = pre_tokenizers.Whitespace()
     texts = synthetic_texts(SyntheticConfig()) + [filler_text(2000, tiktoken_tokenizer()),
                                                   NEEDLE, QUESTION_PROMPT]
@@ -74,17 +77,10 @@ def word_tokenizer(path: str) -> tuple[int, int, int]:
     tok.pre_tokenizer = split
     tok.add_special_tokens(["[EOS]", "[MASK]"])  # ids eos and mask: decode skips them
     assert tok.token_to_id("[EOS]") == eos and tok.token_to_id("[MASK]") == mask
-    tok.save(path)
-    return len(vocab) + 2, eos, mask
-
-
-def initial_checkpoint(path: str) -> str:
-    """A randomly initialised tiny LLaDA with the word vocabulary, as a checkpoint directory."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
     os.makedirs(RUNS, exist_ok=True)
     tok_file = os.path.join(RUNS, "word_tokenizer.json")
-    size, eos, mask = word_tokenizer(tok_file)
+    tok.save(tok_file)
+    size = len(vocab) + 2
     cfg = preset("tiny", vocab_size=size, embedding_size=size, eos_token_id=eos, pad_token_id=eos,
                  mask_token_id=mask, max_sequence_length=WINDOW)
     model = LLaDA(cfg)

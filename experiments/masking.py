@@ -70,16 +70,6 @@ def corpus() -> str:
     return folder
 
 
-def post_train(base: str, strategy: str, seed: int) -> tuple[str, list[dict]]:
-    out = os.path.join(RUNS, "masking", f"{strategy}-seed{seed}")
-    log_records = train(out, "--init", base, "--data", corpus(), "--seq-len", str(SEQ_LEN),
-                        "--train-len", str(WINDOW), "--rope", "diffusion", "--mask", strategy,
-                        "--batch-size", str(BATCH), "--max-steps", str(STEPS), "--lr", "5e-4",
-                        "--warmup", "20", "--save-every", "100", "--log-every", "50",
-                        "--seed", str(seed), "--cache-dir", os.path.join(RUNS, "cache"))
-    return os.path.join(out, "checkpoint"), log_records
-
-
 def two_documents(rng: random.Random, counter) -> tuple[str, str, int, int]:
     """A distractor document and a target document that ends with a question about its fact."""
     name_a, name_b = rng.sample(NAMES, 2)
@@ -119,13 +109,17 @@ def mixing(checkpoint: str, strategy: str) -> dict:
 def one_run(base: str, strategy: str, seed: int) -> tuple[dict, float, float]:
     """Post-train, refresh and evaluate one (strategy, seed); returns its numbers and the
     training and evaluation seconds."""
-    ckpt, records = post_train(base, strategy, seed)
-    train_seconds = records[-1]["elapsed_s"]
+    folder = os.path.join(RUNS, "masking", f"{strategy}-seed{seed}")
+    records = train(folder, "--init", base, "--data", corpus(), "--seq-len", str(SEQ_LEN),
+                    "--train-len", str(WINDOW), "--rope", "diffusion", "--mask", strategy,
+                    "--batch-size", str(BATCH), "--max-steps", str(STEPS), "--lr", "5e-4",
+                    "--warmup", "20", "--save-every", "100", "--log-every", "50",
+                    "--seed", str(seed), "--cache-dir", os.path.join(RUNS, "cache"))
+    ckpt, train_seconds = os.path.join(folder, "checkpoint"), records[-1]["elapsed_s"]
     # post-training on corpus text erases the answer-only skill of the base model (NIAH fell to
     # chance in the single-seed run), so each model gets the same short retrieval fine-tuning
     # again inside the 512 window before NIAH and the mixing test; perplexity is taken before it.
     # Both evaluations use each model's saved RoPE base (no --rope).
-    folder = os.path.join(RUNS, "masking", f"{strategy}-seed{seed}")
     sft = folder + "-retrieval"
     seconds, accuracy = retrieval_finetune(ckpt, sft, steps=REFRESH_STEPS, seed=seed)
     train_seconds += seconds

@@ -2,23 +2,15 @@
 compare.py: the paper's tables, one row per model, from finished results folders.
 
 Paper map: docs/paper.md section 6. `python evaluate.py --compare ULTRA=results/ultra
-LLADA=results/base ...` reads every benchmark found in each folder and writes its tables in the
-paper's layout, a row per model (and per RoPE label, when a folder holds several) beside the
-paper's published rows, as markdown and CSV, with a figure where a picture reads better:
-
-    needlebench   the mean score per length and overall (two decimals, as OpenCompass), a table
-                  per grid: LongLLaDA's 2,000 to 32,000 tokens with 32 steps (the LLaDA and
-                  LongLLaDA rows), UltraLLaDA's 8K to 128K with 16 steps, other lengths apart;
-                  heatmaps side by side (niah, our synthetic task, the same without paper rows)
-    ruler         the task mean per length; per length our four categories, their mean and
-                  LongLLaDA's groups (NIAH, AGG = vt, cwe, fwe, QA); curves across lengths
-    longbench     each category, the mean over datasets (the paper's) and over categories
-    ppl           the perplexity per length; curves across lengths
-
-Each row says what it covers (lengths, depths, repeats, tasks, samples, datasets, rows, the
-context, the settings that tell the protocols apart) against the paper's: one that covers less
-starts "partial:", and its means are over what it covers. A value that was not evaluated is
-shown as missing ("-" in markdown, an empty CSV field), never as zero.
+LLADA=results/base ...` writes, for every benchmark found in the folders, its tables in the
+paper's layout (TABLES), a row per model (and per RoPE label, when a folder holds several)
+beside the paper's published rows, as markdown and CSV, with heatmaps or curves. NIAH has a
+table per grid: LongLLaDA's 2,000 to 32,000 tokens with 32 steps, where the LLaDA and LongLLaDA
+rows were measured, and UltraLLaDA's 8K to 128K with 16 steps. RULER adds per length our four
+categories and LongLLaDA's groups (NIAH, AGG = vt, cwe, fwe, QA). Each row says what it covers
+against the paper's protocol; one that covers less starts "partial:", and its means are over
+what it covers. A value that was not evaluated is shown as missing ("-" in markdown, an empty
+CSV field), never as zero.
 """
 import argparse
 import csv
@@ -32,19 +24,18 @@ from harness.results import figure, markdown_table, read_results, short
 from harness.runtime import fail
 
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # UltraLLaDA's NeedleBench grid, 16 steps
-LONGLLADA_LENGTHS = [2000, 4000, 8000, 16000, 24000, 32000]  # LongLLaDA's, 32 steps
+GRIDS = {"2K-32K": [2000, 4000, 8000, 16000, 24000, 32000],  # LongLLaDA's, 32 steps
+         "8K-128K": NIAH_LENGTHS}
 NEEDLES = {"depths": 11, "repeats": 10}  # both grids: depths 0%, 10%, ..., 100%
-# (benchmark, grid) -> the table's title, the paper's protocol (a count below it makes a row
-# partial, a setting unlike it is named) and the published rows (docs/paper.md section 6)
-# measured with it: only what the paper states, the rest missing.
+NIAH = "NeedleBench (NIAH) on {}'s grid, mean per length and overall"
+# (benchmark, grid) -> title, the paper's protocol (a count below it makes a row partial, a
+# setting unlike it is named), the published rows (docs/paper.md section 6), the rest missing.
 TABLES = {
-    ("needlebench", "2K-32K"): ("NeedleBench (NIAH) on LongLLaDA's grid, mean per length and "
-                                "overall", {"lengths": 6, **NEEDLES, "steps": "32"},
+    ("needlebench", "2K-32K"): (NIAH.format("LongLLaDA"), {"lengths": 6, **NEEDLES, "steps": "32"},
                                 {"LLaDA (paper)": {"overall": 54.25},  # no scaling
                                  **{f"LongLLaDA lambda {f} (paper)": {"overall": v} for f, v in
                                     ((4, 71.33), (14, 82.33), (31, 82.33), (55, 75.43))}}),
-    ("needlebench", "8K-128K"): ("NeedleBench (NIAH) on UltraLLaDA's grid, mean per length and "
-                                 "overall", {"lengths": 16, **NEEDLES, "steps": "16"},
+    ("needlebench", "8K-128K"): (NIAH.format("UltraLLaDA"), {"lengths": 16, **NEEDLES, "steps": "16"},
                                  {"UltraLLaDA (paper)": {**{L: 100.0 for L in NIAH_LENGTHS},
                                                          "overall": 100.0}}),
     ("needlebench", "other"): ("NeedleBench (NIAH) at lengths of neither paper grid", {}, {}),
@@ -63,17 +54,14 @@ TABLES = {
 
 def grid(cell: dict) -> str:
     """The NeedleBench grid a cell belongs to (its table); "" for the other benchmarks."""
-    if cell["task"] != "needlebench":
-        return ""
-    return "2K-32K" if cell["length"] in LONGLLADA_LENGTHS else \
-        "8K-128K" if cell["length"] in NIAH_LENGTHS else "other"
+    return "" if cell["task"] != "needlebench" else \
+        next((g for g, lengths in GRIDS.items() if cell["length"] in lengths), "other")
 
 
-def setting(cells: list[dict], key: str, show=lambda v: v):
+def setting(cells: list[dict], key: str, show=str) -> str | None:
     """A flag's value as the cells recorded it, '/'-joined when they differ; None if none did."""
-    values = sorted({show(c["settings"][key]) for c in cells if key in c.get("settings", {})},
-                    key=str)
-    return values[0] if len(values) == 1 else "/".join(map(str, values)) or None
+    return "/".join(sorted({show(c["settings"][key]) for c in cells
+                            if key in c.get("settings", {})})) or None
 
 
 def covers(want: dict, have: dict) -> str:
@@ -95,7 +83,7 @@ def needle_row(cells: list[dict], want: dict) -> dict:
     return {**{L: needles.nan_mean(col) for L, col in zip(lengths, scores.T)},
             "overall": needles.nan_mean(scores),
             "covers": covers(want, {"lengths": len(lengths), "depths": len(depths),
-                                    "repeats": repeats, "steps": setting(cells, "steps", str)})}
+                                    "repeats": repeats, "steps": setting(cells, "steps")})}
 
 
 LAYOUT = [*ruler.CATEGORIES, "category mean", *ruler.GROUPS]  # per length, a table apart
@@ -121,7 +109,7 @@ def longbench_row(cells: list[dict], want: dict) -> dict:
     return {**{k: scores[k] for k in [*longbench.CATEGORIES, "average", "category mean"]},
             "covers": covers({**want, "rows": None if None in rows.values() else sum(rows.values())},
                              {"datasets": len(rows), "rows": len(cells),
-                              "max-len": setting(cells, "max_len")})}
+                              "max-len": min(c["length"] for c in cells)})}
 
 
 def ppl_row(cells: list[dict], want: dict) -> dict:
@@ -157,9 +145,8 @@ def plot_curves(path: str, rows: dict[str, dict], ylabel: str, title: str, log: 
     lengths = sorted({c for row in rows.values() for c in row if isinstance(c, int)})
     with figure(path, figsize=(7, 4)) as (fig, ax):
         for name, row in rows.items():
-            points = sorted((c, v) for c, v in row.items() if isinstance(c, int) and v is not None)
-            if points:
-                ax.plot(*zip(*points), "s--" if name.endswith("(paper)") else "o-", label=name)
+            points = sorted((c, v) for c, v in row.items() if isinstance(c, int))  # one or more
+            ax.plot(*zip(*points), "s--" if name.endswith("(paper)") else "o-", label=name)
         ax.set(xscale="log", yscale="log" if log else "linear", xlabel="context length (tokens)",
                ylabel=ylabel)
         ax.set_xticks(lengths, [short(L) for L in lengths])
@@ -167,8 +154,6 @@ def plot_curves(path: str, rows: dict[str, dict], ylabel: str, title: str, log: 
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
 
-
-# ---------------------------------------------------------------------------------------------
 
 def compare(folders: dict[str, str], out: str) -> str:
     """folders: model label -> results folder. Writes compare.md, compare_<benchmark>[_<grid>].csv
@@ -212,14 +197,6 @@ def compare(folders: dict[str, str], out: str) -> str:
     return text
 
 
-def default_label(folder: str) -> str:
-    """results/<model>/ is labelled <model>; a benchmark's own folder, results/<model>/niah,
-    its parent's name too."""
-    path = os.path.abspath(folder)
-    return os.path.basename(os.path.dirname(path) if os.path.basename(path) in TASKS
-                            else path)
-
-
 def main(argv) -> None:
     p = argparse.ArgumentParser(
         description="The paper's tables side by side: one row per model, from the results "
@@ -238,7 +215,10 @@ def main(argv) -> None:
             else item.partition("=")
         if not os.path.isdir(folder):
             fail(f"--compare {item}: {folder} is not a folder")
-        name = name or default_label(folder)
+        # results/<model>/ is labelled <model>; a benchmark's own folder, results/<model>/niah, too
+        path = os.path.abspath(folder)
+        name = name or os.path.basename(os.path.dirname(path) if os.path.basename(path) in TASKS
+                                        else path)
         if name in folders:  # two rows of one name: one would silently replace the other
             fail(f"--compare: two folders are labelled {name!r} ({folders[name]}, {folder}); "
                  f"name them, e.g. --compare A={folders[name]} B={folder}")

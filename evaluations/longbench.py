@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from evaluations import decoding
+from evaluations.needles import nan_mean  # the reports' mean: of the values that exist
 from harness import files, results
 from harness.flags import count, flag, number
 
@@ -125,7 +126,7 @@ DATASETS = {
 }
 
 
-KEYS = ("dataset", "index", "rope", "score")  # what a result needs for the report
+KEYS = ("dataset", "index", "length", "rope", "score")  # what a result needs for the reports
 
 
 @dataclass
@@ -414,10 +415,9 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
             raise ValueError(f"{path} does not exist but {nested} does; pass --data "
                              f"{os.path.join(cfg.data, 'data')}")
         work[name] = load_rows(path, name)  # all of them: a cell records how many there are
-        # a file name whatever the rope label holds
-        rope = re.sub(r"[^A-Za-z0-9.=+-]+", "_", cfg.rope_label)
         cells += [{"task": "longbench", "dataset": name, "index": i, "length": cfg.max_len,
-                   "rope": cfg.rope_label, "name": f"longbench_{name}_{cfg.max_len}_{rope}_{i:04d}.json"}
+                   "rope": cfg.rope_label,
+                   "name": f"longbench_{name}_{cfg.max_len}_{cfg.rope_label}_{i:04d}.json"}
                   for i in range(len(work[name][:cfg.samples]))]
     source = (f"LongBench, {len(work)} datasets from {cfg.data}, {len(cells)} rows, prompts cut "
               f"in the middle to {cfg.max_len:,} model tokens")
@@ -450,10 +450,6 @@ def cell_flops(c, cfg, cell: dict) -> float:
     return results.generation_flops(c, cfg.max_len, n, BLOCK_LENGTH, n, cfg.prompt_cache)
 
 
-def mean(values):
-    return sum(values) / len(values) if values else None
-
-
 def summary(cells: list[dict]) -> dict[str, dict]:
     """rope -> {dataset: mean score, category: mean of its datasets, "average": mean over the
     datasets (the paper's), "category mean": mean over the categories (OpenCompass's
@@ -461,12 +457,11 @@ def summary(cells: list[dict]) -> dict[str, dict]:
     out = {}
     for rope in dict.fromkeys(c["rope"] for c in cells):
         mine = [c for c in cells if c["rope"] == rope]
-        row = {d: mean([c["score"] for c in mine if c["dataset"] == d]) for d in DATASETS}
-        names = [d for d in DATASETS if row[d] is not None]
-        for cat in CATEGORIES:
-            row[cat] = mean([row[d] for d in names if DATASETS[d].category == cat])
-        row["average"] = mean([row[d] for d in names])
-        row["category mean"] = mean([row[cat] for cat in CATEGORIES if row[cat] is not None])
+        row = {d: nan_mean([c["score"] for c in mine if c["dataset"] == d]) for d in DATASETS}
+        row.update({cat: nan_mean([row[d] for d in DATASETS if DATASETS[d].category == cat])
+                    for cat in CATEGORIES})
+        row["average"] = nan_mean([row[d] for d in DATASETS])
+        row["category mean"] = nan_mean([row[cat] for cat in CATEGORIES])
         out[rope] = row
     return out
 
@@ -477,29 +472,24 @@ def report(cells: list[dict], cfg, folder: str) -> str:
     scores = summary(cells)
     ropes = list(scores)
     names = [d for d in DATASETS if any(scores[r][d] is not None for r in ropes)]
-    rows = {d: max(sum(1 for c in cells if c["rope"] == r and c["dataset"] == d) for r in ropes)
-            for d in names}
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.2f}"
+    rows = Counter((c["rope"], c["dataset"]) for c in cells)
     table = results.markdown_table(
         ["dataset", "category", "metric", "rows"] + ropes,
-        [[d, DATASETS[d].category, DATASETS[d].metric, rows[d]]
-         + [fmt(scores[r][d]) for r in ropes] for d in names])
+        [[d, DATASETS[d].category, DATASETS[d].metric, max(rows[r, d] for r in ropes)]
+         + [scores[r][d] for r in ropes] for d in names])
     groups = results.markdown_table(
         ["category", "datasets"] + ropes,
-        [[cat, sum(DATASETS[d].category == cat for d in names)]
-         + [fmt(scores[r][cat]) for r in ropes] for cat in CATEGORIES]
-        + [["**average over datasets** (the paper's)", len(names)]
-           + [fmt(scores[r]["average"]) for r in ropes],
-           ["average over categories (OpenCompass)", len(names)]
-           + [fmt(scores[r]["category mean"]) for r in ropes]])
+        [[cat, sum(DATASETS[d].category == cat for d in names)] + [scores[r][cat] for r in ropes]
+         for cat in CATEGORIES]
+        + [[what, len(names)] + [scores[r][key] for r in ropes]
+           for what, key in (("**average over datasets** (the paper's)", "average"),
+                             ("average over categories (OpenCompass)", "category mean"))])
     text = (f"# LongBench, prompts cut to {cfg.max_len:,} model tokens\n\n"
             f"Scores 0..100, the mean over rows; {len(names)} of {len(DATASETS)} datasets. "
             f"Blocks of {BLOCK_LENGTH}, steps = answer tokens, temperature 0.\n\n"
             f"{groups}\n\n{table}\n")
     path = os.path.join(folder, "longbench.md")
     files.write_text(path, text)
-    averages = ", ".join(f"{r}: {fmt(scores[r]['average'])}" for r in ropes)
+    averages = ", ".join(f"{r}: {scores[r]['average']:.2f}" for r in ropes)
     return (f"LongBench at {cfg.max_len:,} tokens, average over {len(names)} datasets: {averages} "
             f"(table in {path})")

@@ -219,7 +219,7 @@ def encode_lines(texts: list[str], path: str) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it; its size, cost and key fields are NIAH's.
 
-KEYS, forward_tokens, cell_flops = needles.KEYS, needles.forward_tokens, needles.cell_flops
+KEYS, forward_tokens, cell_flops = needles.KEYS, decoding.forward_tokens, decoding.cell_flops
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
@@ -252,8 +252,7 @@ def run_cell(model, tokenizer, cfg, cell: dict, work: dict, device) -> dict:
     text = sample["prompt"].replace("{answer}", "")
     ids = tokenizer.encode_prompt(text)  # BOS first, as the wrapper's add_special_tokens=True
     out = decoding.decode_answer(model, tokenizer, ids, cfg.gen_length, cfg.block_length,
-                                 cfg.steps, cfg.prompt_cache, device,
-                                 cut_at_eos=False)  # the wrapper decodes all 32, no stop words
+                                 cfg.steps, cfg.prompt_cache, device)  # all 32, as the wrapper
     return {"score": needlebench_score(out["answer"], sample["needle"], sample["keyword"]),
             **out, **{k: sample[k] for k in ("keyword", "needle", "question", "insert_at",
                                              "haystack_tokens")}}

@@ -1,10 +1,10 @@
 """
 needles.py: what the two needle tasks share, niah.py (ours, for tiny models) and needlebench.py
-(the authors' NeedleBench): the grid of cells, the decoding, the score and the heatmap.
+(the authors' NeedleBench): the grid of cells, the score, the heatmaps (RULER's too), the mean.
 
 Paper map: docs/paper.md section 5.1. A cell is one (length, depth, repeat): a needle sentence
 hidden at depth% of a haystack of `length` cl100k tokens, one prompt decoded in one block of 32
-tokens with 16 steps (the authors' NIAH config), scored as OpenCompass's NeedleBench scores
+tokens with 16 steps (UltraLLaDA's NIAH config; LongLLaDA's: 32), scored as NeedleBench scores
 
     score = 100                                            if the keyword is in the answer
           = 0.2 * 100 * (1 - edit_distance(a, n) / max(|a|, |n|))   otherwise
@@ -38,16 +38,6 @@ def grid(cfg, task: str, prefix: str) -> list[dict]:
                  name=f"{prefix}_len{L}_depth{d:03d}_rep{r}_rope-{cfg.rope_label}.json")
             for L in sorted(set(cfg.len)) for r in range(cfg.repeats)
             for d in dict.fromkeys(cfg.depths)]
-
-
-def forward_tokens(cfg) -> int:
-    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
-    return max(cfg.len) + cfg.gen_length
-
-
-def cell_flops(c, cfg, cell: dict) -> float:
-    return results.generation_flops(c, cell["length"], cfg.gen_length, cfg.block_length,
-                                    cfg.steps, cfg.prompt_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,7 +74,8 @@ def score_grid(cells: list[dict], depths=None, lengths=None) -> tuple[list, list
 
 
 def nan_mean(values) -> float | None:
-    """The mean of the values that exist (not None or NaN), None if there are none."""
+    """The mean of the values that exist (not None or NaN), None if there are none: every
+    report's mean (a task not run, a length not evaluated is left out, never counted as 0)."""
     values = np.asarray(values, dtype=float)
     return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
@@ -96,10 +87,9 @@ def plot_heatmaps(path: str, panels: dict[str, tuple], title: str, ylabel: str =
     from matplotlib.colors import LinearSegmentedColormap
     cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"]) \
         .with_extremes(bad="#dddddd")
-    width = max(len(lengths) for _, lengths, _ in panels.values())
-    height = max(len(rows) for rows, _, _ in panels.values())
+    rows, lengths = max(len(p[0]) for p in panels.values()), max(len(p[1]) for p in panels.values())
     with results.figure(path, 1, len(panels), squeeze=False,
-                        figsize=((3 + 0.8 * width) * len(panels), 1.8 + 0.4 * height)) as (fig, axes):
+                        figsize=((3 + 0.8 * lengths) * len(panels), 1.8 + 0.4 * rows)) as (fig, axes):
         for ax, (name, (rows, lengths, grid)) in zip(axes[0], panels.items()):
             im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
             for (i, j), v in np.ndenumerate(grid):

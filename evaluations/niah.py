@@ -124,7 +124,7 @@ def niah_prompt(window: np.ndarray, bounds: np.ndarray, needle: list[int], tail:
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it; its size, cost and key fields are NeedleBench's.
 
-KEYS, forward_tokens, cell_flops = needles.KEYS, needles.forward_tokens, needles.cell_flops
+KEYS, forward_tokens, cell_flops = needles.KEYS, decoding.forward_tokens, decoding.cell_flops
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
@@ -164,7 +164,7 @@ def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     prompt = ids if tokenizer.source == TIKTOKEN_NAME else \
         tokenizer.encode_prompt(counter.decode(ids))
     out = decoding.decode_answer(model, tokenizer, prompt, cfg.gen_length, cfg.block_length,
-                                 cfg.steps, cfg.prompt_cache, device)
+                                 cfg.steps, cfg.prompt_cache, device, cut_at_eos=True)
     return {"needle_position": p, "needle_depth_actual": round(100 * p / len(window), 2),
             "context_tokens": len(ids), **out, "keyword_found": cfg.keyword in out["answer"],
             # the user's needle whole: NeedleBench's gold string cuts at a "*"

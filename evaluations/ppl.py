@@ -30,7 +30,7 @@ from diffusion import chunk_nll, cumulative_perplexity
 from harness.files import write_text
 from harness.flags import count, count0, flag
 from harness.prepare import CACHE_DIR, SPLITS, load_corpus, read_book
-from harness.results import figure, forward_flops, short
+from harness.results import figure, forward_flops, markdown_table, short
 
 
 KEYS = ("length", "doc", "rope", "chunk_nll")  # what a result needs for the report
@@ -145,17 +145,15 @@ def ppl_curves(cells: list[dict]) -> dict[tuple[str, int], tuple[int, np.ndarray
     """Per (rope, length): documents and the running perplexity of their mean chunk NLL."""
     curves = {}
     for key in sorted({(c["rope"], c["length"]) for c in cells}):
-        nll = np.mean([c["chunk_nll"] for c in cells if (c["rope"], c["length"]) == key], axis=0)
-        n = sum(1 for c in cells if (c["rope"], c["length"]) == key)
-        curves[key] = (n, cumulative_perplexity(torch.from_numpy(nll)).numpy())
+        nll = [c["chunk_nll"] for c in cells if (c["rope"], c["length"]) == key]
+        curves[key] = (len(nll), cumulative_perplexity(torch.from_numpy(np.mean(nll, axis=0))).numpy())
     return curves
 
 
 def report(cells: list[dict], cfg, folder: str) -> str:
     curves = ppl_curves(cells)
-    table = ["| length | rope | documents | perplexity |", "|---:|---|---:|---:|"]
-    table += [f"| {L:,} | {rope} | {n} | {ppl[-1]:.2f} |" for (rope, L), (n, ppl) in curves.items()]
-    table = "\n".join(table)
+    table = markdown_table(["length", "rope", "documents", "perplexity"],
+                           [[f"{L:,}", rope, n, float(ppl[-1])] for (rope, L), (n, ppl) in curves.items()])
     title = f"perplexity, {os.path.basename(os.path.abspath(cfg.model))}"
     with figure(os.path.join(folder, "ppl_vs_position.png"), figsize=(7, 4)) as (fig, ax):
         for (rope, length), (n, ppl) in curves.items():

@@ -32,15 +32,14 @@ import string
 import uuid
 import warnings
 from collections import Counter
-from importlib import metadata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from typing import NamedTuple
 
 import numpy as np
 
-from evaluations.decoding import decode_answer, decoding_flags
-from evaluations.needles import nan_mean, plot_heatmaps  # NIAH's mean and picture (tasks by length)
+from evaluations import decoding, needles  # needles: the reports' mean, NIAH's heatmaps
 from harness import files, results
 from harness.flags import count0, flag, number
 from harness.tokenizer import cl100k
@@ -98,7 +97,7 @@ KEYS = ("ruler_task", "length", "index", "rope", "score")  # what the report rea
 
 
 @dataclass
-class Options(decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
+class Options(decoding.decoding_flags(64, 64, 64, "the authors' RULER config, every task")):
     """RULER's own flags (python evaluate.py --task ruler --help)."""
     ruler_tasks: list[str] | None = flag(None, "tasks to run (default: all 13, less those whose "
                                          f"data file is not given): {', '.join(TASKS)}",
@@ -113,12 +112,10 @@ class Options(decoding_flags(64, 64, 64, "the authors' RULER config, every task"
                               "(qa_hotpotqa)")
     seed: int = flag(0, "added to OpenCompass's random_seed 42 (0: the authors' samples)",
                      type=count0)
-    answer_turn: bool = flag(True, "end the prompt with the empty answer turn (\"\\n\\n\"), as "
-                             "UltraLLaDA's configs ran RULER; --no-answer-turn ends it where the "
-                             "prompt ends, as LongLLaDA ran it")
+    answer_turn: bool = flag(True, "end the prompt with the empty answer turn \"\\n\\n\", as "
+                             "UltraLLaDA's configs; --no-answer-turn: as LongLLaDA ran RULER")
     wonderwords: str = flag(WONDERWORDS, "the wonderwords release the word needles and cwe's "
-                            "words must come from (another one draws other words); the authors' "
-                            "evaluation could only install 2.2.0")
+                            "words come from (others draw other words; the authors': 2.2.0)")
 
 
 def ruler_score(task: str, prediction: str, answers: list[str]) -> float:
@@ -162,13 +159,10 @@ def grow(build, measure, length: int, reserve: int, step: int, task: str,
         if total + reserve > length:
             size -= step
             break
-        if cap is not None and not cap_next and size > cap:
+        if cap is not None and size + step * cap_next > cap:  # this size, or the next, passes it
             size = cap
             break
         size += step
-        if cap is not None and cap_next and size > cap:
-            size = cap
-            break
     if size < step:
         raise ValueError(f"--len {length} is too small for RULER task {task}: its smallest "
                          f"haystack with template, answer and {reserve}-token reserve takes "
@@ -607,9 +601,7 @@ def ruler_sample(task: str, length: int, index: int, data_files: dict | None = N
 # ---------------------------------------------------------------------------------------------
 # The task, as evaluate.py runs it.
 
-def forward_tokens(cfg) -> int:
-    """Tokens of the largest forward (the memory check): the longest prompt and its answer."""
-    return max(cfg.len) + cfg.gen_length
+forward_tokens, cell_flops = decoding.forward_tokens, decoding.cell_flops  # NIAH's as well
 
 
 def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
@@ -651,29 +643,16 @@ def plan(cfg, tokenizer, counter) -> tuple[list[dict], dict, str]:
     return cells, {"seed": seed, "files": files_}, source
 
 
-def decoding(cfg) -> tuple[int, int, int]:
-    """(gen_length, block_length, steps) by the wrapper's rule: no more steps than answer
-    tokens. (It also rounds the answer up to whole blocks; check_schedule refuses any other.)"""
-    return cfg.gen_length, cfg.block_length, min(cfg.steps, cfg.gen_length)
-
-
 def run_cell(model, tokenizer, cfg, cell, work, device) -> dict:
     task = cell["ruler_task"]
     s = ruler_sample(task, cell["length"], cell["index"], work["files"], seed=work["seed"])
-    gen, block, steps = decoding(cfg)
     # BOS for LLaDA, as the wrapper; the empty answer turn unless LongLLaDA's prompt is asked for
     ids = tokenizer.encode_prompt(s["prompt"] + ROUND_SUFFIX * cfg.answer_turn)
-    out = decode_answer(model, tokenizer, ids, gen_length=gen, block_length=block, steps=steps,
-                        prompt_cache=cfg.prompt_cache, device=device,
-                        cut_at_eos=False)  # the wrapper decodes every token, no stop words
+    out = decoding.decode_answer(model, tokenizer, ids, cfg.gen_length, cfg.block_length,
+                                 cfg.steps, cfg.prompt_cache, device)
     return {**out, "answers": s["answers"], "score": ruler_score(task, out["answer"], s["answers"]),
-            "prompt_cl100k": count_tokens(s["prompt"]), "gen_length": gen,
-            "block_length": block, "steps": steps}
-
-
-def cell_flops(c, cfg, cell: dict) -> float:
-    gen, block, steps = decoding(cfg)
-    return results.generation_flops(c, cell["length"], gen, block, steps, cfg.prompt_cache)
+            "prompt_cl100k": count_tokens(s["prompt"]), "gen_length": cfg.gen_length,
+            "block_length": cfg.block_length}
 
 
 def score_table(cells: list[dict]) -> dict:
@@ -685,11 +664,11 @@ def score_table(cells: list[dict]) -> dict:
         scores.setdefault((c["rope"], c["length"]), {}).setdefault(c["ruler_task"], []).append(c["score"])
     table = {}
     for key, by_task in scores.items():
-        row = {t: nan_mean(v) for t, v in by_task.items()}
-        row.update({name: nan_mean([row.get(t) for t in members])
+        row = {t: needles.nan_mean(v) for t, v in by_task.items()}
+        row.update({name: needles.nan_mean([row.get(t) for t in members])
                     for name, members in {**CATEGORIES, **GROUPS}.items()})
-        row["average"] = nan_mean([row[t] for t in by_task])
-        row["category mean"] = nan_mean([row[cat] for cat in CATEGORIES])
+        row["average"] = needles.nan_mean([row[t] for t in by_task])
+        row["category mean"] = needles.nan_mean([row[cat] for cat in CATEGORIES])
         table[key] = row
     return table
 
@@ -723,5 +702,5 @@ def report(cells: list[dict], cfg, folder: str) -> str:
     files.write_text(os.path.join(folder, "table_ruler.md"),
                      f"# {title}\n\n{note}\n\n" + "\n\n".join(sections) + "\n")
     path = os.path.join(folder, "ruler_scores.png")
-    plot_heatmaps(path, panels, title, ylabel="task")
+    needles.plot_heatmaps(path, panels, title, ylabel="task")
     return f"{title} ({folder}/table_ruler.md, {path})\n" + "\n\n".join(sections)

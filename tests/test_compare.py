@@ -43,9 +43,9 @@ def folders(tmp_path):
                                                          ("qa_squad", 0.0)]],
                 answer_turn=False, wonderwords="2.2.0")
     write_cells(a / "longbench", [dict(task="longbench", dataset=d, index=i, rope="ckpt", score=s,
-                                       dataset_rows=200)
+                                       length=1000, dataset_rows=200)
                                   for d, i, s in [("hotpotqa", 0, 40.0), ("hotpotqa", 1, 20.0),
-                                                  ("trec", 0, 60.0)]], max_len=1000)
+                                                  ("trec", 0, 60.0)]])
     write_cells(a / "ppl", [dict(task="ppl", length=256, doc=0, rope="ckpt",
                                  chunk_nll=[1.0, 2.0, 3.0])])
     write_cells(b, needle_cells("needlebench", {8192: [0, 0, 0, 100]}))

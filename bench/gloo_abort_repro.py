@@ -58,7 +58,7 @@ def renice_gloo_threads(pid: int) -> None:
 def run_under_load(cmd: list[str], **popen) -> tuple[int, str]:
     """(exit code, stderr) of cmd, its children's gloo threads reniced every 10 ms."""
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, **popen)
+        p = subprocess.Popen(cmd, **{"stdout": subprocess.DEVNULL, **popen}, stderr=err)
         while p.poll() is None:
             try:
                 renice_gloo_threads(p.pid)

@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from bench.child import run_child
-from scripts import script
 
 CASES = [  # (script, flags, what the one line says): each script's own checks, and its parser
     ("estimate_paper", ["--mfu", "2"], "--mfu: must be above 0 and at most 1, got 2"),
@@ -59,10 +58,3 @@ def test_a_failed_measurement_is_one_line_with_its_log(capsys, child, said, kept
     with open(err.rstrip().rsplit(" ", 1)[-1]) as f:
         assert kept in f.read()  # the whole story is kept
     os.remove(f.name)
-
-
-def test_two_process_runs_exit_0_under_load_as_a_user_runs_it(books, cache):
-    """Issue 30: one round of bench_exit, torchrun train.py then evaluate.py under its load."""
-    r = script("-mbench.bench_exit", "--runs", "1", "--data", books, "--cache-dir", cache)
-    assert "train.py | 1 | 1 | 0 |" in r.stdout and "evaluate.py | 1 | 1 | 0 |" in r.stdout, \
-        r.stdout + r.stderr[-2000:]

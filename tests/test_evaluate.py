@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import evaluate
+from bench.gloo_abort_repro import busy_cores, run_under_load
 from evaluations import decoding, niah
 from harness import prepare, results
 from harness.checkpoint import read_config, save_pretrained
@@ -631,7 +633,14 @@ def one_process(tiny_ckpt, tmp_path_factory):
 
 
 def test_torchrun_spreads_the_cells_and_gives_what_one_process_gives(tiny_ckpt, one_process, tmp_path):
-    printed = finish(launch(tiny_ckpt, tmp_path, processes=2))
+    # under bench/bench_exit.py's load, where a finished run used to abort at exit (issue 30)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "evaluate.py", "--model", tiny_ckpt, *GRID, "--results", str(tmp_path)]
+    with tempfile.TemporaryFile("w+") as out, busy_cores():
+        code, err = run_under_load(cmd, stdout=out, text=True, cwd=ROOT, env=ENV)
+        out.seek(0)
+        printed = out.read()
+    assert code == 0, err[-3000:]
     assert len(comparable(one_process)) == 12 and comparable(tmp_path) == comparable(one_process)
     done = journal(tmp_path)
     assert sorted(d["cell"] for d in done) == sorted(cells(one_process))  # each computed once

@@ -23,13 +23,22 @@ from harness.runtime import exit_after, memory_plan_text
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
-from scripts import ENV, ROOT, one_line_error, script
-from tiny import Plant, tiny_checkpoint, write_books
+from scripts import ENV, ROOT, Started, group, one_line_error, script
+from tiny import Plant, tiny_checkpoint
+
+
+INIT = []  # ["--init", the one-layer checkpoint of tests/tiny.py]: quick to save and load
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_layer_model(tiny_ckpt):
+    INIT[:] = ["--init", tiny_ckpt]
 
 
 def flags(books, cache, out, *extra):
+    """A run here: the test corpus, the one-layer model unless `extra` says another --init."""
     return ["--data", books, "--cache-dir", cache, "--out", str(out), "--seq-len", "128",
-            "--warmup", "2", "--log-every", "1", *extra]
+            "--warmup", "2", "--log-every", "1", *INIT, *extra]
 
 
 def read_log(out) -> list[dict]:
@@ -103,7 +112,7 @@ def test_every_strategy_and_rope_method_trains(tmp_path, books, cache, mask, rop
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(0 < r["loss"] < 50 and r["grad_norm"] > 0 for r in log)
     cfg = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
-    expected = scale_rope(rope, 128, 64, 64, 10000.0)
+    expected = scale_rope(rope, 128, 64, 16, 10000.0)  # the one-layer model's heads of 16
     assert cfg["rope_scaling"]["method"] == rope
     assert cfg["rope_theta"] == pytest.approx(expected["rope_theta"])
     assert cfg["tokenizer"] == "cl100k_base" and "auto_map" not in cfg  # no remote code to name
@@ -138,7 +147,7 @@ def wait_for_log_lines(p, log, n, seconds=300):
     """Until log.jsonl has n lines; fails (instead of hanging) if the run ends or time runs out."""
     deadline = time.time() + seconds
     while not (log.exists() and len(log.read_text().splitlines()) >= n):
-        assert p.poll() is None, "the run ended early"
+        assert p.process.is_alive(), "the run ended early"
         assert time.time() < deadline, f"no {n} log lines after {seconds} s"
         time.sleep(0.02)
 
@@ -152,14 +161,12 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(tmp_path, books, cache)
     # killed with SIGKILL (no chance to save) once step 3 is logged, then resumed to step 6:
     # the learning rate is constant after warm-up, so --max-steps changes nothing before it.
     out = tmp_path / "b"
-    p = subprocess.Popen([sys.executable, "train.py", *flags(books, cache, out, "--max-steps",
-                                                             "100000", *base)],
-                         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = Started("train.py", flags(books, cache, out, "--max-steps", "100000", *base))
     try:
         wait_for_log_lines(p, out / "log.jsonl", 3)
     finally:
-        p.kill()
-        p.wait()
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.finish().returncode == -signal.SIGKILL
     with open(out / "log.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 4.')  # as if killed while writing a line
     script("train.py", *flags(books, cache, out, "--max-steps", "6", *base, "--resume"),
@@ -169,18 +176,25 @@ def test_resume_after_kill_repeats_the_uninterrupted_run(tmp_path, books, cache)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]  # bit-identical
 
 
+def ranks(args, world=2) -> list:
+    """train.py as the ranks of a 2-process run (tests/scripts.py: forked, as torchrun's)."""
+    done = group("train.py", *args, world=world)
+    assert all(r.returncode == 0 for r in done), [r.stderr[-2000:] for r in done]
+    return done
+
+
 def test_processes_ddp_and_fsdp_agree_and_resume_on_any_number(tmp_path, books, cache):
-    torchrun(flags(books, cache, tmp_path / "ddp", "--max-steps", "4", "--save-every", "2"))
+    ranks(flags(books, cache, tmp_path / "ddp", "--max-steps", "4", "--save-every", "2"))
     ddp = read_log(tmp_path / "ddp")
     # FSDP to step 2, then resumed to 4: the same losses as DDP (same data, same noise)
     fsdp = tmp_path / "fsdp"
-    assert "FSDP" in torchrun(flags(books, cache, fsdp, "--max-steps", "2", "--fsdp")).stdout
-    torchrun(flags(books, cache, fsdp, "--max-steps", "4", "--fsdp", "--resume"))
+    assert "FSDP" in ranks(flags(books, cache, fsdp, "--max-steps", "2", "--fsdp"))[0].stdout
+    ranks(flags(books, cache, fsdp, "--max-steps", "4", "--fsdp", "--resume"))
     assert [r["step"] for r in read_log(fsdp)] == [1, 2, 3, 4]
     for a, b in zip(ddp, read_log(fsdp)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     # written by 2 processes, resumed by 1, then by 2 again: the gathered state fits any number;
-    # the last under load, where a finished run used to abort at exit (issue 30)
+    # the last by torchrun under load, where a finished run used to abort at exit (issue 30)
     script("train.py", *flags(books, cache, fsdp, "--max-steps", "5", "--resume"), check_code=0)
     torchrun(flags(books, cache, fsdp, "--max-steps", "6", "--resume"), load=True)
     assert [r["step"] for r in read_log(fsdp)] == [1, 2, 3, 4, 5, 6]
@@ -191,16 +205,14 @@ def test_stop_request_saves_and_resumes(tmp_path, books, cache):
     """Ctrl-C finishes the step, saves and exits 130; the run goes on with --resume. (A second
     Ctrl-C exits at once: test_runtime.py; a kill inside a save loses nothing: below.)"""
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "train.py", *flags(books, cache, out, "--max-steps",
-                                                             "100000", "--save-every", "100000")],
-                         cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+    p = Started("train.py", flags(books, cache, out, "--max-steps", "100000", "--save-every",
+                                  "100000"))
     wait_for_log_lines(p, out / "log.jsonl", 2)
-    p.send_signal(signal.SIGINT)
-    output, _ = p.communicate(timeout=120)
-    assert p.returncode == 130  # 128 + SIGINT, after saving
+    os.kill(p.pid, signal.SIGINT)
+    r = p.finish()
+    assert r.returncode == 130  # 128 + SIGINT, after saving
     steps = len(read_log(out))
-    assert f"stopped at step {steps}" in output and saved_step(out) == steps
+    assert f"stopped at step {steps}" in r.stdout and saved_step(out) == steps
     script("train.py", *flags(books, cache, out, "--max-steps", str(steps + 1), "--resume"),
            check_code=0)
     assert [r["step"] for r in read_log(out)] == list(range(1, steps + 2))
@@ -221,7 +233,7 @@ def test_memory_plan_for_llada_8b(capsys):
     (["--target-len", "-4"], "--target-len: must be above 0"),
     (["--max-steps", "two"], "--max-steps: 'two' is not an integer"),
     (["--mask", "causal"], "invalid choice: 'causal'"), (["--rope", "yarn"], "invalid choice"),
-    (["--d-crit", "65"], "critical dimension of 65 is outside 1..64"),
+    (["--d-crit", "17"], "critical dimension of 17 is outside 1..16 (head size)"),
     (["--train-len", "3"], "T_train 3 gives the diffusion rope a critical dimension of 0"),
     (["--init", "/no/such/llada"], "neither a preset"),
     (["--seq-len", "10000000"], "packs into 0 sequences"),
@@ -291,7 +303,7 @@ def test_resume_refuses_other_settings_unless_allowed_and_never_another_model(
     one_line_error(r, "--seq-len 128 -> 256", "--lr null -> 0.0005", "--allow-changes")
     r = script("train.py", *flags(books, cache, out, "--max-steps", "3", "--resume", "--init",
                                   "small", "--allow-changes"))
-    one_line_error(r, "continues the model trained from --init tiny, not small")
+    one_line_error(r, "continues the model trained from --init", "not small")
     assert len(read_log(out)) == 2  # nothing written by the refused runs
     script("train.py", *flags(books, cache, out, "--max-steps", "3", "--resume", "--lr", "5e-4",
                               "--allow-changes"), check_code=0)
@@ -429,11 +441,10 @@ def test_a_run_writes_with_the_users_umask(tmp_path, mask, file_mode, folder_mod
     nothing published under 077: the token cache, the checkpoint and the log alike."""
     out, cache = tmp_path / "out", tmp_path / "cache"
     (tmp_path / "books").mkdir()
-    books = write_books(tmp_path / "books", seed=5, n_docs=3)
-    r = subprocess.run([sys.executable, "train.py", *flags(books, cache, out, "--max-steps", "1")],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
-                       preexec_fn=lambda: os.umask(mask))
-    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "books" / "one.txt").write_text(filler_text(300, tiktoken_tokenizer()))
+    books = str(tmp_path / "books")  # one book: tokenized without worker processes
+    script("train.py", *flags(books, cache, out, "--max-steps", "1"), env={"UMASK": f"{mask:o}"},
+           check_code=0)
     modes = {p: p.stat().st_mode & 0o777 for p in [*out.rglob("*"), *cache.rglob("*")]}
     assert (out / "checkpoint" / "optimizer.safetensors") in modes and (out / "log.jsonl") in modes
     assert {str(p): m for p, m in modes.items()} == {

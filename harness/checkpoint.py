@@ -36,7 +36,7 @@ CONFIG, SINGLE, INDEX = "config.json", "model.safetensors", "model.safetensors.i
 STATE, OPTIMIZER = "train_state.json", "optimizer.safetensors"
 
 # Keys the official code reads beyond LLaDAConfig's, with LLaDA-8B's values (all dropouts 0).
-# Not auto_map: a checkpoint names modeling code only when --init brought some (record_remote_code).
+# Not auto_map: a checkpoint names modeling code only when --init brought some (carried_files).
 OFFICIAL_CONFIG = {
     "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
     "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,

@@ -39,10 +39,6 @@ STRATEGIES = {
 }
 
 
-def check_strategy(strategy: str) -> None:
-    assert strategy in STRATEGIES, f"unknown mask strategy {strategy!r}; one of {list(STRATEGIES)}"
-
-
 def uses_separator(strategy: str) -> bool:
     return STRATEGIES[strategy][0]  # a KeyError names an unknown strategy
 

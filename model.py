@@ -63,17 +63,13 @@ class LLaDAConfig:
     def position_scale(self) -> float:
         return (self.rope_scaling or {}).get("position_scale", 1.0)
 
-    def rope_origin(self, train_len: int | None = None) -> tuple[float, int]:
-        """The pre-trained base and window that lambda is defined against: a post-trained
-        checkpoint records them in rope_scaling; train_len, if given, replaces the window."""
-        saved = self.rope_scaling or {}
-        return (saved.get("original_rope_theta", self.rope_theta),
-                train_len or saved.get("train_len") or self.max_sequence_length)
-
     def scaled_rope(self, method: str, target_len: int, train_len: int | None = None,
                     d_crit: int | None = None) -> dict:
-        """rope.scale_rope for `target_len`, always from the pre-trained base and window."""
-        base, train_len = self.rope_origin(train_len)
+        """rope.scale_rope for `target_len`, always from the pre-trained base and window, which
+        a post-trained checkpoint records in rope_scaling; train_len, if given, is the window."""
+        saved = self.rope_scaling or {}
+        base = saved.get("original_rope_theta", self.rope_theta)
+        train_len = train_len or saved.get("train_len") or self.max_sequence_length
         return scale_rope(method, target_len, train_len, self.head_dim, base, d_crit)
 
     def set_rope(self, scaling: dict) -> None:

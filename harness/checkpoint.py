@@ -178,13 +178,8 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None,
 def save_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
                     max_shard_bytes: int = 5 * 10**9, extra_files: dict[str, str] | None = None):
     """Write the official layout into path.tmp and publish it as `path`."""
-    tmp = path + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        write_pretrained(tmp, config, state_dict, max_shard_bytes, extra_files)
-        publish(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(path, lambda tmp: write_pretrained(tmp, config, state_dict, max_shard_bytes,
+                                               extra_files))
 
 
 def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch.Tensor],
@@ -219,13 +214,20 @@ def write_pretrained(path: str, config: LLaDAConfig, state_dict: dict[str, torch
     write_json(os.path.join(path, CONFIG), {**config_to_dict(config), "torch_dtype": dtype})
 
 
-def publish(tmp: str, path: str) -> None:
-    """The finished folder `tmp` takes the place of `path` (the module docstring's protocol)."""
-    recover(path)
-    if os.path.lexists(path):
-        os.replace(path, path + ".old")
-    os.replace(tmp, path)
-    recover(path)
+def publish(path: str, write) -> None:
+    """write(folder) fills the new folder path.tmp, which then takes the place of `path` (the
+    module docstring's protocol); a write that fails leaves nothing half-done."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+    try:
+        write(tmp)
+        recover(path)
+        if os.path.lexists(path):
+            os.replace(path, path + ".old")
+        os.replace(tmp, path)
+        recover(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def recover(path: str) -> None:
@@ -333,22 +335,20 @@ def save_training_checkpoint(path: str, model, optimizer, step: int, run_config:
     weights = get_model_state_dict(model, options=full)
     moments = get_optimizer_state_dict(model, optimizer, options=full).get("state", {})
 
+    def fill(tmp: str) -> None:
+        write_pretrained(tmp, model.config, weights, extra_files=extra_files)
+        save_file({f"{name}:{k}": t.contiguous() for name, s in moments.items()
+                   for k, t in s.items()}, os.path.join(tmp, OPTIMIZER))
+        os.chmod(os.path.join(tmp, OPTIMIZER), default_mode())
+        write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
+                                              "world_size": world})
+
     def write():
-        tmp = path + ".tmp"
         try:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-            write_pretrained(tmp, model.config, weights, extra_files=extra_files)
-            save_file({f"{name}:{k}": t.contiguous() for name, s in moments.items()
-                       for k, t in s.items()}, os.path.join(tmp, OPTIMIZER))
-            os.chmod(os.path.join(tmp, OPTIMIZER), default_mode())
-            write_json(os.path.join(tmp, STATE), {"step": step, "config": run_config,
-                                                  "world_size": world})
-            publish(tmp, path)
+            publish(path, fill)
         except (OSError, FileError) as e:
             problem = e if isinstance(e, FileError) else f"cannot write {path}: {e.strerror or e}"
             raise FileError(f"{problem}; {what_is_kept(path)}") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing half-done
 
     rank_zero_first(write, rank, world, (FileError,), "write the checkpoint", others=False)
 

@@ -5,6 +5,7 @@ what every RoPE method saves gives the official modeling code the same logits (a
 position interpolation), and the optimizer state round-trips in safetensors."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,17 +261,17 @@ def folder(path, **files):
 
 def test_publish_keeps_what_a_user_put_in_the_old_folder_and_a_kill_loses_nothing(tmp_path):
     ckpt = folder(tmp_path / "ckpt", **{"model.safetensors": "old", "notes.txt": "mine"})
-    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "new"})), str(ckpt))
+    publish(str(ckpt), lambda tmp: folder(Path(tmp), **{"model.safetensors": "new"}))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert {n: (ckpt / n).read_text() for n in os.listdir(ckpt)} == {
         "model.safetensors": "new", "notes.txt": "mine"}
     # killed between the two renames: only ckpt.old; the next publish puts it back first
     os.replace(ckpt, tmp_path / "ckpt.old")
-    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "newer"})), str(ckpt))
+    publish(str(ckpt), lambda tmp: folder(Path(tmp), **{"model.safetensors": "newer"}))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"] and (ckpt / "notes.txt").read_text() == "mine"
     # killed after them: the old folder beside the new one still gives it what only it holds
     folder(tmp_path / "ckpt.old", **{"model.safetensors": "older", "evals.json": "{}"})
-    publish(str(folder(tmp_path / "ckpt.tmp", **{"model.safetensors": "newest"})), str(ckpt))
+    publish(str(ckpt), lambda tmp: folder(Path(tmp), **{"model.safetensors": "newest"}))
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
     assert sorted(os.listdir(ckpt)) == ["evals.json", "model.safetensors", "notes.txt"]
     assert (ckpt / "model.safetensors").read_text() == "newest"

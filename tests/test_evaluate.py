@@ -30,10 +30,8 @@ from harness.files import lock_folder
 from harness.tokenizer import tiktoken_tokenizer
 from model import LLaDA, preset
 from rope import scale_rope
+from scripts import ENV, ROOT
 from tiny import tiny_checkpoint
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # one thread each
 
 
 @pytest.fixture(scope="module")

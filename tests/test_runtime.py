@@ -8,9 +8,7 @@ import sys
 
 import pytest
 
-from scripts import ENV, one_line_error, script
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import ENV, ROOT, one_line_error, script
 
 
 def fresh_python(code: str, env_extra: dict | None = None) -> str:

@@ -164,7 +164,7 @@ def read_book(path: str) -> tuple[str | None, str | None]:
     return (text, None) if text.strip() else (None, "empty")
 
 
-def read_jsonl(path: str, name: str):
+def jsonl_documents(path: str, name: str):
     """("NAME line N", its "text", None) for each line of a .jsonl file, or (where, None, why
     it is skipped); a blank line is no document: (where, None, None). A line over the size
     limit is read on past in bounded pieces, never held whole."""
@@ -215,7 +215,7 @@ def tokenize_task(task: Task, part: str, heldout: float | None, want_heldout: bo
                 for i in range(task.start, task.start + task.size))
     else:
         docs = [(task.name, *read_book(task.path))] if task.path.endswith(".txt") \
-            else read_jsonl(task.path, task.name)
+            else jsonl_documents(task.path, task.name)
     lengths, names, skipped, n_skipped = [], [], [], 0
     with open(part, "wb") as out:
         for name, text, why in docs:

@@ -585,8 +585,8 @@ def data_path(task: str, data_files: dict) -> str | None:
 def ruler_sample(task: str, length: int, index: int, data_files: dict | None = None,
                  seed: int = RULER_SEED) -> dict:
     """Sample `index` of a task at `length` cl100k tokens: {"prompt", "answers"}. The prompt is
-    OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX. data_files: the files
-    by DATA_FILES key, as far as the task needs one."""
+    OpenCompass's dataset prompt; the model reads prompt + ROUND_SUFFIX (the prompt alone with
+    --no-answer-turn). data_files: the files by DATA_FILES key, as far as the task needs one."""
     t, path = TASKS[task], data_path(task, data_files or {})
     s, draw = stream(task, length, seed, path), FAMILIES[t.family].sample
     while len(s["states"]) <= index:

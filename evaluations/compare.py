@@ -20,7 +20,7 @@ from collections import Counter
 
 from evaluations import TASKS, longbench, needles, ppl, ruler
 from harness.files import write_text
-from harness.results import figure, markdown_table, read_results, short
+from harness.results import figure, markdown_table, nan_mean, read_results, short
 from harness.runtime import fail
 
 NIAH_LENGTHS = [8192 * k for k in range(1, 17)]  # UltraLLaDA's NeedleBench grid, 16 steps
@@ -80,8 +80,8 @@ def covers(want: dict, have: dict) -> str:
 def needle_row(cells: list[dict], want: dict) -> dict:
     depths, lengths, scores = needles.score_grid(cells)
     repeats = min(Counter((c["length"], c["depth"]) for c in cells).values())
-    return {**{L: needles.nan_mean(col) for L, col in zip(lengths, scores.T)},
-            "overall": needles.nan_mean(scores),
+    return {**{L: nan_mean(col) for L, col in zip(lengths, scores.T)},
+            "overall": nan_mean(scores),
             "covers": covers(want, {"lengths": len(lengths), "depths": len(depths),
                                     "repeats": repeats, "steps": setting(cells, "steps")})}
 

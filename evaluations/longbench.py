@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from evaluations import decoding
-from evaluations.needles import nan_mean  # the reports' mean: of the values that exist
 from harness import files, results
 from harness.flags import count, flag, number
+from harness.results import nan_mean  # the reports' mean: of the values that exist
 
 MAX_LEN = 16000  # the wrapper's max_seq_len: model ids kept, BOS included
 BLOCK_LENGTH = 64  # the config's diffusion_config block_length

@@ -1,6 +1,6 @@
 """
 needles.py: what the two needle tasks share, niah.py (ours, for tiny models) and needlebench.py
-(the authors' NeedleBench): the grid of cells, the score, the heatmaps (RULER's too), the mean.
+(the authors' NeedleBench): the grid of cells, the score, the heatmaps (RULER's too).
 
 Paper map: docs/paper.md section 5.1. A cell is one (length, depth, repeat): a needle sentence
 hidden at depth% of a haystack of `length` cl100k tokens, one prompt decoded in one block of 32
@@ -22,6 +22,7 @@ from evaluations import decoding
 from harness import results
 from harness.files import write_text
 from harness.flags import flag, number
+from harness.results import nan_mean
 
 KEYS = ("length", "depth", "repeat", "rope", "score")  # what a result needs for the report
 
@@ -71,13 +72,6 @@ def score_grid(cells: list[dict], depths=None, lengths=None) -> tuple[list, list
         for j, L in enumerate(lengths):
             grid[i, j] = nan_mean([c["score"] for c in cells if c["depth"] == d and c["length"] == L])
     return depths, lengths, grid
-
-
-def nan_mean(values) -> float | None:
-    """The mean of the values that exist (not None or NaN), None if there are none: every
-    report's mean (a task not run, a length not evaluated is left out, never counted as 0)."""
-    values = np.asarray(values, dtype=float)
-    return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
 
 def plot_heatmaps(path: str, panels: dict[str, tuple], title: str, ylabel: str = "needle depth"):

@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from evaluations import decoding, needles  # needles: the reports' mean, NIAH's heatmaps
+from evaluations import decoding, needles  # needles: NIAH's heatmaps
 from harness import files, results
 from harness.flags import count0, flag, number
 from harness.tokenizer import cl100k
@@ -664,11 +664,11 @@ def score_table(cells: list[dict]) -> dict:
         scores.setdefault((c["rope"], c["length"]), {}).setdefault(c["ruler_task"], []).append(c["score"])
     table = {}
     for key, by_task in scores.items():
-        row = {t: needles.nan_mean(v) for t, v in by_task.items()}
-        row.update({name: needles.nan_mean([row.get(t) for t in members])
+        row = {t: results.nan_mean(v) for t, v in by_task.items()}
+        row.update({name: results.nan_mean([row.get(t) for t in members])
                     for name, members in {**CATEGORIES, **GROUPS}.items()})
-        row["average"] = needles.nan_mean([row[t] for t in by_task])
-        row["category mean"] = needles.nan_mean([row[cat] for cat in CATEGORIES])
+        row["average"] = results.nan_mean([row[t] for t in by_task])
+        row["category mean"] = results.nan_mean([row[cat] for cat in CATEGORIES])
         table[key] = row
     return table
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import time
 
+import numpy as np
 import torch
 
 from harness.files import FileError, physical_memory, read_json, release, try_lock, \
@@ -92,6 +93,13 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
         return "-" if v is None or v != v else f"{v:.2f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+
+
+def nan_mean(values) -> float | None:
+    """The mean of the values that exist (not None or NaN), None if there are none: every
+    report's mean (a task not run, a length not evaluated is left out, never counted as 0)."""
+    values = np.asarray(values, dtype=float)
+    return None if np.all(np.isnan(values)) else float(np.nanmean(values))
 
 
 # ---------------------------------------------------------------------------------------------

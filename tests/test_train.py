@@ -184,14 +184,15 @@ def ranks(args, world=2) -> list:
 
 
 def test_processes_ddp_and_fsdp_agree_and_resume_on_any_number(tmp_path, books, cache):
-    ranks(flags(books, cache, tmp_path / "ddp", "--max-steps", "4", "--save-every", "2"))
-    ddp = read_log(tmp_path / "ddp")
-    # FSDP to step 2, then resumed to 4: the same losses as DDP (same data, same noise)
+    ranks(flags(books, cache, tmp_path / "ddp", "--max-steps", "4"))
+    assert "FSDP" in ranks(flags(books, cache, tmp_path / "straight", "--max-steps", "4",
+                                 "--fsdp"))[0].stdout
+    # FSDP to step 2, then resumed to 4 on two processes: the straight run, bit for bit
     fsdp = tmp_path / "fsdp"
-    assert "FSDP" in ranks(flags(books, cache, fsdp, "--max-steps", "2", "--fsdp"))[0].stdout
+    ranks(flags(books, cache, fsdp, "--max-steps", "2", "--fsdp"))
     ranks(flags(books, cache, fsdp, "--max-steps", "4", "--fsdp", "--resume"))
-    assert [r["step"] for r in read_log(fsdp)] == [1, 2, 3, 4]
-    for a, b in zip(ddp, read_log(fsdp)):
+    assert [r["loss"] for r in read_log(fsdp)] == [r["loss"] for r in read_log(tmp_path / "straight")]
+    for a, b in zip(read_log(tmp_path / "ddp"), read_log(fsdp)):  # DDP and FSDP agree
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
     # written by 2 processes, resumed by 1, then by 2 again: the gathered state fits any number;
     # the last by torchrun under load, where a finished run used to abort at exit (issue 30)

@@ -301,7 +301,9 @@ def main(argv=None):
     # The run, the data and the model: every check of the input happens here, before anything
     # is written into --out, so a mistake is one line and leaves the folder as it was.
     try:
-        ckpt, first, saved = open_run(cfg.out, cfg.resume)
+        # rank 0 first: it alone finishes a save cut short (recover), the others then read
+        ckpt, first, saved = rank_zero_first(lambda: open_run(cfg.out, cfg.resume), rank, world,
+                                             what="open the run")
         check_resumable(cfg, saved)
         source = ckpt if cfg.resume else cfg.init  # where the weights and tokenizer come from
         tokenizer = model_tokenizer(source)

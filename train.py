@@ -337,9 +337,8 @@ def main(argv=None):
     optimizer = make_optimizer(model, cfg, peak_lr)
     if cfg.resume:
         load_optimizer_state(ckpt, model, optimizer, rank, world)
-    log = os.path.join(cfg.out, "log.jsonl")
-    if rank == 0:
-        truncate_log(log, first)  # the steps after the checkpoint are about to be redone
+    log = os.path.join(cfg.out, "log.jsonl")  # its steps after the checkpoint are to be redone
+    rank_zero_first(lambda: truncate_log(log, first), rank, world, what="start the log", others=False)
 
     # The loop. Ctrl-C or SIGTERM finishes the step, saves and exits 130 or 143.
     stop = stop_on_signals()
